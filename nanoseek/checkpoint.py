@@ -1,0 +1,330 @@
+"""Hugging Face-layout checkpoints in and out: config.json + safetensors (single or sharded with
+model.safetensors.index.json), FP8 e4m3 weights with 128x128 `weight_scale_inv` blocks, MTP layers.
+
+Loading is strict by default: every missing, unexpected or wrongly shaped tensor is collected and
+reported in ONE error. Nothing is ever unpickled (safetensors only). The model is built on the meta
+device and each tensor is materialised once, directly from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .model import DeepSeekModel
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
+# weights stored in FP8 in published checkpoints: every Linear but embeddings, heads and the router
+_NOT_QUANTISED = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate\.weight|norm|e_score_correction_bias|bias$)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names every offending file or tensor."""
+
+
+# ---------------------------------------------------------------------------------------------- key maps
+def to_hf_state_dict(model: DeepSeekModel) -> dict[str, torch.Tensor]:
+    """nanoseek parameters -> HF tensor names: fused experts split per expert, MTP copies of embed/head."""
+    cfg = model.config
+    sd = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if name.endswith("experts.gate_up_proj"):
+            prefix = name[: -len(".gate_up_proj")]
+            I = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{prefix}.{e}.gate_proj.weight"] = t[e, :I]
+                out[f"{prefix}.{e}.up_proj.weight"] = t[e, I:]
+        elif name.endswith("experts.down_proj"):
+            prefix = name[: -len(".down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{prefix}.{e}.down_proj.weight"] = t[e]
+        elif name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        else:
+            out[name] = t
+    for k in range(cfg.num_nextn_predict_layers):
+        i = cfg.num_hidden_layers + k
+        out[f"model.layers.{i}.embed_tokens.weight"] = sd["model.embed_tokens.weight"]
+        out[f"model.layers.{i}.shared_head.head.weight"] = sd["lm_head.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def expected_hf_shapes(model: DeepSeekModel) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape for this model, computed on the meta device."""
+    return {k: tuple(v.shape) for k, v in to_hf_state_dict(model).items()}
+
+
+# ---------------------------------------------------------------------------------------------- reading
+class _Reader:
+    """Opens every safetensors shard lazily; maps tensor name -> shard file."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        index = folder / INDEX_NAME
+        single = folder / SINGLE_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            self.where = {k: folder / v for k, v in weight_map.items()}
+            missing_files = sorted({str(p) for p in self.where.values() if not p.exists()})
+            if missing_files:
+                raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing_files)}")
+        elif single.exists():
+            self.where = None
+            files = [single]
+        else:
+            found = sorted(p.name for p in folder.glob("*.safetensors"))
+            if not found:
+                bins = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+                hint = f" (found {', '.join(bins)}: pickle checkpoints are never loaded; convert to safetensors)" if bins else ""
+                raise CheckpointError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
+            files = [folder / f for f in found]
+            self.where = None
+        self.handles = {}
+        if self.where is None:
+            self.where = {}
+            for f in files:
+                for k in self._open(f).keys():
+                    self.where[k] = f
+
+    def _open(self, path: Path):
+        if path not in self.handles:
+            _check_header(path)
+            try:
+                self.handles[path] = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{path}: cannot be read as safetensors ({e})") from None
+        return self.handles[path]
+
+    def keys(self):
+        return self.where.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self.where[name]).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.where[name]
+        h = self._open(path)
+        if name not in h.keys():
+            raise CheckpointError(f"{path}: index says it holds {name!r}, but it does not")
+        try:
+            return h.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({e}); the file may be truncated") from None
+
+
+def _check_header(path: Path) -> None:
+    """Detect truncated/corrupt files before safetensors does, with an error naming the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: file is {size} bytes, too short to be safetensors (truncated?)")
+        n = struct.unpack("<Q", head)[0]
+        if n > size - 8:
+            raise CheckpointError(f"{path}: header claims {n} bytes but the file has {size} (truncated or corrupt)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: header is not valid JSON (corrupt file)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: tensors need {8 + n + end} bytes but the file has {size} (truncated)")
+
+
+def _dequant(reader: _Reader, name: str, dtype: torch.dtype) -> torch.Tensor:
+    t = reader.get(name)
+    sname = name[: -len("weight")] + "weight_scale_inv"
+    if t.dtype == torch.float8_e4m3fn:
+        if sname not in reader.keys():
+            raise CheckpointError(f"{name} is float8_e4m3fn but {sname} is missing")
+        from .fp8 import dequantize_weight_blocks
+
+        try:
+            return dequantize_weight_blocks(t, reader.get(sname).float(), dtype=dtype)
+        except ValueError as e:
+            raise CheckpointError(f"{sname}: {e}") from None
+    return t.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", strict: bool = True,
+                    keep_fp8: bool = False) -> DeepSeekModel:
+    """Build a DeepSeekModel from a HF-layout folder (config.json + safetensors).
+
+    dtype: compute dtype (default: config torch_dtype; FP8 weights are dequantised to it).
+    keep_fp8: keep FP8 linear weights in FP8 (QuantizedLinear, dequantised per matmul) instead.
+    strict: raise one CheckpointError listing every missing / unexpected / mis-shaped tensor."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    config = ModelConfig.load(folder)
+    if dtype is None:
+        dtype = getattr(torch, config.torch_dtype)
+    reader = _Reader(folder)
+    with torch.device("meta"):
+        model = DeepSeekModel(config)
+    if keep_fp8:
+        from .fp8 import quantize_model_for_inference
+
+        fp8_names = {k[: -len(".weight_scale_inv")] for k in reader.keys() if k.endswith(".weight_scale_inv")}
+        with torch.device("meta"):
+            quantize_model_for_inference(model, skip=lambda name, m: name not in fp8_names)
+    expected = expected_hf_shapes(model)
+    present = set(reader.keys())
+    scale_names = {k for k in present if k.endswith(".weight_scale_inv")}
+    problems = []
+    missing = sorted(k for k in expected if k not in present)
+    # scales of fused experts are checked through their weights; other scales must belong to a known weight
+    unexpected = sorted(
+        k for k in present - set(expected)
+        if not (k in scale_names and k[: -len("_scale_inv")] in expected)
+    )
+    mtp_extra = [k for k in unexpected if _layer_index(k) is not None and _layer_index(k) >= config.num_hidden_layers]
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:50])}" + (" ..." if len(missing) > 50 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:50])}"
+                        + (" ..." if len(unexpected) > 50 else ""))
+        if mtp_extra and config.num_nextn_predict_layers == 0:
+            problems.append("the checkpoint has MTP layers but config.num_nextn_predict_layers is 0")
+    for k, shape in expected.items():
+        if k in present:
+            got = reader.shape(k)
+            if got != shape:
+                problems.append(f"{k}: shape {list(got)} in {reader.where[k].name}, expected {list(shape)}")
+    if problems and strict:
+        raise CheckpointError(f"{folder}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
+
+    model.to_empty(device=device)
+    model.to(dtype)
+    model.reset_rope()
+    state = model.state_dict()
+    loaded = set()
+    with torch.no_grad():
+        for name, target in state.items():
+            if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+                _load_experts(reader, name, target, present, dtype)
+                loaded.add(name)
+                continue
+            if name.endswith("weight_scale_inv"):
+                if name in present:
+                    target.copy_(reader.get(name))
+                continue
+            if name not in present:
+                continue
+            if target.dtype == torch.float8_e4m3fn:
+                target.copy_(reader.get(name))
+            else:
+                target.copy_(_dequant(reader, name, target.dtype))
+            loaded.add(name)
+        if not strict:
+            model._missing_keys = missing
+    model.eval()
+    return model
+
+
+def _layer_index(name: str) -> int | None:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def _load_experts(reader: _Reader, name: str, target: torch.Tensor, present: set, dtype) -> None:
+    prefix = name.rsplit(".", 1)[0]  # model.layers.N.mlp.experts
+    fused_gate_up = name.endswith("gate_up_proj")
+    I = target.shape[1] // 2 if fused_gate_up else None
+    for e in range(target.shape[0]):
+        if fused_gate_up:
+            for part, rows in (("gate_proj", slice(0, I)), ("up_proj", slice(I, 2 * I))):
+                key = f"{prefix}.{e}.{part}.weight"
+                if key in present:
+                    target[e, rows].copy_(_dequant(reader, key, target.dtype))
+        else:
+            key = f"{prefix}.{e}.down_proj.weight"
+            if key in present:
+                target[e].copy_(_dequant(reader, key, target.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def save_pretrained(model: DeepSeekModel, path, max_shard_bytes: int = 5 * 1024 ** 3, dtype: torch.dtype | None = None,
+                    fp8: bool = False, tokenizer=None) -> Path:
+    """Write config.json and safetensors shards (plus index when sharded) atomically into `path`.
+
+    fp8=True quantises every Linear weight (not embeddings, heads, router, norms) to float8_e4m3fn with
+    128x128 weight_scale_inv blocks, as the published checkpoints are stored."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = to_hf_state_dict(model)
+    config = model.config
+    if dtype is not None:
+        tensors = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith("e_score_correction_bias") else v)
+                   for k, v in tensors.items()}
+        config = config.replace(torch_dtype=str(dtype).removeprefix("torch."))
+    if fp8:
+        from .fp8 import quantize_weight_blocks
+
+        q = {}
+        for k, v in tensors.items():
+            if k.endswith(".weight") and v.dim() == 2 and not _NOT_QUANTISED.search(k):
+                w, s = quantize_weight_blocks(v.float())
+                q[k], q[k[: -len("weight")] + "weight_scale_inv"] = w, s
+            else:
+                q[k] = v
+        tensors = q
+        config = config.replace(quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                                     "weight_block_size": [128, 128]})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # shard by size, in name order
+    shards, cur, cur_bytes = [], {}, 0
+    for k in sorted(tensors):
+        n = tensors[k].numel() * tensors[k].element_size()
+        if cur and cur_bytes + n > max_shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = {}, 0
+        cur[k] = tensors[k]
+        cur_bytes += n
+    shards.append(cur)
+    # shared storage (views of one fused tensor) must be cloned for safetensors
+    written = []
+    if len(shards) == 1:
+        names = [SINGLE_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        tmp = folder / (name + ".tmp")
+        save_file({k: v.clone() for k, v in shard.items()}, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, folder / name)
+        written.append(name)
+    index = folder / INDEX_NAME
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        tmp = folder / (INDEX_NAME + ".tmp")
+        tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        os.replace(tmp, index)
+        if (folder / SINGLE_NAME).exists():
+            (folder / SINGLE_NAME).unlink()
+    else:
+        if index.exists():
+            index.unlink()
+    for stale in folder.glob("model-*-of-*.safetensors"):
+        if stale.name not in written:
+            stale.unlink()
+    config.save(folder)
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    return folder
+

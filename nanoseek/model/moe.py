@@ -1,0 +1,146 @@
+"""DeepSeekMoE: gate (sigmoid/softmax, selection bias, group-limited top-k), fused routed experts, shared experts.
+
+Shape legend: N = tokens (B*T flattened), D = hidden, E = routed experts, K = experts per token,
+I = expert width, G = expert groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLP
+
+
+@dataclass
+class RouterOutput:
+    """What training and RL need from one MoE layer."""
+
+    expert_ids: torch.Tensor  # (N, K) long: chosen experts
+    weights: torch.Tensor  # (N, K) fp32: combine weights (normalised, scaled)
+    scores: torch.Tensor  # (N, E) fp32: affinities s (sigmoid or softmax), before the selection bias
+    load: torch.Tensor  # (E,) fp32: tokens routed to each expert in this forward
+    balance_loss: torch.Tensor  # scalar: sequence-wise balance loss sum_i f_i P_i, mean over sequences (times alpha outside)
+
+
+class Gate(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.E, self.K = config.n_routed_experts, config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.scoring_func = config.scoring_func
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scale = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.E, config.hidden_size))
+        if config.topk_method == "noaux_tc":
+            # added to the scores for SELECTION only (aux-loss-free balancing); kept in fp32 whatever the model dtype
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.E, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        b = self.e_score_correction_bias
+        if b is not None and b.dtype != torch.float32 and not b.is_meta:
+            self.e_score_correction_bias = b.float()
+        return self
+
+    def forward(self, x: torch.Tensor, forced_ids: torch.Tensor | None = None):
+        """x: (N, D). Returns ids (N, K), weights (N, K) fp32, scores (N, E) fp32."""
+        logits = F.linear(x.float(), self.weight.float())  # gate in fp32
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        if forced_ids is not None:  # keep routing (V3.2 RL): replay the sampler's choice
+            ids = forced_ids.long()
+        else:
+            ids = self.select(scores)
+        w = scores.gather(1, ids)
+        if self.norm_topk_prob and self.K > 1:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return ids, w * self.scale, scores
+
+    @torch.no_grad()
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.n_group > 1:
+            N = choice.shape[0]
+            grouped = choice.view(N, self.n_group, -1)  # (N, G, E/G)
+            if self.e_score_correction_bias is not None:
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # V3: sum of the group's top-2
+            else:
+                group_scores = grouped.amax(dim=-1)  # V2: best expert of the group
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            # -inf, never 0: with a negative bias a 0 would outrank the kept experts
+            choice = grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).view(N, -1)
+        return choice.topk(self.K, dim=-1).indices
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Rows of x are sorted by expert, counts[e] rows for expert e; returns rows x_e @ w[e]^T.
+
+    x: (M, in), w: (E, out, in). Only experts that received tokens run."""
+    outs, start = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            outs.append(F.linear(x[start:start + c], w[e]))
+            start += c
+    if not outs:
+        return x.new_zeros(0, w.shape[1])
+    return torch.cat(outs, dim=0)
+
+
+class Experts(nn.Module):
+    """All routed experts as two fused tensors (on disk: one Linear per expert, split/merged by checkpoint.py)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, D, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # [gate; up] per expert, nn.Linear layout
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        N, K = ids.shape
+        E = self.gate_up_proj.shape[0]
+        flat = ids.reshape(-1)  # (N*K,)
+        order = flat.argsort(stable=True)  # token-slots sorted by expert
+        counts = torch.bincount(flat, minlength=E).tolist()  # the one host sync of the layer
+        token = order // K
+        h = grouped_linear(x[token], self.gate_up_proj, counts)  # (N*K, 2I)
+        gate, up = h.chunk(2, dim=-1)
+        h = grouped_linear(F.silu(gate) * up, self.down_proj, counts)  # (N*K, D)
+        h = h * w.reshape(-1)[order].unsqueeze(-1).to(h.dtype)
+        return torch.zeros_like(x).index_add_(0, token, h)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Gate(config)
+        self.experts = Experts(config)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor, forced_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        ids, w, scores = self.gate(flat, forced_ids.reshape(-1, self.gate.K) if forced_ids is not None else None)
+        y = self.experts(flat, ids, w)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        E, K = self.gate.E, self.gate.K
+        with torch.no_grad():
+            load = torch.zeros(E, device=x.device, dtype=torch.float32).index_add_(
+                0, ids.reshape(-1), torch.ones(ids.numel(), device=x.device))
+        # sequence-wise balance loss (V3 eq. 17-20): f_i = E/(K T) * count_i, P_i = mean_t s'_i, s' = s normalised
+        counts = torch.zeros(B, E, device=x.device).scatter_add_(
+            1, ids.view(B, T * K), torch.ones(B, T * K, device=x.device))
+        f = counts * (E / (K * T))
+        P = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)
+        balance = (f * P).sum(-1).mean()
+        return y.view(B, T, D), RouterOutput(ids.view(B, T, K), w.view(B, T, K), scores.view(B, T, E), load, balance)
