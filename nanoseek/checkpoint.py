@@ -206,6 +206,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", strict
             got = reader.shape(k)
             if got != shape:
                 problems.append(f"{k}: shape {list(got)} in {reader.where[k].name}, expected {list(shape)}")
+                present.discard(k)  # never copied, even when strict=False
     if problems and strict:
         raise CheckpointError(f"{folder}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
 
@@ -232,7 +233,7 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", strict
                 target.copy_(_dequant(reader, name, target.dtype))
             loaded.add(name)
         if not strict:
-            model._missing_keys = missing
+            model.load_problems = problems  # what strict mode would have raised
     model.eval()
     return model
 

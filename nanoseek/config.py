@@ -198,8 +198,7 @@ class ModelConfig:
         if d["quantization_config"] is None:
             del d["quantization_config"]
         if not self.use_dsa:
-            for k in ("index_n_heads", "index_head_dim", "index_topk"):
-                del d[k]
+            del d["index_topk"]  # index_n_heads / index_head_dim stay: they size the indexer once DSA is switched on
         d["model_type"] = self.model_type
         d["architectures"] = ["DeepseekV32ForCausalLM" if self.use_dsa else "DeepseekV3ForCausalLM"]
         d["num_key_value_heads"] = self.num_attention_heads
@@ -241,13 +240,14 @@ class ModelConfig:
             d["n_routed_experts"] = 0
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
             d["num_nextn_predict_layers"] = d["num_mtp_layers"]
+        d.setdefault("num_nextn_predict_layers", 0)  # a config that does not mention MTP has none
         if "dtype" in d and "torch_dtype" not in d:
             d["torch_dtype"] = d["dtype"]
         if mt == "deepseek_v32":
             d.setdefault("index_topk", 2048)
             d.setdefault("index_n_heads", 64)
             d.setdefault("index_head_dim", 128)
-        elif mt != "deepseek_v32":
+        else:
             d["index_topk"] = None
         if mt == "deepseek_v2" and "topk_method" not in d:
             d["topk_method"] = "greedy"
@@ -338,7 +338,7 @@ _preset("tiny", vocab_size=2048, hidden_size=128, intermediate_size=384, moe_int
 # small: ~75M parameters
 _preset("small", vocab_size=32768, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
         num_hidden_layers=8, first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=256, kv_lora_rank=128,
-        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32, n_shared_experts=1,
+        qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16, n_shared_experts=1,
         num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5, max_position_embeddings=4096,
         num_nextn_predict_layers=1, torch_dtype="bfloat16", index_n_heads=8, index_head_dim=64)
 _preset("deepseek-v2-lite", vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,

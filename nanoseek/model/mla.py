@@ -101,6 +101,8 @@ class MLA(nn.Module):
         if cache is not None:
             c, k_pe, index_keys = cache.write(self.layer_idx, positions, c, k_pe, index_keys)
         S = c.shape[1]
+        if mask is None and (self.indexer is not None or indexer_loss):
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril().expand(B, T, S)
 
         index_scores, attn_mask = None, mask
         if self.indexer is not None:
@@ -132,7 +134,10 @@ class MLA(nn.Module):
             probs = None
             if absorb:
                 kk, vv = kk.expand(B, self.H, S, kk.shape[-1]), vv.expand(B, self.H, S, self.R)
-            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=attn_mask.unsqueeze(1), scale=self.softmax_scale)
+            if attn_mask is None:
+                o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=self.softmax_scale)
+            else:
+                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=attn_mask.unsqueeze(1), scale=self.softmax_scale)
         if absorb:
             o = torch.einsum("bhtr,hvr->bthv", o, kv_b[:, self.dn:])  # apply W_UV after attention
         else:

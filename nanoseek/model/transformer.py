@@ -99,12 +99,14 @@ class Backbone(nn.Module):
 
 
 def build_mask(positions: torch.Tensor, S: int, attention_mask: torch.Tensor | None, cached: bool) -> torch.Tensor:
-    """Boolean (B, T, S) mask, True where query t may attend key s.
+    """Boolean (B, T, S) mask, True where query t may attend key s; None for plain causal self-attention.
 
     With a cache, key s sits at absolute position s, so the rule is s <= position of t (stale entries
     beyond a row's length are never visible). Without one, keys are the T inputs themselves."""
     if cached:
         return torch.arange(S, device=positions.device) <= positions.unsqueeze(-1)
+    if attention_mask is None:
+        return None  # plain causal: attention takes the fused is_causal path
     B, T = positions.shape
     mask = torch.ones(T, S, dtype=torch.bool, device=positions.device).tril().expand(B, T, S)
     if attention_mask is not None:  # padding (B, S): 1 for real tokens

@@ -1,0 +1,137 @@
+"""Local text corpora and chat data: .txt, .jsonl and .parquet in, plain Python strings/dicts out.
+
+Documents in a .txt file: by default the whole file is one document (a folder of .txt files is a
+folder of documents). `txt_split="blank_line"` makes each block separated by one or more blank
+lines a document (a single file of many short texts); `txt_split="line"` makes every non-empty line
+a document. .jsonl holds one JSON object per line with the text in `text_field`; .parquet holds the
+text in column `text_field` (needs pyarrow, imported only when a parquet file is read).
+Every user-facing error names the file (and line, for JSONL) so the bad record can be found.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+
+from ..tokenizer import validate_messages
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+TXT_SPLITS = ("file", "blank_line", "line")
+_BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")  # one or more blank (or whitespace-only) lines
+
+
+def _expand(paths: str | os.PathLike | Iterable[str | os.PathLike], suffixes: tuple[str, ...]) -> list[str]:
+    """Files named by paths; a folder stands for its files with a known suffix, recursively, sorted."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = []
+    for p in map(os.fspath, paths):
+        if os.path.isdir(p):
+            found = [os.path.join(root, name) for root, _, names in os.walk(p) for name in names
+                     if name.endswith(suffixes)]
+            files.extend(sorted(found))  # sorted: the same corpus order on every machine
+        elif os.path.isfile(p):
+            if not p.endswith(suffixes):
+                raise ValueError(f"{p}: unsupported file type; expected one of {', '.join(suffixes)}")
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"data file not found: {p}")
+    return files
+
+
+def _read_txt(path: str, txt_split: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if txt_split == "file":
+        docs = [text]
+    elif txt_split == "blank_line":
+        docs = _BLANK_LINES.split(text.replace("\r\n", "\n"))
+    else:  # "line"
+        docs = text.splitlines()
+    for doc in docs:
+        if doc.strip():  # empty documents would only add separators
+            yield doc.strip("\n") if txt_split != "file" else doc
+
+
+def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object raises ValueError."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
+
+
+def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
+    for lineno, record in _jsonl_records(path):
+        if text_field not in record:
+            raise ValueError(f"{path}:{lineno}: field {text_field!r} missing (keys: {sorted(record)})")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{lineno}: field {text_field!r} must be a string, got {type(text).__name__}")
+        yield text
+
+
+def _read_parquet(path: str, text_field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from None
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise ValueError(f"{path}: column {text_field!r} not found (columns: {names})")
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):  # streams: bounded memory
+        for text in batch.column(0).to_pylist():
+            if text is None:
+                continue  # a null row is no document
+            if not isinstance(text, str):
+                raise ValueError(f"{path}: column {text_field!r} must hold strings, got {type(text).__name__}")
+            yield text
+
+
+def load_texts(paths, text_field: str = "text", txt_split: str = "file") -> Iterator[str]:
+    """Documents from .txt / .jsonl / .parquet files (or folders of them), in order, lazily.
+
+    paths: one path or many; a folder means every supported file under it, sorted.
+    text_field: the JSONL field / parquet column holding the text.
+    txt_split: "file" (one document per .txt file), "blank_line" or "line"; see the module docstring.
+    """
+    if txt_split not in TXT_SPLITS:
+        raise ValueError(f"txt_split must be one of {TXT_SPLITS}, got {txt_split!r}")
+    for path in _expand(paths, TEXT_SUFFIXES):
+        if path.endswith(".txt"):
+            yield from _read_txt(path, txt_split)
+        elif path.endswith(".jsonl"):
+            yield from _read_jsonl(path, text_field)
+        else:
+            yield from _read_parquet(path, text_field)
+
+
+def load_chat_jsonl(path, messages_field: str = "messages") -> list[list[dict]]:
+    """Conversations from a JSONL file of {"messages": [{role, content, [reasoning_content]}, ...]}.
+
+    Roles are system/user/assistant, content a string, reasoning_content an optional string on
+    assistant turns; anything else raises ValueError naming file:line and the bad message.
+    Only role, content and reasoning_content are kept.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"chat data file not found: {path}")
+    chats = []
+    for lineno, record in _jsonl_records(path):
+        if messages_field not in record:
+            raise ValueError(f"{path}:{lineno}: field {messages_field!r} missing (keys: {sorted(record)})")
+        messages = record[messages_field]
+        validate_messages(messages, where=f"{path}:{lineno}: {messages_field}")
+        chats.append([{k: m[k] for k in ("role", "content", "reasoning_content") if m.get(k) is not None}
+                      for m in messages])
+    return chats

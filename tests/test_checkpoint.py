@@ -1,0 +1,219 @@
+"""HF-layout checkpoints: round trips with transformers, sharding, MTP layers, FP8 blocks, named errors."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import nanoseek
+from nanoseek.checkpoint import CheckpointError, to_hf_state_dict
+from oracle import YARN, hf_model, random_model, tiny_config
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("over", [dict(num_nextn_predict_layers=0, rope_scaling=YARN), dict(index_topk=5)])
+def test_nanoseek_save_transformers_load(tmp_path, over):
+    import transformers
+
+    model = random_model(tiny_config(**over), seed=11)
+    model.save_pretrained(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    x = torch.randint(0, model.config.vocab_size, (2, 20))
+    assert (_logits(model, x) - ref(x).logits.detach()).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("over", [dict(num_nextn_predict_layers=0), dict(num_nextn_predict_layers=0, index_topk=5,
+                                                                         rope_scaling=YARN)])
+def test_transformers_save_nanoseek_load(tmp_path, over):
+    model = random_model(tiny_config(**over), seed=12)
+    ref = hf_model(model)
+    ref.save_pretrained(tmp_path)
+    back = nanoseek.from_pretrained(tmp_path, dtype=torch.float32)
+    x = torch.randint(0, model.config.vocab_size, (2, 20))
+    assert (_logits(back, x) - ref(x).logits.detach()).abs().max() < 1e-4
+
+
+def test_mtp_layer_saved_at_layer_n_and_loaded_back(tmp_path):
+    cfg = tiny_config(num_nextn_predict_layers=1)
+    model = random_model(cfg, seed=13)
+    model.save_pretrained(tmp_path)
+    names = load_file(tmp_path / "model.safetensors").keys()
+    n = cfg.num_hidden_layers
+    for k in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight", "shared_head.head.weight",
+              "embed_tokens.weight", "self_attn.kv_b_proj.weight", "mlp.experts.0.gate_proj.weight"):
+        assert f"model.layers.{n}.{k}" in names
+    back = nanoseek.from_pretrained(tmp_path)
+    x = torch.randint(0, cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        a, b = model(x, mtp=True), back(x, mtp=True)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.mtp_logits[0], b.mtp_logits[0])
+
+
+def test_sharded_save_writes_index_and_loads(tmp_path):
+    model = random_model(tiny_config(), seed=14)
+    model.save_pretrained(tmp_path, max_shard_bytes=60_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 2 and not (tmp_path / "model.safetensors").exists()
+    assert not list(tmp_path.glob("*.tmp"))
+    back = nanoseek.from_pretrained(tmp_path)
+    x = torch.randint(0, model.config.vocab_size, (1, 9))
+    assert torch.equal(_logits(model, x), _logits(back, x))
+    # saving again unsharded removes the stale shards and index
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "model.safetensors.index.json").exists()
+    assert not list(tmp_path.glob("model-*-of-*.safetensors"))
+
+
+def _quantise_like_published(w: torch.Tensor):
+    """The published FP8 layout, written independently of nanoseek.fp8: per 128x128 block,
+    scale_inv = amax / 448, fp8 = w / scale_inv, ragged edge blocks included."""
+    out, inp = w.shape
+    so, si = math.ceil(out / 128), math.ceil(inp / 128)
+    q = torch.empty(out, inp, dtype=torch.float8_e4m3fn)
+    s = torch.empty(so, si)
+    deq = torch.empty_like(w)
+    for i in range(so):
+        for j in range(si):
+            blk = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
+            scale = blk.abs().max().clamp_min(1e-4) / 448.0
+            qb = (blk / scale).to(torch.float8_e4m3fn)
+            q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = qb
+            deq[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = qb.float() * scale
+            s[i, j] = scale
+    return q, s, deq
+
+
+def _fp8_config():
+    # dims above 128 and not multiples of it, so edge blocks are ragged
+    return tiny_config(hidden_size=160, intermediate_size=200, moe_intermediate_size=136, q_lora_rank=144,
+                       kv_lora_rank=130, num_attention_heads=2, qk_nope_head_dim=24, qk_rope_head_dim=8, v_head_dim=40,
+                       num_nextn_predict_layers=1)
+
+
+def test_published_fp8_checkpoint_loads_dequantised(tmp_path):
+    model = random_model(_fp8_config(), seed=15)
+    tensors = to_hf_state_dict(model)
+    on_disk, deq_sd = {}, {}
+    for k, v in tensors.items():
+        quantised = (k.endswith(".weight") and v.dim() == 2 and "embed_tokens" not in k and "lm_head" not in k
+                     and "shared_head.head" not in k and not k.endswith("mlp.gate.weight"))
+        if quantised:
+            q, s, deq = _quantise_like_published(v.float())
+            on_disk[k], on_disk[k[:-6] + "weight_scale_inv"] = q, s
+            deq_sd[k] = deq
+        else:
+            on_disk[k] = v.clone()
+    save_file(on_disk, str(tmp_path / "model.safetensors"))
+    cfg = model.config.replace(quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                                    "weight_block_size": [128, 128]})
+    cfg.save(tmp_path)
+    # the reference: the same model with every quantised weight replaced by its dequantised value
+    ref = random_model(cfg, seed=15)
+    ref_hf = to_hf_state_dict(ref)
+    ref_hf.update(deq_sd)
+    with torch.no_grad():
+        for name, p in ref.state_dict().items():
+            if name.endswith("experts.gate_up_proj"):
+                pre = name[: -len(".gate_up_proj")]
+                p.copy_(torch.stack([torch.cat([ref_hf[f"{pre}.{e}.gate_proj.weight"], ref_hf[f"{pre}.{e}.up_proj.weight"]])
+                                     for e in range(p.shape[0])]))
+            elif name.endswith("experts.down_proj"):
+                pre = name[: -len(".down_proj")]
+                p.copy_(torch.stack([ref_hf[f"{pre}.{e}.down_proj.weight"] for e in range(p.shape[0])]))
+            elif name in ref_hf:
+                p.copy_(ref_hf[name])
+    loaded = nanoseek.from_pretrained(tmp_path, dtype=torch.float32)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        a, b, orig = loaded(x, mtp=True), ref(x, mtp=True), model(x)
+    assert (a.logits - b.logits).abs().max() < 1e-4
+    assert (a.mtp_logits[0] - b.mtp_logits[0]).abs().max() < 1e-4
+    assert (a.logits - orig.logits).abs().max() > 1e-4  # quantisation really happened
+    kept = nanoseek.from_pretrained(tmp_path, dtype=torch.float32, keep_fp8=True)
+    assert kept.model.layers[0].self_attn.kv_b_proj.weight.dtype == torch.float8_e4m3fn
+    assert (_logits(kept, x) - b.logits).abs().max() < 1e-4
+
+
+def test_fp8_save_round_trip(tmp_path):
+    model = random_model(_fp8_config(), seed=16)
+    model.save_pretrained(tmp_path, fp8=True)
+    on_disk = load_file(tmp_path / "model.safetensors")
+    w = on_disk["model.layers.1.self_attn.q_b_proj.weight"]
+    assert w.dtype == torch.float8_e4m3fn
+    assert on_disk["model.layers.1.self_attn.q_b_proj.weight_scale_inv"].shape == (1, 2)  # [ceil(48*?/128), ceil(144/128)]
+    assert on_disk["model.embed_tokens.weight"].dtype == torch.float32
+    assert on_disk["model.layers.1.mlp.gate.weight"].dtype == torch.float32
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["weight_block_size"] == [128, 128]
+    back = nanoseek.from_pretrained(tmp_path, dtype=torch.float32)
+    orig, loaded = model.state_dict(), back.state_dict()
+    for name in ("model.layers.1.self_attn.q_b_proj.weight", "model.layers.2.mlp.experts.gate_up_proj",
+                 "model.layers.3.eh_proj.weight"):
+        err = (loaded[name] - orig[name]).abs()
+        assert err.max() > 0 and (err <= orig[name].abs() / 16 + 1e-3).all(), name  # e4m3: 3 mantissa bits
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.2.mlp.gate.weight", "model.norm.weight"):
+        assert torch.equal(loaded[name], orig[name]), name
+
+
+def _saved(tmp_path, **over):
+    model = random_model(tiny_config(**over), seed=17)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def test_mismatched_checkpoint_names_every_offending_tensor(tmp_path):
+    _saved(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    del sd["model.layers.0.self_attn.o_proj.weight"]
+    del sd["model.layers.2.mlp.experts.3.up_proj.weight"]
+    sd["model.layers.0.self_attn.bogus.weight"] = torch.zeros(2)
+    sd["model.norm.weight"] = torch.zeros(7)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        nanoseek.from_pretrained(tmp_path)
+    msg = str(e.value)
+    for name in ("model.layers.0.self_attn.o_proj.weight", "model.layers.2.mlp.experts.3.up_proj.weight",
+                 "model.layers.0.self_attn.bogus.weight", "model.norm.weight: shape [7]"):
+        assert name in msg
+    loose = nanoseek.from_pretrained(tmp_path, strict=False)  # non-strict loads what matches
+    assert any("model.norm.weight" in p for p in loose.load_problems)
+
+
+def test_truncated_and_corrupt_files_are_named(tmp_path):
+    _saved(tmp_path)
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):
+        nanoseek.from_pretrained(tmp_path)
+    f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage json!!}" + b"\0" * 64)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        nanoseek.from_pretrained(tmp_path)
+    f.write_bytes(b"abc")
+    with pytest.raises(CheckpointError, match="too short"):
+        nanoseek.from_pretrained(tmp_path)
+
+
+def test_missing_shard_pickles_and_fp8_without_scale(tmp_path):
+    _saved(tmp_path / "a")
+    (tmp_path / "a" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match="model-00002.safetensors"):
+        nanoseek.from_pretrained(tmp_path / "a")
+    nanoseek.ModelConfig.from_preset("tiny").save(tmp_path / "b")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "b" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickle"):
+        nanoseek.from_pretrained(tmp_path / "b")
+    model = _saved(tmp_path / "c")
+    sd = load_file(tmp_path / "c" / "model.safetensors")
+    sd["model.layers.0.self_attn.o_proj.weight"] = sd["model.layers.0.self_attn.o_proj.weight"].to(torch.float8_e4m3fn)
+    save_file(sd, str(tmp_path / "c" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="o_proj.weight_scale_inv is missing"):
+        nanoseek.from_pretrained(tmp_path / "c")
+    with pytest.raises(FileNotFoundError):
+        nanoseek.from_pretrained(tmp_path / "nowhere")
