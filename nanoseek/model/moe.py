@@ -79,14 +79,16 @@ class Gate(nn.Module):
         return choice.topk(self.K, dim=-1).indices
 
 
-def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int], fp8: bool = False) -> torch.Tensor:
     """Rows of x are sorted by expert, counts[e] rows for expert e; returns rows x_e @ w[e]^T.
 
-    x: (M, in), w: (E, out, in). Only experts that received tokens run."""
+    x: (M, in), w: (E, out, in). Only experts that received tokens run. fp8: V3 FP8 GEMMs (nanoseek.fp8)."""
+    if fp8:
+        from ..fp8 import fp8_linear
     outs, start = [], 0
     for e, c in enumerate(counts):
         if c:
-            outs.append(F.linear(x[start:start + c], w[e]))
+            outs.append(fp8_linear(x[start:start + c], w[e]) if fp8 else F.linear(x[start:start + c], w[e]))
             start += c
     if not outs:
         return x.new_zeros(0, w.shape[1])
@@ -101,6 +103,7 @@ class Experts(nn.Module):
         E, D, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # [gate; up] per expert, nn.Linear layout
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.fp8 = False  # set by nanoseek.fp8.convert_to_fp8_training
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         N, K = ids.shape
@@ -109,9 +112,9 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)  # token-slots sorted by expert
         counts = torch.bincount(flat, minlength=E).tolist()  # the one host sync of the layer
         token = order // K
-        h = grouped_linear(x[token], self.gate_up_proj, counts)  # (N*K, 2I)
+        h = grouped_linear(x[token], self.gate_up_proj, counts, self.fp8)  # (N*K, 2I)
         gate, up = h.chunk(2, dim=-1)
-        h = grouped_linear(F.silu(gate) * up, self.down_proj, counts)  # (N*K, D)
+        h = grouped_linear(F.silu(gate) * up, self.down_proj, counts, self.fp8)  # (N*K, D)
         h = h * w.reshape(-1)[order].unsqueeze(-1).to(h.dtype)
         return torch.zeros_like(x).index_add_(0, token, h)
 
