@@ -1,7 +1,8 @@
 """nanoseek: DeepSeek-V3 -> R1 -> V3.2 in one compact PyTorch code base."""
 
 from .config import PRESETS, ModelConfig
-from .model import DeepSeekModel, LatentCache, ModelOutput
+from .model import DENSE_PRESETS, DeepSeekModel, DenseConfig, DenseKVCache, DenseModel, LatentCache, ModelOutput
+from .model.dense_checkpoint import load_dense
 
 __version__ = "0.1.0"
 
@@ -13,4 +14,5 @@ def from_pretrained(path, dtype=None, device="cpu", strict=True, keep_fp8=False)
     return load_pretrained(path, dtype=dtype, device=device, strict=strict, keep_fp8=keep_fp8)
 
 
-__all__ = ["DeepSeekModel", "LatentCache", "ModelConfig", "ModelOutput", "PRESETS", "from_pretrained"]
+__all__ = ["DENSE_PRESETS", "DeepSeekModel", "DenseConfig", "DenseKVCache", "DenseModel", "LatentCache", "ModelConfig",
+           "ModelOutput", "PRESETS", "from_pretrained", "load_dense"]

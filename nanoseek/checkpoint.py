@@ -212,6 +212,8 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", strict
 
     model.to_empty(device=device)
     model.to(dtype)
+    if config.tie_word_embeddings:  # to_empty unties them
+        model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_rope()
     state = model.state_dict()
     loaded = set()
@@ -260,6 +262,43 @@ def _load_experts(reader: _Reader, name: str, target: torch.Tensor, present: set
 
 
 # ---------------------------------------------------------------------------------------------- saving
+def write_shards(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    """Size-bounded shards in name order, each written to a temp file then renamed; stale shards removed."""
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}")
+    shards, cur, cur_bytes = [], {}, 0
+    for k in sorted(tensors):
+        n = tensors[k].numel() * tensors[k].element_size()
+        if cur and cur_bytes + n > max_shard_bytes:
+            shards.append(cur)
+            cur, cur_bytes = {}, 0
+        cur[k] = tensors[k]
+        cur_bytes += n
+    shards.append(cur)
+    if len(shards) == 1:
+        names = [SINGLE_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        tmp = folder / (name + ".tmp")
+        save_file({k: v.clone() for k, v in shard.items()}, str(tmp), metadata={"format": "pt"})  # clone: no shared storage
+        os.replace(tmp, folder / name)
+    index = folder / INDEX_NAME
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        tmp = folder / (INDEX_NAME + ".tmp")
+        tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        os.replace(tmp, index)
+        if (folder / SINGLE_NAME).exists():
+            (folder / SINGLE_NAME).unlink()
+    elif index.exists():
+        index.unlink()
+    for stale in folder.glob("model-*-of-*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+
+
 def save_pretrained(model: DeepSeekModel, path, max_shard_bytes: int = 5 * 1024 ** 3, dtype: torch.dtype | None = None,
                     fp8: bool = False, tokenizer=None) -> Path:
     """Write config.json and safetensors shards (plus index when sharded) atomically into `path`.
@@ -288,42 +327,7 @@ def save_pretrained(model: DeepSeekModel, path, max_shard_bytes: int = 5 * 1024 
         config = config.replace(quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                                      "weight_block_size": [128, 128]})
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    # shard by size, in name order
-    shards, cur, cur_bytes = [], {}, 0
-    for k in sorted(tensors):
-        n = tensors[k].numel() * tensors[k].element_size()
-        if cur and cur_bytes + n > max_shard_bytes:
-            shards.append(cur)
-            cur, cur_bytes = {}, 0
-        cur[k] = tensors[k]
-        cur_bytes += n
-    shards.append(cur)
-    # shared storage (views of one fused tensor) must be cloned for safetensors
-    written = []
-    if len(shards) == 1:
-        names = [SINGLE_NAME]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        tmp = folder / (name + ".tmp")
-        save_file({k: v.clone() for k, v in shard.items()}, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, folder / name)
-        written.append(name)
-    index = folder / INDEX_NAME
-    if len(shards) > 1:
-        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        total = sum(v.numel() * v.element_size() for v in tensors.values())
-        tmp = folder / (INDEX_NAME + ".tmp")
-        tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        os.replace(tmp, index)
-        if (folder / SINGLE_NAME).exists():
-            (folder / SINGLE_NAME).unlink()
-    else:
-        if index.exists():
-            index.unlink()
-    for stale in folder.glob("model-*-of-*.safetensors"):
-        if stale.name not in written:
-            stale.unlink()
+    write_shards(folder, tensors, max_shard_bytes)
     config.save(folder)
     if tokenizer is not None:
         tokenizer.save(folder)

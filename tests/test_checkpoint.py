@@ -217,3 +217,19 @@ def test_missing_shard_pickles_and_fp8_without_scale(tmp_path):
         nanoseek.from_pretrained(tmp_path / "c")
     with pytest.raises(FileNotFoundError):
         nanoseek.from_pretrained(tmp_path / "nowhere")
+
+
+def test_tied_embeddings_survive_save_and_load(tmp_path):
+    model = random_model(tiny_config(tie_word_embeddings=True), seed=18)
+    model.save_pretrained(tmp_path)
+    back = nanoseek.from_pretrained(tmp_path)
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    x = torch.randint(0, model.config.vocab_size, (1, 10))
+    assert torch.equal(_logits(model, x), _logits(back, x))
+
+
+def test_bf16_cast_keeps_rope_frequencies_in_fp32():
+    model = random_model(tiny_config(rope_scaling=YARN), seed=19)
+    inv = model.model.rotary.inv_freq.clone()
+    model.to(torch.bfloat16)
+    assert model.model.rotary.inv_freq.dtype == torch.float32 and torch.equal(model.model.rotary.inv_freq, inv)

@@ -31,7 +31,7 @@ def yarn_inv_freq(config: ModelConfig, dim: int) -> tuple[torch.Tensor, float]:
     mscale/mscale_all_dim, which is 1 for every published DeepSeek config (the temperature lives in the
     softmax scale instead, see ModelConfig.yarn_mscale)."""
     base = config.rope_theta
-    pos = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    pos = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)  # never meta
     inv_freq = 1.0 / pos
     if config.rope_type != "yarn":
         return inv_freq, 1.0
@@ -47,7 +47,7 @@ def yarn_inv_freq(config: ModelConfig, dim: int) -> tuple[torch.Tensor, float]:
     high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
     keep = 1 - ramp  # 1: extrapolate (high frequencies untouched), 0: interpolate (divide by factor)
     inv_freq = (inv_freq / factor) * (1 - keep) + inv_freq * keep
 
@@ -67,7 +67,14 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig, dim: int):
         super().__init__()
         inv_freq, self.attention_factor = yarn_inv_freq(config, dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._master = inv_freq
+        self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)  # fp32 copy outside the module's buffers
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if not self.inv_freq.is_meta:  # model.to(bf16) must not round the frequencies
+            self.inv_freq = self._master.to(self.inv_freq.device)
+        return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq  # (B, T, dim/2), always fp32

@@ -152,6 +152,7 @@ class DeepSeekModel(nn.Module):
 
         rot = self.model.rotary
         inv, rot.attention_factor = yarn_inv_freq(self.config, self.config.qk_rope_head_dim)
+        rot._master = inv
         rot.inv_freq = inv.to(self.lm_head.weight.device if not self.lm_head.weight.is_meta else "cpu")
 
     @property
