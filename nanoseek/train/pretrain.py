@@ -116,9 +116,13 @@ def lm_losses(model, out, tokens: torch.Tensor, doc_ids: torch.Tensor | None):
 
 
 @torch.no_grad()
-def update_expert_bias(model: DeepSeekModel, loads: list[torch.Tensor], gamma: float) -> None:
-    """Aux-loss-free balancing (V3 sec. 2.1.2): b_i += gamma * sign(mean load - load_i), per MoE layer."""
-    gates = [layer.mlp.gate for layer in model.model.layers[: model.config.num_hidden_layers] if layer.is_moe]
+def update_expert_bias(model, loads: list[torch.Tensor], gamma: float) -> None:
+    """Aux-loss-free balancing (V3 sec. 2.1.2): b_i += gamma * sign(mean load - load_i), per MoE layer.
+    `model`: a DeepSeekModel (its main MoE layers, in order) or a list of Gate modules."""
+    if isinstance(model, (list, tuple)):
+        gates = model
+    else:
+        gates = [layer.mlp.gate for layer in model.model.layers[: model.config.num_hidden_layers] if layer.is_moe]
     for gate, load in zip(gates, loads):
         if gate.e_score_correction_bias is not None:
             err = load.mean() - load

@@ -1,0 +1,147 @@
+"""Pre-training: loss falls, resume is exact, MTP wiring, aux-loss-free balancing, bad config errors."""
+
+import json
+
+import pytest
+import torch
+
+from nanoseek import DeepSeekModel, ModelConfig
+from nanoseek.train.common import lr_at, read_metrics
+from nanoseek.train.pretrain import PretrainConfig, lm_losses, pretrain, update_expert_bias
+
+MICRO = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+             q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+
+
+def micro_cfg(tmp_path, **kw):
+    base = dict(out_dir=str(tmp_path / "run"), embedded_docs=300, vocab_size=400, seq_len=64, batch_size=4, steps=12,
+                warmup=2, lr=5e-3, eval_every=6, save_every=4, log_every=1, model_overrides=MICRO, tensorboard=False)
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+def test_loss_falls_and_outputs_an_hf_folder(tmp_path):
+    out = pretrain(micro_cfg(tmp_path, steps=30, eval_every=15, tensorboard=True))
+    m = read_metrics(out.parent)
+    first, last = m[0]["loss"], sum(r["loss"] for r in m[-3:]) / 3
+    assert last < 0.7 * first
+    assert "eval_loss" in m[-1] and "mtp_loss" in m[-1] and "load_max_min_ratio" in m[-1]
+    assert len(m[-1]["expert_load"]) == 1 and abs(sum(m[-1]["expert_load"][0]) - 1) < 1e-5
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+    assert list((out.parent / "tb").glob("events.out.tfevents.*"))
+    import nanoseek
+
+    model = nanoseek.from_pretrained(out)
+    assert model.config.num_nextn_predict_layers == 1
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    full = pretrain(micro_cfg(tmp_path / "a"))
+    cfg = micro_cfg(tmp_path / "b", stop_after=5)
+    pretrain(cfg)  # stops after step 5 (checkpointed at 4 and 5)
+    assert not (tmp_path / "b" / "run" / "model").exists()
+    resumed = pretrain(micro_cfg(tmp_path / "b"))
+    a = read_metrics(full.parent)
+    b = read_metrics(resumed.parent)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == rb["loss"], ra["step"]
+    sa = DeepSeekModel.__new__(DeepSeekModel)
+    import nanoseek
+
+    wa, wb = nanoseek.from_pretrained(full).state_dict(), nanoseek.from_pretrained(resumed).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_mtp_loss_reaches_mtp_module_with_its_weight():
+    cfg = ModelConfig.from_preset("tiny", **MICRO, vocab_size=64, num_nextn_predict_layers=1)
+    torch.manual_seed(0)
+    model = DeepSeekModel(cfg).train()
+    tokens = torch.randint(0, 64, (2, 17))
+    out = model(tokens[:, :-1])
+    main, mtp = lm_losses(model, out, tokens, None)
+    assert len(mtp) == 1
+    # depth-1 target of position i is token i+2
+    ref = torch.nn.functional.cross_entropy(out.mtp_logits[0].reshape(-1, 64), tokens[:, 2:].reshape(-1))
+    assert torch.allclose(mtp[0], ref)
+    mtp_layer = model.mtp_layers[0]
+    for lam in (0.0, 0.3):
+        model.zero_grad()
+        out = model(tokens[:, :-1])
+        main, mtp = lm_losses(model, out, tokens, None)
+        (main + lam * mtp[0]).backward()
+        g = mtp_layer.eh_proj.weight.grad
+        if lam == 0:
+            assert g is None or g.abs().sum() == 0
+        else:
+            g03 = g.clone()
+    model.zero_grad()
+    out = model(tokens[:, :-1])
+    main, mtp = lm_losses(model, out, tokens, None)
+    (main + 0.6 * mtp[0]).backward()
+    assert torch.allclose(mtp_layer.eh_proj.weight.grad, 2 * g03, rtol=1e-4, atol=1e-7)  # weight scales the gradient
+
+
+def test_document_boundaries_are_not_targets():
+    cfg = ModelConfig.from_preset("tiny", **MICRO, vocab_size=64, num_nextn_predict_layers=0)
+    model = DeepSeekModel(cfg)
+    tokens = torch.randint(0, 64, (1, 9))
+    doc = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1]])
+    out = model(tokens[:, :-1])
+    main, _ = lm_losses(model, out, tokens, doc)
+    tgt = tokens[:, 1:].clone()
+    tgt[0, 3] = -100  # position 3 (doc 0) would predict token 4 (doc 1)
+    ref = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 64), tgt.reshape(-1), ignore_index=-100)
+    assert torch.allclose(main, ref)
+
+
+def test_bias_updates_reduce_load_imbalance_on_skewed_router():
+    from nanoseek.model.moe import MoE
+
+    cfg = ModelConfig.from_preset("tiny", **MICRO, vocab_size=64, n_routed_experts=8, n_group=1, topk_group=1,
+                                  num_experts_per_tok=2)
+    torch.manual_seed(0)
+    moe = DeepSeekModel(cfg).model.layers[1].mlp
+    assert isinstance(moe, MoE)
+    common = torch.randn(cfg.hidden_size)
+    x = torch.randn(4, 32, cfg.hidden_size) + 2 * common  # tokens share a direction...
+    with torch.no_grad():
+        moe.gate.weight[:2] += common / common.norm()  # ...that experts 0 and 1 are tuned to: a skewed router
+
+    def imbalance():
+        with torch.no_grad():
+            _, r = moe(x)
+        return float(r.load.max() / r.load.mean()), r.load
+
+    before, load = imbalance()
+    history = []
+    for _ in range(300):
+        update_expert_bias([moe.gate], [load], gamma=1e-2)
+        imb, load = imbalance()
+        history.append(imb)
+    after = sum(history[-50:]) / 50  # sign updates oscillate around balance
+    assert before > 2.5  # experts 0 and 1 take most tokens (4.0 = only them)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_lr_schedules():
+    assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(100, 100, 1.0, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_at(50, 100, 1.0, 10, "wsd", 0.1, 0.2) == 1.0
+    assert lr_at(90, 100, 1.0, 10, "wsd", 0.1, 0.2) == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("field,value", [("steps", 0), ("warmup", 50), ("schedule", "linear"), ("data", ["/nope.txt"]),
+                                         ("seq_len", 2), ("dtype", "fp16")])
+def test_bad_config_fails_before_compute(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        micro_cfg(tmp_path, **{field: value})
+
+
+def test_user_jsonl_data(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document number {i} says hello world {i * 7}"}) + "\n"
+                            for i in range(400)))
+    out = pretrain(micro_cfg(tmp_path, data=[str(path)], steps=4, eval_every=4))
+    assert read_metrics(out.parent)[-1]["step"] == 4
