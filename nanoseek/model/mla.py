@@ -78,7 +78,8 @@ class MLA(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None, positions=None, absorb: bool = False, dsa_dense: bool = False,
                 indexer_loss: bool = False):
         """x (B,T,D); cos/sin (B,T,r/2); mask (B,T,S) bool, True = may attend.
-        Returns (out (B,T,D), indexer KL loss or None)."""
+        Returns (out (B,T,D), aux): aux is None, or with indexer_loss {"kl": indexer KL, "recall": recall of the
+        dense attention's top-k by the indexer's top-k (dense mode only)}."""
         B, T, _ = x.shape
         if hasattr(self, "q_proj"):
             q_latent = None
@@ -144,10 +145,12 @@ class MLA(nn.Module):
             o = o.transpose(1, 2)
         out = self.o_proj(o.reshape(B, T, self.H * self.dv))
 
-        kl = None
+        aux = None
         if need_probs:
-            kl = indexer_kl(probs.detach(), index_scores, attn_mask)
-        return out, kl
+            aux = {"kl": indexer_kl(probs.detach(), index_scores, attn_mask)}
+            if dsa_dense:
+                aux["recall"] = indexer_recall(probs.detach(), index_scores, mask, self.indexer.topk)
+        return out, aux
 
 
 def indexer_kl(probs: torch.Tensor, index_scores: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
@@ -160,3 +163,19 @@ def indexer_kl(probs: torch.Tensor, index_scores: torch.Tensor, support: torch.T
     logq = logq.masked_fill(~support, 0.0)
     kl = (p * (p.clamp_min(1e-20).log() - logq)).sum(-1)
     return kl.mean()
+
+
+@torch.no_grad()
+def indexer_recall(probs: torch.Tensor, index_scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Share of the dense attention's top-k keys (head-summed) that the indexer's top-k also selects, over
+    queries that see more than k keys (for the others any selection is exact). NaN if there are none."""
+    B, T, S = index_scores.shape
+    visible = mask.sum(-1)  # (B, T)
+    rows = visible > k
+    if not rows.any():
+        return torch.tensor(float("nan"))
+    p = probs.sum(1).masked_fill(~mask, float("-inf"))[rows]  # (R, S)
+    i = index_scores.masked_fill(~mask, float("-inf"))[rows]
+    top_p = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, p.topk(k, dim=-1).indices, True)
+    top_i = torch.zeros_like(i, dtype=torch.bool).scatter_(-1, i.topk(k, dim=-1).indices, True)
+    return ((top_p & top_i).sum(-1).float() / k).mean()

@@ -28,6 +28,7 @@ class ModelOutput:
     router: list[RouterOutput] = field(default_factory=list)  # one per MoE layer of the main model
     mtp_router: list[RouterOutput] = field(default_factory=list)
     indexer_loss: torch.Tensor | None = None  # mean over DSA layers of the indexer KL, when asked for
+    indexer_recall: torch.Tensor | None = None  # mean over DSA layers, dense mode with indexer_loss only
 
     @property
     def expert_ids(self) -> list[torch.Tensor]:
@@ -49,7 +50,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, h, cos, sin, mask, forced_ids=None, **attn_kw):
-        a, kl = self.self_attn(self.input_layernorm(h), cos, sin, mask, **attn_kw)
+        a, aux = self.self_attn(self.input_layernorm(h), cos, sin, mask, **attn_kw)
         h = h + a
         x = self.post_attention_layernorm(h)
         router = None
@@ -57,7 +58,7 @@ class DecoderLayer(nn.Module):
             m, router = self.mlp(x, forced_ids)
         else:
             m = self.mlp(x)
-        return h + m, router, kl
+        return h + m, router, aux
 
 
 class SharedHead(nn.Module):
@@ -80,7 +81,7 @@ class MTPLayer(DecoderLayer):
 
     def forward(self, h_prev, emb, cos, sin, mask, forced_ids=None, **attn_kw):
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))  # embedding FIRST
-        h, router, kl = super().forward(h, cos, sin, mask, forced_ids, **attn_kw)
+        h, router, _ = super().forward(h, cos, sin, mask, forced_ids, **attn_kw)
         return self.shared_head.norm(h), router
 
 
@@ -211,20 +212,23 @@ class DeepSeekModel(nn.Module):
         S = cache.kv_len(positions) if cache is not None else T
         mask = build_mask(positions, S, attention_mask, cache is not None)
         attn_kw = dict(cache=cache, positions=positions, absorb=absorb, dsa_dense=dsa_dense, indexer_loss=indexer_loss)
-        routers, kls = [], []
+        routers, auxs = [], []
         forced = iter(forced_expert_ids) if forced_expert_ids is not None else None
         for layer in self.model.layers[: cfg.num_hidden_layers]:
             f = next(forced) if (forced is not None and layer.is_moe) else None
-            h, router, kl = layer(h, cos, sin, mask, f, **attn_kw)
+            h, router, aux = layer(h, cos, sin, mask, f, **attn_kw)
             if router is not None:
                 routers.append(router)
-            if kl is not None:
-                kls.append(kl)
+            if aux is not None:
+                auxs.append(aux)
         h = self.model.norm(h)
         out_h = h if logits_to_keep is None else h[:, -logits_to_keep:]
         out = ModelOutput(logits=self.lm_head(out_h), hidden=h, router=routers)
-        if kls:
-            out.indexer_loss = torch.stack(kls).mean()
+        if auxs:
+            out.indexer_loss = torch.stack([a["kl"] for a in auxs]).mean()
+            recalls = [a["recall"] for a in auxs if "recall" in a]
+            if recalls:
+                out.indexer_recall = torch.stack(recalls).nanmean()
         if mtp and cfg.num_nextn_predict_layers and cache is None:
             h_prev = h
             for k, layer in enumerate(self.mtp_layers, start=1):

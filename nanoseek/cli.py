@@ -1,0 +1,193 @@
+"""The `nanoseek` command. Each subcommand maps flags onto a stage's dataclass config and calls the
+same function the pipeline calls; no logic lives here.
+
+    nanoseek run                      # the whole recipe on embedded data, with a report
+    nanoseek info --preset deepseek-v3
+    nanoseek pretrain --out runs/base --steps 300
+    nanoseek --help / nanoseek <command> --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+# one line of help per config field; fields not listed get their type and default
+HELP = {
+    "out_dir": "output folder (checkpoints, metrics.jsonl, tb/, and the final HF model folder `model/`)",
+    "preset": "model preset: tiny, small, deepseek-v2-lite, deepseek-v3, deepseek-v3.2",
+    "init_from": "HF model folder to start from",
+    "data": "local data files (txt, jsonl, parquet); empty = the embedded corpus",
+    "steps": "optimizer steps",
+    "batch_size": "sequences per micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate",
+    "schedule": "cosine | wsd | constant",
+    "mtp_weight": "MTP loss weight lambda early in training (V3: 0.3)",
+    "mtp_weight_late": "MTP loss weight late in training (V3: 0.1)",
+    "bias_update_speed": "aux-loss-free balancing speed gamma (V3: 0.001); 0 disables it",
+    "balance_alpha": "sequence-wise balance loss weight alpha (V3: 0.0001)",
+    "fp8": "FP8 GEMMs (V3 recipe: 1x128 activation tiles, 128x128 weight blocks, E4M3)",
+    "device": "cuda, mps or cpu (default: the best available)",
+    "dtype": "auto (bf16 autocast on GPU, fp32 on CPU), float32 or bfloat16",
+    "resume": "continue from the latest checkpoint in out_dir",
+    "stop_after": "checkpoint and stop at this step (run again to resume)",
+    "seed": "random seed",
+}
+
+
+def _field_type(cls, f: dataclasses.Field):
+    hints = typing.get_type_hints(cls)
+    t = hints[f.name]
+    origin = typing.get_origin(t)
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    if origin in (list, typing.List) or (args and typing.get_origin(args[0]) is list):
+        inner = typing.get_args(t if origin is list else args[0])
+        return "list", (inner[0] if inner else str)
+    if origin in (typing.Union, types.UnionType):
+        t = args[0] if args else str
+    if t is dict or typing.get_origin(t) is dict:
+        return "json", None
+    return "scalar", t
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> None:
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind, t = _field_type(cls, f)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        flag = "--" + f.name.replace("_", "-")
+        h = HELP.get(f.name, "")
+        h = f"{h} (default: {default!r})" if h else f"default: {default!r}"
+        if kind == "list":
+            parser.add_argument(flag, dest=f.name, nargs="*", type=t, default=None, help=h)
+        elif kind == "json":
+            parser.add_argument(flag, dest=f.name, type=json.loads, default=None, help=h + "; a JSON object")
+        elif t is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
+        else:
+            parser.add_argument(flag, dest=f.name, type=t, default=None, help=h)
+
+
+def dataclass_from_args(cls, args: argparse.Namespace, **extra):
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+          if getattr(args, f.name, None) is not None}
+    kw.update(extra)
+    return cls(**kw)
+
+
+def _progress():
+    from .train.common import TqdmProgress
+
+    return TqdmProgress()
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def cmd_info(args) -> None:
+    from .config import ModelConfig
+
+    cfg = ModelConfig.load(args.config) if args.config else ModelConfig.from_preset(args.preset)
+    total, active = cfg.num_parameters(), cfg.num_parameters(active=True)
+    print(f"model_type          {cfg.model_type}")
+    print(f"total parameters    {total:,} ({total / 1e9:.2f}B)")
+    print(f"active per token    {active:,} ({active / 1e9:.2f}B)")
+    print(f"with MTP modules    {cfg.num_parameters(include_mtp=True):,}")
+    per_tok = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    mha = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    print(f"KV cache per token  {per_tok:,} values (expanded K/V would be {mha:,}: {mha / per_tok:.0f}x)")
+
+
+def cmd_pretrain(args) -> None:
+    from .train.pretrain import PretrainConfig, pretrain
+
+    out = pretrain(dataclass_from_args(PretrainConfig, args), _progress())
+    print(f"model written to {out}")
+
+
+def cmd_dsa(args) -> None:
+    from .train.dsa import DSAConfig, dsa
+
+    out = dsa(dataclass_from_args(DSAConfig, args), _progress())
+    print(f"model written to {out}")
+
+
+def cmd_convert(args) -> None:
+    import torch
+
+    from .checkpoint import load_pretrained
+
+    model = load_pretrained(args.src, dtype=torch.float32)
+    dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
+    model.save_pretrained(args.dst, fp8=args.fp8, dtype=dtype, max_shard_bytes=int(args.shard_gb * 1024 ** 3))
+    tok = Path(args.src) / "tokenizer.json"
+    if tok.exists():
+        import shutil
+
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (Path(args.src) / name).exists():
+                shutil.copy(Path(args.src) / name, Path(args.dst) / name)
+    print(f"wrote {args.dst}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nanoseek", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+
+    s = sub.add_parser("info", help="parameter counts and cache size of a preset or config.json")
+    s.add_argument("--preset", default="tiny")
+    s.add_argument("--config", help="a config.json or model folder")
+    s.set_defaults(fn=cmd_info)
+
+    from .train.pretrain import PretrainConfig
+
+    s = sub.add_parser("pretrain", help="pre-train a DeepSeek-V3-style base model (MTP, aux-loss-free MoE, FP8)")
+    add_dataclass_args(s, PretrainConfig)
+    s.set_defaults(fn=cmd_pretrain)
+
+    from .train.dsa import DSAConfig
+
+    s = sub.add_parser("dsa", help="DSA continued training: indexer warm-up, then sparse training (V3.2)")
+    add_dataclass_args(s, DSAConfig)
+    s.set_defaults(fn=cmd_dsa)
+
+    s = sub.add_parser("convert", help="re-save a checkpoint: FP8 block-quantised, bf16, or resharded")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--fp8", action="store_true", help="write FP8 e4m3 weights with 128x128 weight_scale_inv")
+    s.add_argument("--dtype", default="keep", help="float32, bfloat16 or keep")
+    s.add_argument("--shard-gb", type=float, default=5.0, help="maximum shard size in GiB")
+    s.set_defaults(fn=cmd_convert)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return p
+
+
+_EXTRA_COMMANDS: list = []  # stage modules register their subcommands here
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nnanoseek {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

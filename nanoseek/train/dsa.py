@@ -1,0 +1,228 @@
+"""DSA continued training (DeepSeek-V3.2 report, sec. 2.1): turn a dense V3 checkpoint into a V3.2
+model with the lightning indexer, in two stages.
+
+  1. Dense warm-up: attention stays dense, everything but the indexer is frozen, and the indexer learns
+     to match the main attention: loss = sum_t KL(p_t || softmax(I_t)), p_t the head-summed attention,
+     L1-normalised (lr 1e-3 in the report).
+  2. Sparse training: top-k selection on, all parameters train on the LM (+MTP) loss; the indexer keeps
+     learning from the KL restricted to the selected keys, with its input detached, so it learns only
+     from its KL and the model only from the LM loss.
+
+Reported: the indexer's recall of the dense attention's top-k, and the LM loss of the sparse model
+against the dense model it started from.
+
+    dsa(DSAConfig(init_from="runs/base/model", out_dir="runs/dsa")) -> Path
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_pretrained
+from ..model import DeepSeekModel
+from . import common as C
+from .pretrain import PretrainConfig, build_data, lm_losses, update_expert_bias
+
+
+@dataclass
+class DSAConfig:
+    init_from: str = "runs/pretrain/model"  # a dense (V3) model folder with tokenizer files
+    out_dir: str = "runs/dsa"
+    index_topk: int = 32  # keys each query keeps (V3.2: 2048); must be below seq_len for sparsity to matter
+    index_n_heads: int | None = None  # None: the config's index_n_heads
+    index_head_dim: int | None = None
+    data: list = dataclasses.field(default_factory=list)
+    embedded_docs: int = 2000
+    seq_len: int = 256
+    batch_size: int = 8
+    warmup_steps: int = 60  # stage 1: indexer only, dense attention
+    warmup_lr: float = 1e-3
+    sparse_steps: int = 60  # stage 2: everything, top-k on
+    sparse_lr: float = 3e-4
+    indexer_loss_weight: float = 1.0
+    mtp_weight: float = 0.1
+    bias_update_speed: float = 1e-3
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_batches: int = 4
+    eval_every: int = 30
+    save_every: int = 30
+    log_every: int = 5
+    seed: int = 0
+    device: str | None = None
+    dtype: str = "auto"
+    resume: bool = True
+    stop_after: int | None = None
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        C.validate_fields(self, [
+            ("index_topk", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("seq_len", lambda v: isinstance(v, int) and v > self.index_topk,
+             f"must exceed index_topk={self.index_topk} (otherwise DSA equals dense attention)"),
+            ("warmup_steps", lambda v: isinstance(v, int) and v >= 0, "must be >= 0"),
+            ("sparse_steps", lambda v: isinstance(v, int) and v >= 0, "must be >= 0"),
+            ("batch_size", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("warmup_lr", lambda v: v > 0, "must be > 0"),
+            ("sparse_lr", lambda v: v > 0, "must be > 0"),
+        ])
+        if self.warmup_steps + self.sparse_steps == 0:
+            raise ValueError("DSAConfig: warmup_steps + sparse_steps must be > 0")
+        if not (Path(self.init_from) / "config.json").exists():
+            raise ValueError(f"DSAConfig.init_from: no config.json in {self.init_from}")
+        if not (Path(self.init_from) / "tokenizer.json").exists():
+            raise ValueError(f"DSAConfig.init_from: no tokenizer.json in {self.init_from}")
+
+
+def add_indexer(dense: DeepSeekModel, index_topk: int, n_heads: int | None = None, head_dim: int | None = None,
+                seed: int = 0) -> DeepSeekModel:
+    """A V3.2 model holding `dense`'s weights plus freshly initialised indexers."""
+    over = {"index_topk": index_topk}
+    if n_heads:
+        over["index_n_heads"] = n_heads
+    if head_dim:
+        over["index_head_dim"] = head_dim
+    cfg = dense.config.replace(**over)
+    model = DeepSeekModel(cfg)
+    model.init_weights(seed=seed)
+    missing, unexpected = model.load_state_dict(dense.state_dict(), strict=False)
+    bad = [k for k in missing if ".indexer." not in k]
+    if bad or unexpected:
+        raise ValueError(f"cannot add an indexer: missing {bad}, unexpected {list(unexpected)}")
+    return model.to(next(dense.parameters()).device)
+
+
+@torch.no_grad()
+def evaluate_dsa(model, held, cfg: DSAConfig, device, ctx, reference=None) -> dict:
+    """Indexer recall (dense attention's top-k), sparse LM loss, and the reference (dense) model's LM loss."""
+    model.eval()
+    state = held.state_dict()
+    rec, sparse, dense = [], [], []
+    for i, batch in enumerate(held.batches(cfg.batch_size, epochs=1, drop_last=False)):
+        if i >= cfg.eval_batches:
+            break
+        tokens, doc = batch.tokens.to(device), batch.doc_ids.to(device)
+        with ctx:
+            r = model(tokens[:, :-1], dsa_dense=True, indexer_loss=True, mtp=False)
+            s = model(tokens[:, :-1], mtp=False)
+        rec.append(float(r.indexer_recall))
+        sparse.append(lm_losses(model, s, tokens, doc)[0].item())
+        if reference is not None:
+            with ctx:
+                d = reference(tokens[:, :-1], mtp=False)
+            dense.append(lm_losses(reference, d, tokens, doc)[0].item())
+    held.load_state_dict(state)
+    model.train()
+    out = {"indexer_recall": sum(rec) / max(1, len(rec)), "eval_loss_sparse": sum(sparse) / max(1, len(sparse))}
+    if dense:
+        out["eval_loss_dense"] = sum(dense) / len(dense)
+    return out
+
+
+def dsa(cfg: DSAConfig, progress: C.Progress | None = None) -> Path:
+    from ..tokenizer import Tokenizer
+
+    progress = progress or C.Progress()
+    out = Path(cfg.out_dir)
+    ckpt_root = out / "checkpoints"
+    device = C.pick_device(cfg.device)
+    ctx = C.autocast_ctx(device, cfg.dtype)
+    C.seed_everything(cfg.seed)
+    tokenizer = Tokenizer.load(cfg.init_from)
+    data_cfg = PretrainConfig(out_dir=str(out), data=cfg.data, embedded_docs=cfg.embedded_docs, seq_len=cfg.seq_len,
+                              seed=cfg.seed + 1, steps=1, warmup=0)
+    _, train, held = build_data(data_cfg, tokenizer)
+    reference = load_pretrained(cfg.init_from, dtype=torch.float32, device=device)
+    if reference.config.use_dsa:
+        raise ValueError(f"DSAConfig.init_from: {cfg.init_from} already has an indexer (index_topk="
+                         f"{reference.config.index_topk}); start from a dense checkpoint")
+    resume_from = C.latest_checkpoint(ckpt_root) if cfg.resume else None
+    step = 0
+    if resume_from is not None:
+        model = load_pretrained(resume_from, dtype=torch.float32, device=device)
+        state = C.load_trainer_state(resume_from)
+        step = state["step"]
+    else:
+        model = add_indexer(reference, cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim, cfg.seed)
+        state = None
+    reference.eval()
+    total = cfg.warmup_steps + cfg.sparse_steps
+    logger = C.MetricsLogger(out, tensorboard=cfg.tensorboard, resume_step=step if resume_from else None)
+    if resume_from is None:
+        C.atomic_write_text(out / "dsa_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        logger.log(0, stage="init", **evaluate_dsa(model, held, cfg, device, ctx, reference))
+
+    def make_opt(stage: str):
+        for n, p in model.named_parameters():
+            p.requires_grad_(stage == "sparse" or ".indexer." in n)
+        lr = cfg.warmup_lr if stage == "warmup" else cfg.sparse_lr
+        return C.make_optimizer(model, lr, cfg.weight_decay), lr
+
+    stage = "warmup" if step < cfg.warmup_steps else "sparse"
+    opt, base_lr = make_opt(stage)
+    if state is not None:
+        if state.get("stage") == stage:
+            opt.load_state_dict(state["optimizer"])
+        train.load_state_dict(state["data"])
+        C.set_rng_state(state["rng"])
+    model.train()
+    progress.start(total, "dsa", initial=step)
+    batches = train.batches(cfg.batch_size)
+    t_last, tokens_since = time.perf_counter(), 0
+    while step < total:
+        if step == cfg.warmup_steps and stage == "warmup":
+            stage = "sparse"
+            opt, base_lr = make_opt(stage)
+        n_stage = cfg.warmup_steps if stage == "warmup" else cfg.sparse_steps
+        i_stage = step if stage == "warmup" else step - cfg.warmup_steps
+        C.set_lr(opt, C.lr_at(i_stage, n_stage, base_lr, max(1, n_stage // 10), "cosine", 0.1))
+        batch = next(batches)
+        tokens, doc = batch.tokens.to(device), batch.doc_ids.to(device)
+        metrics = {}
+        with ctx:
+            if stage == "warmup":
+                o = model(tokens[:, :-1], dsa_dense=True, indexer_loss=True, mtp=False)
+                loss = o.indexer_loss
+            else:
+                o = model(tokens[:, :-1], indexer_loss=True, mtp=model.config.num_nextn_predict_layers > 0)
+                main, mtp = lm_losses(model, o, tokens, doc)
+                loss = main + cfg.indexer_loss_weight * o.indexer_loss
+                if mtp:
+                    loss = loss + cfg.mtp_weight * torch.stack(mtp).mean()
+                metrics["lm_loss"] = main.item()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if stage == "sparse" and o.router and cfg.bias_update_speed > 0:
+            update_expert_bias(model, [r.load for r in o.router], cfg.bias_update_speed)
+        step += 1
+        tokens_since += tokens.shape[0] * (tokens.shape[1] - 1)
+        metrics["indexer_kl"] = o.indexer_loss.item()
+        if step % cfg.log_every == 0 or step == total:
+            dt = time.perf_counter() - t_last
+            metrics["tokens_per_s"] = tokens_since / max(dt, 1e-9)
+            t_last, tokens_since = time.perf_counter(), 0
+        if step % cfg.eval_every == 0 or step == total or step == cfg.warmup_steps:
+            metrics.update(evaluate_dsa(model, held, cfg, device, ctx, reference))
+        logger.log(step, stage=stage, **metrics)
+        progress.update(1, stage=stage, kl=metrics["indexer_kl"])
+        stopping = cfg.stop_after is not None and step >= cfg.stop_after and step < total
+        if step % cfg.save_every == 0 or step == total or stopping:
+            st = {"step": step, "stage": stage, "optimizer": opt.state_dict(), "data": train.state_dict(),
+                  "rng": C.rng_state()}
+            C.save_stage_checkpoint(ckpt_root, step, model, tokenizer, st)
+        if stopping:
+            break
+    progress.close()
+    logger.close()
+    final = C.latest_checkpoint(ckpt_root)
+    if step < total:
+        return final
+    return C.copy_model_folder(final, out / "model")
