@@ -120,6 +120,33 @@ def cmd_dsa(args) -> None:
     print(f"model written to {out}")
 
 
+def cmd_sft(args) -> None:
+    from .train.sft import SFTConfig, sft
+
+    out = sft(dataclass_from_args(SFTConfig, args), _progress())
+    print(f"model written to {out}")
+
+
+def cmd_grpo(args) -> None:
+    from .train.grpo import GRPOConfig, grpo
+
+    out = grpo(dataclass_from_args(GRPOConfig, args), _progress())
+    print(f"model written to {out}")
+
+
+def cmd_eval(args) -> None:
+    from .train.evaluate import EvalConfig, evaluate
+
+    res = evaluate(dataclass_from_args(EvalConfig, args))
+    k = res["k"]
+    print(f"pass@1 {res['pass@1']:.3f}  maj@{k} {res[f'maj@{k}']:.3f}  format {res['format_rate']:.3f}  "
+          f"mean length {res['mean_length']:.1f} tokens  ({res['num_problems']} problems)")
+    for name, d in res["per_task"].items():
+        print(f"  {name:28s} " + "  ".join(f"{m} {v:.3f}" for m, v in d.items()))
+    if args.out:
+        print(f"written to {args.out}")
+
+
 def cmd_convert(args) -> None:
     import torch
 
@@ -158,6 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("dsa", help="DSA continued training: indexer warm-up, then sparse training (V3.2)")
     add_dataclass_args(s, DSAConfig)
     s.set_defaults(fn=cmd_dsa)
+
+    from .train.evaluate import EvalConfig
+    from .train.grpo import GRPOConfig
+    from .train.sft import SFTConfig
+
+    s = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL with the thinking template")
+    add_dataclass_args(s, SFTConfig, skip=("records",))
+    s.set_defaults(fn=cmd_sft)
+
+    s = sub.add_parser("grpo", help="GRPO with verifiable rewards (R1 recipe, V3.2 options)")
+    add_dataclass_args(s, GRPOConfig)
+    s.set_defaults(fn=cmd_grpo)
+
+    s = sub.add_parser("eval", help="held-out evaluation: pass@1 over k samples, maj@k, format rate, length")
+    add_dataclass_args(s, EvalConfig)
+    s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("convert", help="re-save a checkpoint: FP8 block-quantised, bf16, or resharded")
     s.add_argument("src")

@@ -296,3 +296,13 @@ def test_old_logp_none_means_on_policy():
     logp, _, adv, mask = two_sequences()
     close(grpo_loss(logp, None, adv, mask)[0], grpo_loss(logp, logp.clone(), adv, mask)[0].item())
     close(grpo_loss(logp, None, adv, mask)[0], 0.5)  # rho = 1: per-sequence losses -A = -1, +2; mean 0.5
+
+
+def test_per_sequence_beta_weights_kl_by_domain():
+    logp = torch.tensor([[-1.0, -1.0], [-1.0, -1.0]])
+    ref = torch.tensor([[-2.0, -2.0], [-2.0, -2.0]])
+    mask = torch.ones(2, 2)
+    adv = torch.zeros(2)
+    # k3 at logp - ref = 1: exp(-1) - (-1) - 1 = 0.3679; sequence 0 weight 0 (math), sequence 1 weight 0.5
+    loss, _ = grpo_loss(logp, logp, adv, mask, ref_logp=ref, beta=torch.tensor([0.0, 0.5]))
+    assert abs(loss.item() - (0.0 + 0.5 * 0.36788) / 2) < 1e-4

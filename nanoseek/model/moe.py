@@ -53,8 +53,10 @@ class Gate(nn.Module):
         """x: (N, D). Returns ids (N, K), weights (N, K) fp32, scores (N, E) fp32."""
         logits = F.linear(x.float(), self.weight.float())  # gate in fp32
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        if forced_ids is not None:  # keep routing (V3.2 RL): replay the sampler's choice
+        if forced_ids is not None:  # keep routing (V3.2 RL): replay the sampler's choice; -1 = route freely
             ids = forced_ids.long()
+            if bool((ids < 0).any()):
+                ids = torch.where(ids >= 0, ids, self.select(scores))
         else:
             ids = self.select(scores)
         w = scores.gather(1, ids)

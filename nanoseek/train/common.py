@@ -113,8 +113,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_stage_checkpoint(ckpt_root: Path, step: int, model, tokenizer=None, state: dict | None = None,
-                          keep: int = 2) -> Path:
-    """Write checkpoints/step_XXXXXXX atomically (temp folder + rename) and point `latest` at it."""
+                          keep: int = 2, extras: dict | None = None) -> Path:
+    """Write checkpoints/step_XXXXXXX atomically (temp folder + rename) and point `latest` at it.
+    extras: {subfolder: model} saved alongside (e.g. GRPO's reference model)."""
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
@@ -124,6 +125,8 @@ def save_stage_checkpoint(ckpt_root: Path, step: int, model, tokenizer=None, sta
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save(tmp)
+    for name, m in (extras or {}).items():
+        m.save_pretrained(tmp / name)
     if state is not None:
         torch.save(state, tmp / "trainer_state.pt")
     if final.exists():
@@ -158,7 +161,7 @@ def copy_model_folder(src: Path, dst: Path) -> Path:
     tmp = dst.with_name("." + dst.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("trainer_state.pt", "ref"))
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(tmp, dst)

@@ -37,7 +37,7 @@ class DSAConfig:
     index_topk: int = 32  # keys each query keeps (V3.2: 2048); must be below seq_len for sparsity to matter
     index_n_heads: int | None = None  # None: the config's index_n_heads
     index_head_dim: int | None = None
-    data: list = dataclasses.field(default_factory=list)
+    data: list[str] = dataclasses.field(default_factory=list)
     embedded_docs: int = 2000
     seq_len: int = 256
     batch_size: int = 8

@@ -190,7 +190,7 @@ def grpo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     ref_logp: torch.Tensor | None = None,
-    beta: float = 0.0,
+    beta: float | torch.Tensor = 0.0,
     kl_kind: str = "k3",
     unbiased_kl: bool = False,
     eps_low: float = 0.2,
@@ -233,7 +233,9 @@ def grpo_loss(
             f"expected logp/mask (N, L) and advantages (N,), got {tuple(logp.shape)}, "
             f"{tuple(mask.shape)}, {tuple(advantages.shape)}"
         )
-    if beta != 0.0 and ref_logp is None:
+    # beta: a number, or (N,) per-sequence weights (V3.2's per-domain KL: 0 for math, > 0 elsewhere)
+    has_kl = bool((beta != 0).any()) if torch.is_tensor(beta) else beta != 0.0
+    if has_kl and ref_logp is None:
         raise ValueError(f"beta={beta} needs ref_logp")
     if loss_type == "dr_grpo" and max_completion_length is None:
         raise ValueError("loss_type='dr_grpo' needs max_completion_length (the constant normaliser)")
@@ -259,8 +261,8 @@ def grpo_loss(
     kl = torch.zeros_like(logp)
     if ref_logp is not None:  # estimated whenever a reference is given, so it can be logged at beta = 0
         kl = kl_estimate(logp, ref_logp.detach(), kl_kind, old_logp.detach() if unbiased_kl else None)
-        if beta != 0.0:
-            per_token = per_token + beta * kl
+        if has_kl:
+            per_token = per_token + (beta.to(kl).unsqueeze(-1) if torch.is_tensor(beta) else beta) * kl
 
     tokens_per_seq = m.sum(-1)  # (N,)
     if loss_type == "grpo":

@@ -1,0 +1,139 @@
+"""Held-out evaluation on the verifiable tasks: pass@1 averaged over k samples, maj@k (majority vote
+over the extracted answers, DeepSeek's cons@k), format rate and mean completion length.
+
+    evaluate(EvalConfig(model="runs/sft/model", out="eval.json")) -> dict
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import common as C
+
+
+@dataclass
+class EvalConfig:
+    model: str = "runs/grpo/model"  # a model folder (DeepSeek or dense student) with tokenizer files
+    out: str | None = None  # JSON file to write; None = do not write
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
+    levels: list[int] = field(default_factory=lambda: [1])
+    langs: list[str] = field(default_factory=lambda: ["en"])
+    jsonl: str | None = None  # a user task file of {"prompt", "answer"} lines, checked with math-verify
+    num_problems: int = 50  # per (task, level, lang)
+    k: int = 4  # samples per problem
+    temperature: float = 0.6  # R1's evaluation setting
+    top_p: float = 0.95
+    max_tokens: int = 128
+    thinking: bool = True
+    seed: int = 1234
+    max_batch_size: int = 64
+    num_transcripts: int = 3
+    device: str | None = None
+
+    def __post_init__(self):
+        C.validate_fields(self, [
+            ("k", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
+            ("num_problems", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
+            ("temperature", lambda v: v >= 0, "must be >= 0"),
+            ("max_tokens", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
+        ])
+
+
+def load_any_model(path, device="cpu"):
+    """A DeepSeek model or a dense student, by config.json's model_type."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    if cfg.get("model_type") == "qwen2":
+        from ..model.dense_checkpoint import load_dense
+
+        return load_dense(path, dtype=torch.float32, device=device)
+    from ..checkpoint import load_pretrained
+
+    return load_pretrained(path, dtype=torch.float32, device=device)
+
+
+def held_out_problems(cfg: EvalConfig) -> list:
+    from ..tasks import load_jsonl_task, make_problems, register_task
+
+    problems = []
+    if cfg.jsonl:
+        task = register_task(load_jsonl_task(cfg.jsonl), overwrite=True)
+        problems += task.problems[: cfg.num_problems]
+    for t in cfg.tasks:
+        for lvl in cfg.levels:
+            for lang in cfg.langs:
+                problems += make_problems(t, cfg.num_problems, level=lvl, lang=lang, seed=cfg.seed, split="test")
+    return problems
+
+
+def prompt_ids(tokenizer, problem, thinking: bool) -> list[int]:
+    return tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], thinking=thinking,
+                                         add_generation_prompt=True)
+
+
+@torch.no_grad()
+def score_problems(model, tokenizer, problems, k: int = 4, temperature: float = 0.6, top_p: float = 0.95,
+                   max_tokens: int = 128, thinking: bool = True, seed: int = 0, max_batch_size: int = 64,
+                   num_transcripts: int = 3) -> dict:
+    from ..engine import Engine, SamplingParams
+    from ..tasks import get_task
+    from .rewards import accuracy_reward, extract_answer, format_reward, split_completion
+
+    if not problems:
+        raise ValueError("no problems to evaluate")
+    was_training = model.training
+    prompts = [prompt_ids(tokenizer, p, thinking) for p in problems]
+    max_len = max(len(p) for p in prompts) + max_tokens + 1
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_len=max_len)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                            n=k, seed=seed)
+    outs = engine.generate(prompts, params)
+    per_task: dict[str, dict] = {}
+    pass1, maj, fmt, lengths, transcripts = [], [], [], [], []
+    for prob, out in zip(problems, outs):
+        texts = [c.text for c in out.outputs]
+        correct = [accuracy_reward(t, prob, thinking=thinking) for t in texts]
+        answers = [extract_answer(split_completion(t, thinking=thinking)[1]) for t in texts]
+        votes = Counter(a for a in answers if a)
+        top = votes.most_common(1)[0][0] if votes else None
+        maj_ok = float(top is not None and get_task(prob.task).verify(prob, top)) if top is not None else 0.0
+        p1 = sum(correct) / k
+        pass1.append(p1)
+        maj.append(maj_ok)
+        fmt += [format_reward(t, thinking=thinking) for t in texts]
+        lengths += [len(c.token_ids) for c in out.outputs]
+        d = per_task.setdefault(f"{prob.task}/L{prob.level}/{prob.lang}", {"pass@1": [], f"maj@{k}": []})
+        d["pass@1"].append(p1)
+        d[f"maj@{k}"].append(maj_ok)
+        if len(transcripts) < num_transcripts:
+            transcripts.append({"prompt": prob.prompt, "completion": texts[0], "answer": prob.answer,
+                                "correct": bool(correct[0])})
+    model.train(was_training)
+    mean = lambda xs: sum(xs) / max(1, len(xs))
+    return {
+        "pass@1": mean(pass1), f"maj@{k}": mean(maj), "format_rate": mean(fmt), "mean_length": mean(lengths),
+        "num_problems": len(problems), "k": k,
+        "per_task": {name: {m: mean(v) for m, v in d.items()} for name, d in per_task.items()},
+        "transcripts": transcripts,
+    }
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    from ..tokenizer import Tokenizer
+
+    device = C.pick_device(cfg.device)
+    model = load_any_model(cfg.model, device).eval()
+    tokenizer = Tokenizer.load(cfg.model)
+    res = score_problems(model, tokenizer, held_out_problems(cfg), cfg.k, cfg.temperature, cfg.top_p, cfg.max_tokens,
+                         cfg.thinking, cfg.seed, cfg.max_batch_size, cfg.num_transcripts)
+    res["model"] = str(cfg.model)
+    res["config"] = dataclasses.asdict(cfg)
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        C.atomic_write_text(Path(cfg.out), json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+    return res

@@ -1,0 +1,367 @@
+"""GRPO with verifiable rewards: the R1 recipe and the DeepSeek-V3.2 stabilisers.
+
+Each step: draw P training problems, sample G completions per prompt with the engine (log-probs,
+sampling masks and expert routing recorded), score them with the rewards, turn rewards into group
+advantages, then run `num_iterations` optimizer steps over the rollout, each accumulating over
+minibatches, with the clipped objective against the stored sampler log-probs (pi_old).
+
+V3.2 options (on by default): unbiased KL (k3 reweighted by pi_theta/pi_old), per-domain KL weight
+(`domain_beta`, 0 for math is often best), off-policy sequence masking (`off_policy_delta`), keep
+routing (replay the sampler's experts when computing training log-probs), keep sampling mask
+(renormalise pi_theta over the sampler's top-p/top-k support). DAPO / Dr. GRPO options: clip-higher
+(`eps_high`), token-level (`dapo`) or constant-normaliser (`dr_grpo`) aggregation, mean-only
+advantages (`scale_rewards="none"`), dynamic sampling, truncated-completion masking.
+
+    grpo(GRPOConfig(init_from="runs/sft/model", out_dir="runs/grpo")) -> Path
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import common as C
+from .grpo_loss import (group_advantages, grpo_loss, off_policy_sequence_mask, sampling_mask_logprobs, token_entropy,
+                        token_logprobs, zero_spread_groups)
+
+
+@dataclass
+class GRPOConfig:
+    init_from: str = "runs/sft/model"
+    out_dir: str = "runs/grpo"
+    # tasks
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
+    levels: list[int] = field(default_factory=lambda: [1])
+    langs: list[str] = field(default_factory=lambda: ["en"])
+    jsonl: str | None = None  # a user task file of {"prompt", "answer"} lines (math-verify)
+    thinking: bool = True
+    # sampling
+    steps: int = 40
+    prompts_per_step: int = 8
+    num_generations: int = 8  # G
+    max_tokens: int = 96
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # optimisation
+    lr: float = 1e-5
+    warmup: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    num_iterations: int = 1  # optimizer steps per rollout (mu), reusing the stored old log-probs
+    minibatch_size: int = 16  # sequences per forward/backward
+    # objective
+    eps_low: float = 0.2
+    eps_high: float = 0.28  # clip-higher (DAPO); set equal to eps_low for the symmetric R1 clip
+    loss_type: str = "grpo"  # grpo | bnpo | dr_grpo | dapo
+    scale_rewards: str = "group"  # group | batch | none (mean-only advantages)
+    beta: float = 0.0  # KL weight; 0 = no reference model
+    domain_beta: dict = field(default_factory=dict)  # task name -> KL weight, overrides beta (V3.2)
+    kl_kind: str = "k3"
+    unbiased_kl: bool = True
+    ref_refresh_every: int = 0  # copy the policy into the reference every n steps; 0 = never
+    off_policy_delta: float | None = 0.5  # V3.2 sequence masking threshold; None = off
+    keep_routing: bool = True
+    keep_sampling_mask: bool = True
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal
+    mask_truncated: bool = False
+    # rewards
+    reward_weights: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.2})
+    length_max: int | None = None  # length penalty window (tokens); None = max_tokens
+    length_buffer: int = 32
+    # bookkeeping
+    eval_every: int = 10
+    eval_problems: int = 64
+    eval_max_tokens: int | None = None
+    save_every: int = 10
+    log_every: int = 1
+    seed: int = 0
+    device: str | None = None
+    resume: bool = True
+    stop_after: int | None = None
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        C.validate_fields(self, [
+            ("steps", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("prompts_per_step", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("num_generations", lambda v: isinstance(v, int) and v >= 2, "must be an integer >= 2 (a group)"),
+            ("max_tokens", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("temperature", lambda v: v > 0, "must be > 0 (GRPO samples)"),
+            ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+            ("top_k", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0"),
+            ("lr", lambda v: v > 0, "must be > 0"),
+            ("num_iterations", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
+            ("minibatch_size", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
+            ("loss_type", lambda v: v in ("grpo", "bnpo", "dr_grpo", "dapo"), "must be grpo, bnpo, dr_grpo or dapo"),
+            ("scale_rewards", lambda v: v in ("group", "batch", "none"), "must be group, batch or none"),
+            ("kl_kind", lambda v: v in ("k1", "k2", "k3"), "must be k1, k2 or k3"),
+            ("beta", lambda v: v >= 0, "must be >= 0"),
+            ("eps_low", lambda v: 0 < v < 1, "must be in (0, 1)"),
+            ("eps_high", lambda v: v > 0, "must be > 0"),
+        ])
+        from ..tasks import TASKS
+
+        for t in self.tasks:
+            if t not in TASKS:
+                raise ValueError(f"GRPOConfig.tasks: unknown task {t!r}; choose from {sorted(TASKS)}")
+        bad = [k for k in self.reward_weights if k not in ("accuracy", "format", "language", "length")]
+        if bad:
+            raise ValueError(f"GRPOConfig.reward_weights: unknown reward {bad[0]!r} "
+                             "(built-ins: accuracy, format, language, length; pass callables through grpo(extra=...))")
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.beta > 0 or any(v > 0 for v in self.domain_beta.values())
+
+
+# ---------------------------------------------------------------------------------------------- rollout
+
+
+def draw_problems(cfg: GRPOConfig, step: int, tasks) -> list:
+    from ..tasks import sample_problem
+
+    rng = random.Random(f"{cfg.seed}/{step}")  # per step: a resumed run draws the same problems
+    out = []
+    for _ in range(cfg.prompts_per_step):
+        task = rng.choice(tasks)
+        out.append(sample_problem(task, rng, rng.choice(cfg.levels) if task.name in cfg.tasks else 1,
+                                  rng.choice(cfg.langs) if task.name in cfg.tasks else task.problems[0].lang,
+                                  split="train"))
+    return out
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, cfg: GRPOConfig, problems, step: int) -> dict:
+    """Sample G completions per problem; returns padded tensors and per-completion metadata."""
+    from ..engine import Engine, SamplingParams
+    from .evaluate import prompt_ids
+
+    prompts = [prompt_ids(tokenizer, p, cfg.thinking) for p in problems]
+    moe = any(getattr(layer, "is_moe", False) for layer in model.model.layers)
+    max_len = max(len(p) for p in prompts) + cfg.max_tokens + 1
+    engine = Engine(model, tokenizer, max_batch_size=min(64, len(prompts) * cfg.num_generations), max_len=max_len)
+    params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                            n=cfg.num_generations, seed=cfg.seed * 1_000_003 + step, logprobs=True,
+                            return_sampling_mask=cfg.keep_sampling_mask, return_routing=cfg.keep_routing and moe)
+    outs = engine.generate(prompts, params)
+    seqs = []
+    for prob, pr, out in zip(problems, prompts, outs):
+        for c in out.outputs:
+            seqs.append(dict(problem=prob, prompt=pr, completion=c))
+    return {"seqs": seqs, "num_forwards": engine.num_forwards}
+
+
+def build_batch(seqs: list[dict], pad_id: int, moe_layers: int, k: int, keep_mask: bool, keep_routing: bool) -> dict:
+    """Right-padded input ids (N, T), completion index (N, L) into the logits, tokens (N, L), mask (N, L),
+    old log-probs (N, L), support masks (N, L, V), forced routing per MoE layer (N, T, K) with -1 = free."""
+    N = len(seqs)
+    T = max(len(s["prompt"]) + len(s["completion"].token_ids) for s in seqs)
+    L = max(1, max(len(s["completion"].token_ids) for s in seqs))
+    ids = torch.full((N, T), pad_id, dtype=torch.long)
+    pos = torch.zeros(N, L, dtype=torch.long)  # logits position predicting completion token j
+    tokens = torch.zeros(N, L, dtype=torch.long)
+    mask = torch.zeros(N, L)
+    old = torch.zeros(N, L)
+    support = None
+    routing = [torch.full((N, T, k), -1, dtype=torch.long) for _ in range(moe_layers)] if keep_routing else None
+    for n, s in enumerate(seqs):
+        p, c = s["prompt"], s["completion"]
+        lp, lc = len(p), len(c.token_ids)
+        ids[n, :lp] = torch.tensor(p)
+        if lc:
+            ids[n, lp:lp + lc] = torch.tensor(c.token_ids)
+            pos[n, :lc] = torch.arange(lp - 1, lp - 1 + lc)
+            tokens[n, :lc] = torch.tensor(c.token_ids)
+            mask[n, :lc] = 1
+            old[n, :lc] = torch.tensor(c.logprobs)
+            if keep_mask and c.sampling_masks is not None:
+                if support is None:
+                    support = torch.ones(N, L, c.sampling_masks.shape[-1], dtype=torch.bool)
+                support[n, :lc] = c.sampling_masks
+            if routing is not None and c.routing is not None:
+                for layer in range(moe_layers):  # the expert ids at the position that produced each token
+                    routing[layer][n, lp - 1:lp - 1 + lc] = c.routing[:, layer]
+    return dict(ids=ids, pos=pos, tokens=tokens, mask=mask, old=old, support=support, routing=routing)
+
+
+def policy_logprobs(model, batch: dict, rows: torch.Tensor, temperature: float, forced: bool, sampling_mask: bool,
+                    want_entropy: bool = False):
+    ids = batch["ids"][rows]
+    routing = [r[rows] for r in batch["routing"]] if (forced and batch["routing"] is not None) else None
+    out = model(ids, forced_expert_ids=routing, mtp=False)
+    pos = batch["pos"][rows]  # (n, L)
+    logits = out.logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, out.logits.shape[-1])).float() / temperature
+    tokens, mask = batch["tokens"][rows], batch["mask"][rows]
+    if sampling_mask and batch["support"] is not None:
+        logp = sampling_mask_logprobs(logits, tokens, batch["support"][rows], mask=mask)
+    else:
+        logp = token_logprobs(logits, tokens)
+    ent = token_entropy(logits.detach()) if want_entropy else None
+    return logp, ent
+
+
+# ---------------------------------------------------------------------------------------------- loop
+
+
+def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dict | None = None) -> Path:
+    from ..checkpoint import load_pretrained
+    from ..tasks import get_task, load_jsonl_task, register_task
+    from ..tokenizer import Tokenizer
+    from .evaluate import score_problems
+    from .rewards import RewardConfig, combine_rewards
+
+    progress = progress or C.Progress()
+    for name in ("config.json", "tokenizer.json"):
+        if not (Path(cfg.init_from) / name).exists():
+            raise ValueError(f"GRPOConfig.init_from: no {name} in {cfg.init_from}")
+    out = Path(cfg.out_dir)
+    ckpt_root = out / "checkpoints"
+    device = C.pick_device(cfg.device)
+    C.seed_everything(cfg.seed)
+    tokenizer = Tokenizer.load(cfg.init_from)
+    tasks = [get_task(t) for t in cfg.tasks]
+    if cfg.jsonl:
+        tasks.append(register_task(load_jsonl_task(cfg.jsonl), overwrite=True))
+    resume_from = C.latest_checkpoint(ckpt_root) if cfg.resume else None
+    model = load_pretrained(resume_from or cfg.init_from, dtype=torch.float32, device=device)
+    ref = None
+    if cfg.uses_reference:
+        ref_src = resume_from / "ref" if resume_from is not None and (resume_from / "ref").exists() else cfg.init_from
+        ref = load_pretrained(ref_src, dtype=torch.float32, device=device).eval()
+        ref.requires_grad_(False)
+    opt = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    step = 0
+    if resume_from is not None:
+        st = C.load_trainer_state(resume_from)
+        opt.load_state_dict(st["optimizer"])
+        C.set_rng_state(st["rng"])
+        step = st["step"]
+    logger = C.MetricsLogger(out, tensorboard=cfg.tensorboard, resume_step=step if resume_from else None)
+    if resume_from is None:
+        C.atomic_write_text(out / "grpo_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    reward_fn = combine_rewards(dict(cfg.reward_weights), extra_rewards,
+                                RewardConfig(weights=dict(cfg.reward_weights), max_len=cfg.length_max or cfg.max_tokens,
+                                             length_buffer=cfg.length_buffer, thinking=cfg.thinking))
+    from ..tasks import make_problems
+
+    eval_set = [p for t in cfg.tasks for lvl in cfg.levels for lang in cfg.langs
+                for p in make_problems(t, max(1, cfg.eval_problems // (len(cfg.tasks) * len(cfg.levels) * len(cfg.langs))),
+                                       level=lvl, lang=lang, seed=cfg.seed + 7, split="test")]
+
+    def run_eval() -> dict:
+        model.eval()
+        r = score_problems(model, tokenizer, eval_set, k=1, temperature=0.0, max_tokens=cfg.eval_max_tokens or cfg.max_tokens,
+                           thinking=cfg.thinking, seed=cfg.seed, num_transcripts=1)
+        return {"eval_accuracy": r["pass@1"], "eval_format": r["format_rate"], "eval_length": r["mean_length"],
+                "eval_sample": r["transcripts"][0]["completion"] if r["transcripts"] else ""}
+
+    if resume_from is None:
+        logger.log(0, **run_eval())
+    moe_layers = sum(1 for layer in model.model.layers[: model.config.num_hidden_layers] if layer.is_moe) \
+        if hasattr(model.config, "n_routed_experts") else 0
+    K = getattr(model.config, "num_experts_per_tok", 1)
+    progress.start(cfg.steps, "grpo", initial=step)
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        C.set_lr(opt, C.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, "constant"))
+        problems = draw_problems(cfg, step, tasks)
+        model.eval()
+        ro = rollout(model, tokenizer, cfg, problems, step)
+        seqs = ro["seqs"]
+        t_sample = time.perf_counter() - t0
+        texts = [s["completion"].text for s in seqs]
+        ntok = [len(s["completion"].token_ids) for s in seqs]
+        totals, comps = reward_fn.batch([s["problem"].prompt for s in seqs], texts, [s["problem"] for s in seqs], ntok)
+        rewards = torch.tensor(totals, dtype=torch.float32)
+        G = cfg.num_generations
+        zero = zero_spread_groups(rewards, G)
+        adv = group_advantages(rewards, G, scale=cfg.scale_rewards)
+        keep_rows = torch.arange(len(seqs))
+        if cfg.dynamic_sampling:
+            keep_rows = torch.nonzero(~zero.repeat_interleave(G)).flatten()
+        metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+                   "zero_spread_frac": zero.float().mean().item(), "completion_length": sum(ntok) / len(ntok),
+                   "truncated_frac": sum(s["completion"].finish_reason == "length" for s in seqs) / len(seqs),
+                   "sample_s": t_sample}
+        for name, vals in comps.items():
+            v = torch.tensor(vals, dtype=torch.float32)
+            metrics[f"reward_{name}"], metrics[f"reward_{name}_std"] = v.mean().item(), v.std().item()
+        metrics["accuracy"] = metrics.get("reward_accuracy", float("nan"))
+        if len(keep_rows):
+            batch = build_batch(seqs, tokenizer.pad_id, moe_layers, K, cfg.keep_sampling_mask, cfg.keep_routing)
+            batch = {k: (v.to(device) if torch.is_tensor(v) else ([r.to(device) for r in v] if isinstance(v, list) else v))
+                     for k, v in batch.items()}
+            adv_d = adv.to(device)
+            trunc = torch.tensor([s["completion"].finish_reason == "length" for s in seqs], device=device)
+            beta = torch.tensor([cfg.domain_beta.get(s["problem"].task, cfg.beta) for s in seqs], device=device)
+            ref_lp = None
+            if ref is not None:
+                with torch.no_grad():
+                    ref_lp = torch.cat([policy_logprobs(ref, batch, keep_rows[i:i + cfg.minibatch_size].to(device),
+                                                        cfg.temperature, False, cfg.keep_sampling_mask)[0]
+                                        for i in range(0, len(keep_rows), cfg.minibatch_size)])
+            total_tokens = batch["mask"][keep_rows.to(device)].sum()
+            model.train()
+            stats_acc: dict[str, float] = {}
+            for it in range(cfg.num_iterations):
+                perm = keep_rows
+                n_mb = 0
+                for i in range(0, len(perm), cfg.minibatch_size):
+                    rows = perm[i:i + cfg.minibatch_size].to(device)
+                    logp, ent = policy_logprobs(model, batch, rows, cfg.temperature, cfg.keep_routing,
+                                                cfg.keep_sampling_mask, want_entropy=(it == 0))
+                    m, a, old = batch["mask"][rows], adv_d[rows], batch["old"][rows]
+                    seq_mask = None
+                    if cfg.off_policy_delta is not None:
+                        seq_mask = off_policy_sequence_mask(logp.detach(), old, a, m, cfg.off_policy_delta)
+                    r_lp = ref_lp[i:i + cfg.minibatch_size] if ref_lp is not None else None
+                    loss, st = grpo_loss(logp, old, a, m, ref_logp=r_lp, beta=beta[rows] if ref is not None else 0.0,
+                                         kl_kind=cfg.kl_kind, unbiased_kl=cfg.unbiased_kl, eps_low=cfg.eps_low,
+                                         eps_high=cfg.eps_high, loss_type=cfg.loss_type,
+                                         max_completion_length=cfg.max_tokens, seq_mask=seq_mask, truncated=trunc[rows],
+                                         mask_truncated=cfg.mask_truncated, num_tokens=total_tokens)
+                    scale = 1.0 if cfg.loss_type == "dapo" else len(rows) / len(perm)  # minibatch share of the batch
+                    (loss * scale).backward()
+                    n_mb += 1
+                    for k_, v in st.items():
+                        stats_acc[k_] = stats_acc.get(k_, 0.0) + float(v) / n_mb_total(perm, cfg) / cfg.num_iterations
+                    if ent is not None:
+                        stats_acc["entropy"] = stats_acc.get("entropy", 0.0) + float((ent * m).sum() / m.sum().clamp_min(1)) / n_mb_total(perm, cfg)
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            metrics.update(stats_acc)
+            metrics["grad_norm"] = float(gnorm)
+        step += 1
+        if ref is not None and cfg.ref_refresh_every and step % cfg.ref_refresh_every == 0:
+            ref.load_state_dict(model.state_dict())
+        metrics["step_s"] = time.perf_counter() - t0
+        metrics["tokens_per_s"] = sum(ntok) / max(t_sample, 1e-9)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            metrics.update(run_eval())
+        logger.log(step, **metrics)
+        progress.update(1, reward=metrics["reward"], acc=metrics["accuracy"])
+        stopping = cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.steps
+        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
+            st = {"step": step, "optimizer": opt.state_dict(), "rng": C.rng_state()}
+            refreshed = ref is not None and cfg.ref_refresh_every and step >= cfg.ref_refresh_every
+            C.save_stage_checkpoint(ckpt_root, step, model, tokenizer, st, extras={"ref": ref} if refreshed else None)
+        if stopping:
+            break
+    progress.close()
+    logger.close()
+    final = C.latest_checkpoint(ckpt_root)
+    if step < cfg.steps:
+        return final
+    return C.copy_model_folder(final, out / "model")
+
+
+def n_mb_total(rows: torch.Tensor, cfg: GRPOConfig) -> int:
+    return max(1, -(-len(rows) // cfg.minibatch_size))

@@ -1,0 +1,493 @@
+"""Supervised fine-tuning on chat data (R1 cold start, rejection-sampled SFT, distillation).
+
+    sft(SFTConfig(out_dir="runs/sft", init_from="runs/base/model")) -> Path of the final HF model folder
+
+Each record {"messages": [...]} is rendered with the V3.1 chat template (`thinking=True`: the final
+assistant turn is `<｜Assistant｜><think>{reasoning}</think>{content}<｜end▁of▁sentence｜>`, an empty think
+block when the record has no reasoning_content) by `Tokenizer.encode_chat_with_mask`, which also
+gives the loss mask: 1 on what the model should generate (the final turn, or every assistant turn
+with `all_assistant_turns`), 0 on the system/user text and on the tags that open a turn.
+
+Loss: cross-entropy on assistant tokens only. Input position i predicts token i+1, which counts when
+mask[i+1] == 1; the sum is divided by the number of such tokens in the whole optimizer step (all
+grad_accum micro-batches), so every assistant token weighs the same however the step is split.
+MTP modules keep training (depth k: position i predicts token i+k+1, counted when mask[i+k+1] == 1
+and both tokens belong to the same sample), weighted by `mtp_weight`, so speculative decoding keeps
+its acceptance rate after SFT. MoE models keep the pre-training balancing: the sequence-wise balance
+loss (balance_alpha) and the aux-loss-free bias update (bias_update_speed), both over real tokens only.
+
+Batching (documented simplifications):
+- Right padding with the tokenizer's pad id to the longest row of the micro-batch. No attention
+  mask is passed: attention is causal and the pads come after every real token, so no real token
+  ever attends to a pad (tested: a sample's loss is the same alone and padded in a batch). This
+  keeps the fused causal attention path. Pads are left out of the loss, the expert loads and the
+  balance loss.
+- `packing=True` concatenates whole samples (in the epoch's shuffled order, greedily) into rows of at
+  most max_len tokens. Each sample keeps its own loss mask, but attention DOES cross samples inside
+  a row (no block-diagonal mask; positions run on through the row) - the usual cheap packing; every
+  sample still starts with BOS. Prefer packing=False when samples are long or few.
+- A sample longer than max_len is cut to its first max_len tokens (counted, logged as
+  `truncated_frac`); a sample left with no assistant token is dropped (counted as `dropped`).
+
+Data order is a function of (seed, epoch) alone and the position (epoch, micro-batch) is saved in
+every checkpoint with the optimizer and RNG state, so a stopped and resumed run reaches the same
+weights and metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import common as C
+from .pretrain import load_stats, update_expert_bias
+
+
+@dataclass
+class SFTConfig:
+    out_dir: str = "runs/sft"
+    init_from: str = ""  # required: an HF model folder with tokenizer files (e.g. runs/base/model)
+    # data: chat JSONL files and/or in-memory records; neither -> the embedded cold-start records
+    data: list[str] = field(default_factory=list)
+    records: list[dict] | None = None  # [{"messages": [...]}, ...] handed over by the pipeline (added to data)
+    embedded_records: int = 2000
+    thinking: bool = True  # V3.1 thinking template: <think>{reasoning}</think> before the answer
+    all_assistant_turns: bool = False  # loss on every assistant turn, not only the last
+    max_len: int = 1024  # tokens per row (a sample, or several packed); longer samples are truncated
+    packing: bool = False
+    eval_fraction: float = 0.02  # share of records held out for eval loss (0 = none)
+    # optimisation; epochs unless steps is given
+    epochs: int = 2  # R1 fine-tunes for two epochs
+    steps: int | None = None  # a fixed number of optimizer steps (the data cycles), overrides epochs
+    batch_size: int = 8  # rows per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 10
+    schedule: str = "cosine"  # cosine | wsd | constant
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    mtp_weight: float = 0.1  # MTP loss weight (V3's late-pretraining lambda); 0 skips the MTP forward
+    balance_alpha: float = 1e-4  # MoE sequence-wise balance loss weight
+    bias_update_speed: float = 1e-3  # MoE aux-loss-free bias step gamma; 0 freezes the biases
+    # bookkeeping
+    eval_every: int = 100
+    eval_batches: int | None = 8  # micro-batches of eval data per evaluation (None: all)
+    save_every: int = 200
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str | None = None
+    dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    tensorboard: bool = True
+    resume: bool = True  # continue from out_dir/checkpoints/latest when present
+    stop_after: int | None = None  # checkpoint and stop at this step (a later call resumes)
+
+    def __post_init__(self):
+        C.validate_fields(self, [
+            ("init_from", lambda v: isinstance(v, (str, Path)) and str(v) != "", "is required (an HF model folder)"),
+            ("embedded_records", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("max_len", lambda v: isinstance(v, int) and v >= 8, "must be an integer >= 8"),
+            ("eval_fraction", lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+            ("epochs", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("steps", lambda v: v is None or (isinstance(v, int) and v > 0), "must be None or a positive integer"),
+            ("batch_size", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("grad_accum", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("lr", lambda v: v > 0, "must be > 0"),
+            ("warmup", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0"),
+            ("schedule", lambda v: v in ("cosine", "wsd", "constant"), "must be cosine, wsd or constant"),
+            ("weight_decay", lambda v: v >= 0, "must be >= 0"),
+            ("grad_clip", lambda v: v > 0, "must be > 0"),
+            ("mtp_weight", lambda v: v >= 0, "must be >= 0"),
+            ("balance_alpha", lambda v: v >= 0, "must be >= 0"),
+            ("bias_update_speed", lambda v: v >= 0, "must be >= 0"),
+            ("eval_every", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("eval_batches", lambda v: v is None or (isinstance(v, int) and v > 0), "must be None or > 0"),
+            ("save_every", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("log_every", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("keep_checkpoints", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
+            ("dtype", lambda v: v in ("auto", "float32", "bfloat16"), "must be auto, float32 or bfloat16"),
+            ("stop_after", lambda v: v is None or (isinstance(v, int) and v > 0), "must be None or > 0"),
+        ])
+        if isinstance(self.data, (str, Path)):
+            self.data = [str(self.data)]
+        for p in self.data:
+            if not Path(p).is_file():
+                raise ValueError(f"SFTConfig.data: {p} is not a file")
+        # init_from's contents are checked when the stage starts (check_init_from), so a pipeline can
+        # build this config before the stage that writes the folder has run
+
+
+def check_init_from(folder) -> Path:
+    """The model folder SFT starts from must hold config.json (and weights) and tokenizer.json."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"SFTConfig.init_from: {folder} is not a folder")
+    for name in ("config.json", "tokenizer.json"):
+        if not (folder / name).is_file():
+            hint = " (save the tokenizer into the model folder)" if name == "tokenizer.json" else ""
+            raise ValueError(f"SFTConfig.init_from: no {name} in {folder}{hint}")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class Sample(NamedTuple):
+    ids: np.ndarray  # (L,) int64 token ids
+    mask: np.ndarray  # (L,) int8, 1 = an assistant token to learn
+
+
+class SFTBatch(NamedTuple):
+    tokens: torch.Tensor  # (B, L) int64, right-padded with the pad id
+    mask: torch.Tensor  # (B, L) bool, True on assistant tokens (targets)
+    seg: torch.Tensor  # (B, L) int64, index of the sample within its row, -1 on padding
+
+
+def load_records(cfg: SFTConfig) -> list[tuple[str, list[dict]]]:
+    """(where, messages) for every training conversation: cfg.records, then each file of cfg.data, or
+    the embedded cold-start records when records is None and data is empty. Bad input raises
+    ValueError naming records[i] or file:line."""
+    from ..data import load_chat_jsonl
+    from ..tokenizer import validate_messages
+
+    out = []
+    if cfg.records is not None:  # an empty list is an error below, never a silent switch to embedded data
+        for i, rec in enumerate(cfg.records):
+            where = f"records[{i}]"
+            if not isinstance(rec, dict) or "messages" not in rec:
+                raise ValueError(f"{where}: expected a dict with a 'messages' list")
+            validate_messages(rec["messages"], where=f"{where}.messages")
+            out.append((where, rec["messages"]))
+    for path in cfg.data:
+        chats = load_chat_jsonl(path)  # validates roles and fields, naming file:line
+        with open(path, encoding="utf-8") as f:  # load_chat_jsonl skips blank lines only
+            lines = [n for n, line in enumerate(f, start=1) if line.strip()]
+        out.extend((f"{path}:{n}", chat) for n, chat in zip(lines, chats))
+    if cfg.records is None and not cfg.data:
+        from ..data.corpus import embedded_sft_records
+
+        out = [(f"embedded[{i}]", r["messages"]) for i, r in enumerate(embedded_sft_records(cfg.embedded_records,
+                                                                                           seed=cfg.seed))]
+    for where, messages in out:
+        if messages[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: an SFT conversation must end with an assistant turn, "
+                             f"got role {messages[-1]['role']!r}")
+    if not out:
+        raise ValueError(f"no SFT conversations in records ({len(cfg.records or [])}) or data {cfg.data}")
+    return out
+
+
+def render_samples(chats, tokenizer, cfg: SFTConfig) -> tuple[list[Sample], dict]:
+    """Encode each chat with its loss mask, cut to max_len; drop samples left with nothing to learn."""
+    samples, truncated, dropped = [], 0, 0
+    for _, messages in chats:
+        ids, mask = tokenizer.encode_chat_with_mask(messages, thinking=cfg.thinking,
+                                                    all_assistant_turns=cfg.all_assistant_turns)
+        if len(ids) > cfg.max_len:
+            truncated += 1
+            ids, mask = ids[: cfg.max_len], mask[: cfg.max_len]
+        if sum(mask[1:]) == 0:  # position 0 is never a target
+            dropped += 1
+            continue
+        samples.append(Sample(np.asarray(ids, np.int64), np.asarray(mask, np.int8)))
+    n = len(chats)
+    return samples, {"samples": n, "truncated": truncated, "truncated_frac": truncated / max(1, n), "dropped": dropped}
+
+
+def fingerprint(samples: list[Sample]) -> str:
+    """A hash of the rendered samples: a resumed run must see the same data."""
+    h = hashlib.sha1()
+    for s in samples:
+        h.update(s.ids.tobytes())
+        h.update(s.mask.tobytes())
+    return h.hexdigest()
+
+
+def collate(samples: list[Sample], rows: list[list[int]], pad_id: int) -> SFTBatch:
+    """Rows of sample indices -> right-padded (B, L) tokens, loss mask and per-row sample index."""
+    lengths = [sum(len(samples[i].ids) for i in row) for row in rows]
+    B, L = len(rows), max(lengths)
+    tokens = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    seg = torch.full((B, L), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        pos = 0
+        for j, i in enumerate(row):
+            s = samples[i]
+            n = len(s.ids)
+            tokens[b, pos: pos + n] = torch.from_numpy(s.ids)
+            mask[b, pos: pos + n] = torch.from_numpy(s.mask.astype(bool))
+            seg[b, pos: pos + n] = j
+            pos += n
+    return SFTBatch(tokens, mask, seg)
+
+
+class SFTStream:
+    """Samples -> rows (one sample each, or several packed up to max_len) -> micro-batches of
+    batch_size rows. Each epoch reshuffles from (seed, epoch) alone; (epoch, position) is the whole
+    iterator state. An epoch's last micro-batch may be smaller (SFT data is too precious to drop)."""
+
+    def __init__(self, samples: list[Sample], batch_size: int, max_len: int, packing: bool, seed: int, pad_id: int):
+        if not samples:
+            raise ValueError("no SFT samples to train on (all empty or dropped)")
+        self.samples, self.batch_size, self.max_len = samples, batch_size, max_len
+        self.packing, self.seed, self.pad_id = packing, seed, pad_id
+        self.epoch, self.position = 0, 0
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    def epoch_rows(self, epoch: int) -> list[list[int]]:
+        if self._cache is not None and self._cache[0] == epoch:
+            return self._cache[1]
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.samples)).tolist()
+        if not self.packing:
+            rows = [[i] for i in order]
+        else:  # greedy: start a new row when the next sample would overflow max_len
+            rows, cur, cur_len = [], [], 0
+            for i in order:
+                n = len(self.samples[i].ids)
+                if cur and cur_len + n > self.max_len:
+                    rows.append(cur)
+                    cur, cur_len = [], 0
+                cur.append(i)
+                cur_len += n
+            rows.append(cur)
+        self._cache = (epoch, rows)
+        return rows
+
+    def num_batches(self, epoch: int) -> int:
+        return math.ceil(len(self.epoch_rows(epoch)) / self.batch_size)
+
+    def next(self) -> SFTBatch:
+        rows = self.epoch_rows(self.epoch)
+        if self.position >= len(rows):
+            self.epoch, self.position = self.epoch + 1, 0
+            rows = self.epoch_rows(self.epoch)
+        chunk = rows[self.position: self.position + self.batch_size]
+        self.position += len(chunk)
+        return collate(self.samples, chunk, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def shifted_targets(batch: SFTBatch, k: int = 0) -> torch.Tensor:
+    """Targets for depth k (0 = main head): input position i predicts token i+k+1, kept (else -100)
+    when that token is an assistant token of the same sample. (B, L-1-k)."""
+    L = batch.tokens.shape[1]
+    tgt = batch.tokens[:, k + 1:]
+    ok = batch.mask[:, k + 1:] & (batch.seg[:, k + 1:] == batch.seg[:, : L - 1 - k])
+    return tgt.masked_fill(~ok, -100)
+
+
+def masked_ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over the targets that are not -100 (the caller divides by their count)."""
+    V = logits.shape[-1]
+    return F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def masked_router_stats(router, valid: torch.Tensor):
+    """Expert loads and the sequence-wise balance loss (V3 eq. 17-20) over real tokens only.
+
+    router: RouterOutput with expert_ids (B, T, K) and scores (B, T, E); valid: (B, T) bool.
+    The model's own RouterOutput.load / balance_loss count padding too; this is their masked twin
+    (a candidate to move into nanoseek.model.moe as an optional `valid` argument)."""
+    ids, scores = router.expert_ids, router.scores
+    B, T, K = ids.shape
+    E = scores.shape[-1]
+    v = valid.to(scores.dtype)  # (B, T)
+    counts = torch.zeros(B, E, device=ids.device, dtype=scores.dtype).scatter_add_(
+        1, ids.reshape(B, T * K), v.unsqueeze(-1).expand(B, T, K).reshape(B, T * K))  # (B, E)
+    load = counts.sum(0).detach()
+    n = v.sum(1)  # (B,) real tokens per row
+    f = counts * (E / K) / n.clamp_min(1).unsqueeze(-1)
+    P = ((scores / scores.sum(-1, keepdim=True)) * v.unsqueeze(-1)).sum(1) / n.clamp_min(1).unsqueeze(-1)
+    per_row = (f * P).sum(-1)
+    balance = per_row[n > 0].mean() if bool((n > 0).any()) else per_row.sum() * 0
+    return load, balance
+
+
+def _forward(model, batch: SFTBatch, device, ctx, mtp: bool):
+    tokens = batch.tokens.to(device)
+    with ctx:
+        # no attention_mask: right padding + causal attention never lets a real token see a pad
+        return model(tokens[:, :-1], mtp=mtp)
+
+
+@torch.no_grad()
+def evaluate(model, samples: list[Sample], cfg: SFTConfig, pad_id: int, device, ctx, use_mtp: bool) -> dict:
+    """Token-weighted mean assistant-token loss over the held-out samples (fixed order, no packing)."""
+    model.eval()
+    tot, n, mtp_tot, mtp_n = 0.0, 0, 0.0, 0
+    for b, start in enumerate(range(0, len(samples), cfg.batch_size)):
+        if cfg.eval_batches is not None and b >= cfg.eval_batches:
+            break
+        rows = [[i] for i in range(start, min(start + cfg.batch_size, len(samples)))]
+        batch = collate(samples, rows, pad_id)
+        out = _forward(model, batch, device, ctx, use_mtp)
+        tgt = shifted_targets(batch).to(device)
+        tot += masked_ce_sum(out.logits, tgt).item()
+        n += int((tgt != -100).sum())
+        for k, lg in enumerate(out.mtp_logits, start=1):
+            t = shifted_targets(batch, k).to(device)
+            mtp_tot += masked_ce_sum(lg, t).item()
+            mtp_n += int((t != -100).sum())
+    model.train()
+    res = {"eval_loss": tot / max(1, n)}
+    if mtp_n:
+        res["eval_mtp_loss"] = mtp_tot / mtp_n
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- loop
+
+
+def sft(cfg: SFTConfig, progress: C.Progress | None = None) -> Path:
+    """Fine-tune cfg.init_from on chat data; returns out_dir/model (weights + tokenizer), or the
+    latest checkpoint when stopped early by stop_after."""
+    from ..checkpoint import load_pretrained
+    from ..data import split_documents
+    from ..tokenizer import Tokenizer
+
+    progress = progress or C.Progress()
+    out = Path(cfg.out_dir)
+    ckpt_root = out / "checkpoints"
+    device = C.pick_device(cfg.device)
+    ctx = C.autocast_ctx(device, cfg.dtype)
+    C.seed_everything(cfg.seed)
+    resume_from = C.latest_checkpoint(ckpt_root) if cfg.resume else None
+    source = resume_from if resume_from is not None else check_init_from(cfg.init_from)
+
+    tokenizer = Tokenizer.load(str(source))
+    chats = load_records(cfg)
+    if cfg.eval_fraction > 0 and len(chats) >= 2:
+        train_chats, eval_chats = split_documents(chats, cfg.eval_fraction, seed=cfg.seed)
+    else:
+        train_chats, eval_chats = chats, []
+    train_samples, stats = render_samples(train_chats, tokenizer, cfg)
+    eval_samples, _ = render_samples(eval_chats, tokenizer, cfg)
+    stream = SFTStream(train_samples, cfg.batch_size, cfg.max_len, cfg.packing, cfg.seed, tokenizer.pad_id)
+    data_hash = fingerprint(train_samples)
+
+    # the length of the run: fixed steps, or every micro-batch of `epochs` epochs
+    total_micro = None if cfg.steps else sum(stream.num_batches(e) for e in range(cfg.epochs))
+    total_steps = cfg.steps or math.ceil(total_micro / cfg.grad_accum)
+    if cfg.warmup >= total_steps:
+        raise ValueError(f"SFTConfig.warmup must be below the run's {total_steps} steps, got {cfg.warmup}")
+
+    model = load_pretrained(source, dtype=torch.float32, device=device)
+    model.train()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{source}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size} embeddings")
+    use_mtp = model.config.num_nextn_predict_layers > 0 and cfg.mtp_weight > 0
+    opt = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    step = 0
+    if resume_from is not None:
+        state = C.load_trainer_state(resume_from)
+        if state.get("data_fingerprint") != data_hash:
+            raise ValueError(f"cannot resume from {resume_from}: the SFT data (or its rendering: thinking, "
+                             f"max_len, ...) differs from the run that wrote it; use resume=False or a new out_dir")
+        opt.load_state_dict(state["optimizer"])
+        stream.load_state_dict(state["data"])
+        C.set_rng_state(state["rng"])
+        step = state["step"]
+    logger = C.MetricsLogger(out, tensorboard=cfg.tensorboard, resume_step=step if resume_from else None)
+    if resume_from is None:
+        C.atomic_write_text(out / "sft_config.json", _json(cfg))
+        logger.log(0, **{**stats, "train_samples": len(train_samples), "eval_samples": len(eval_samples),
+                         "total_steps": total_steps})
+
+    progress.start(total_steps, "sft", initial=step)
+    t_last, tokens_since = time.perf_counter(), 0
+    while step < total_steps:
+        lr = C.lr_at(step, total_steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
+        C.set_lr(opt, lr)
+        n_micro = cfg.grad_accum if total_micro is None else min(cfg.grad_accum, total_micro - step * cfg.grad_accum)
+        micro = [stream.next() for _ in range(n_micro)]
+        # normalisers over the whole step: every assistant token of the step weighs the same
+        n_main = sum(int((shifted_targets(b) != -100).sum()) for b in micro)
+        depths = model.config.num_nextn_predict_layers if use_mtp else 0
+        n_mtp = [sum(int((shifted_targets(b, k) != -100).sum()) for b in micro) for k in range(1, depths + 1)]
+        loads, tot = None, {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        for batch in micro:
+            out_ = _forward(model, batch, device, ctx, use_mtp)
+            main = masked_ce_sum(out_.logits, shifted_targets(batch).to(device)) / max(1, n_main)
+            loss = main
+            tot["loss"] += main.item()
+            if out_.mtp_logits:
+                mtp = [masked_ce_sum(lg, shifted_targets(batch, k).to(device)) / max(1, n_mtp[k - 1])
+                       for k, lg in enumerate(out_.mtp_logits, start=1)]
+                mtp_mean = torch.stack(mtp).mean()  # averaged over depths (V3 eq. 25)
+                loss = loss + cfg.mtp_weight * mtp_mean
+                tot["mtp_loss"] += mtp_mean.item()
+            if out_.router:
+                valid = (batch.seg[:, :-1] >= 0).to(device)  # (B, T) real input tokens
+                stats_ = [masked_router_stats(r, valid) for r in out_.router]
+                bal = torch.stack([b for _, b in stats_]).sum()  # summed over layers, as ModelOutput.balance_loss
+                loss = loss + cfg.balance_alpha * bal / n_micro
+                tot["balance_loss"] += bal.item() / n_micro
+                step_loads = [ld for ld, _ in stats_]
+                loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
+            loss.backward()
+            tokens_since += int((batch.seg[:, :-1] >= 0).sum())
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if loads is not None and cfg.bias_update_speed > 0:
+            update_expert_bias(model, loads, cfg.bias_update_speed)
+        step += 1
+        metrics = {}
+        if step % cfg.log_every == 0 or step == total_steps or step == 1:
+            dt = time.perf_counter() - t_last
+            epoch = stream.epoch + stream.position / len(stream.epoch_rows(stream.epoch))
+            metrics = {**tot, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": tokens_since / max(dt, 1e-9),
+                       "assistant_tokens": n_main, "epoch": epoch, "truncated_frac": stats["truncated_frac"]}
+            t_last, tokens_since = time.perf_counter(), 0
+            if not out_.mtp_logits:
+                metrics.pop("mtp_loss")
+            if loads is not None:
+                metrics.update(load_stats(loads))
+            else:
+                metrics.pop("balance_loss")
+        if eval_samples and (step % cfg.eval_every == 0 or step == total_steps):
+            metrics.update(evaluate(model, eval_samples, cfg, tokenizer.pad_id, device, ctx, use_mtp))
+        if metrics:
+            logger.log(step, **metrics)
+        progress.update(1, loss=tot["loss"])
+        stopping = cfg.stop_after is not None and step >= cfg.stop_after and step < total_steps
+        if step % cfg.save_every == 0 or step == total_steps or stopping:
+            state = {"step": step, "optimizer": opt.state_dict(), "data": stream.state_dict(), "rng": C.rng_state(),
+                     "data_fingerprint": data_hash}
+            C.save_stage_checkpoint(ckpt_root, step, model, tokenizer, state, keep=cfg.keep_checkpoints)
+        if stopping:
+            break
+    progress.close()
+    logger.close()
+    final = C.latest_checkpoint(ckpt_root)
+    if step < total_steps:
+        return final  # stopped early: no final model yet
+    return C.copy_model_folder(final, out / "model")
+
+
+def _json(cfg: SFTConfig) -> str:
+    d = dataclasses.asdict(cfg)
+    if d["records"] is not None:
+        d["records"] = f"<{len(d['records'])} records in memory>"
+    return json.dumps(d, indent=2, default=str) + "\n"
