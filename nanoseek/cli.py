@@ -147,6 +147,41 @@ def cmd_eval(args) -> None:
         print(f"written to {args.out}")
 
 
+class _CLIReporter:
+    """One line per stage, a progress bar per stage, and the estimated time left."""
+
+    def __init__(self):
+        import time
+
+        self.t0 = time.perf_counter()
+
+    def stage_start(self, index: int, total: int, name: str, eta_s: float | None) -> None:
+        import time
+
+        left = f"; about {eta_s / 60:.1f} min left" if eta_s is not None else ""
+        print(f"[{index}/{total}] {name} (elapsed {(time.perf_counter() - self.t0) / 60:.1f} min{left})", flush=True)
+
+    def stage_end(self, name: str, seconds: float, skipped: bool) -> None:
+        if skipped:
+            print(f"      {name}: already done, skipped", flush=True)
+        else:
+            print(f"      {name}: done in {seconds:.0f} s", flush=True)
+
+    def progress(self):
+        from .train.common import TqdmProgress
+
+        return TqdmProgress(leave=False)
+
+
+def cmd_run(args) -> None:
+    from .pipeline import RunConfig, run
+
+    cfg = RunConfig(out=args.out, preset=args.preset, fp8=args.fp8, threads=args.threads, seed=args.seed,
+                    device=args.device)
+    report = run(cfg, _CLIReporter())
+    print(f"report: {report} and {report.with_suffix('.html')}")
+
+
 def cmd_convert(args) -> None:
     import torch
 
@@ -168,6 +203,18 @@ def cmd_convert(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanoseek", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
+
+    from .pipeline import RUN_PRESETS
+
+    s = sub.add_parser("run", help="the whole recipe end to end on embedded data, with a report (the main job)")
+    s.add_argument("--out", default="runs/nanoseek", help="run folder (default: runs/nanoseek); rerun to resume")
+    s.add_argument("--preset", default="cpu", choices=sorted(RUN_PRESETS),
+                   help="cpu: <= 15 min on a 2-core CPU (default); micro: seconds, a smoke test; gpu: larger runs")
+    s.add_argument("--fp8", action="store_true", help="FP8 pre-training, compared against the same run without FP8")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the preset's)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("info", help="parameter counts and cache size of a preset or config.json")
     s.add_argument("--preset", default="tiny")

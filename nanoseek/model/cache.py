@@ -9,6 +9,8 @@ positions <= the query's position.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..config import ModelConfig
@@ -61,3 +63,17 @@ class LatentCache:
             ib[rows, positions] = index_keys.to(ib.dtype)
             keys = ib[:B, :S]
         return view[..., : self.R], view[..., self.R:], keys
+
+    def row_view(self, s: int) -> "LatentCache":
+        """A batch-1 cache aliasing row s (writes land in this cache's tensors)."""
+        view = copy.copy(self)
+        view.latent = self.latent[:, s:s + 1]
+        if self.index_keys is not None:
+            view.index_keys = self.index_keys[:, s:s + 1]
+        return view
+
+    def copy_row(self, src: int, dst: int, n: int) -> None:
+        """Copy the first n positions of row src into row dst (prefix reuse, n samples of one prompt)."""
+        self.latent[:, dst, :n] = self.latent[:, src, :n]
+        if self.index_keys is not None:
+            self.index_keys[:, dst, :n] = self.index_keys[:, src, :n]

@@ -400,11 +400,12 @@ class DenseModel(nn.Module):
     def num_parameters(self, include_embeddings: bool = True) -> int:
         return self.config.num_parameters(include_embeddings=include_embeddings)
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> DenseKVCache:
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device=None,
+                  num_layers: int | None = None) -> DenseKVCache:
         """A DenseKVCache for this model (dtype/device default to the model's)."""
         w = self.lm_head.weight
         return DenseKVCache(self.config, batch_size, max_len, dtype if dtype is not None else w.dtype,
-                            device if device is not None else w.device)
+                            device if device is not None else w.device, num_layers=num_layers)
 
     def save_pretrained(self, path, **kw):
         """Write a Hugging Face Qwen2 folder (see nanoseek.model.dense_checkpoint.save_dense for options)."""

@@ -164,6 +164,13 @@ class DeepSeekModel(nn.Module):
     def mtp_layers(self) -> list[MTPLayer]:
         return list(self.model.layers[self.config.num_hidden_layers:])
 
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None, num_layers: int | None = None):
+        """A LatentCache for this model (the engine calls this on any model class)."""
+        from .cache import LatentCache
+
+        p = self.lm_head.weight
+        return LatentCache(self.config, batch_size, max_len, dtype or p.dtype, device or p.device, num_layers=num_layers)
+
     def save_pretrained(self, path, **kw):
         """Write a Hugging Face model folder (see nanoseek.checkpoint.save_pretrained for options)."""
         from ..checkpoint import save_pretrained

@@ -80,6 +80,10 @@ class SFTConfig:
     mtp_weight: float = 0.1  # MTP loss weight (V3's late-pretraining lambda); 0 skips the MTP forward
     balance_alpha: float = 1e-4  # MoE sequence-wise balance loss weight
     bias_update_speed: float = 1e-3  # MoE aux-loss-free bias step gamma; 0 freezes the biases
+    # logit distillation (dense students): KL(teacher || student) on assistant tokens, vocabularies must match
+    teacher: str | None = None  # a model folder; None = plain SFT
+    kd_weight: float = 0.5  # loss = (1 - kd_weight) * CE + kd_weight * KD
+    kd_temperature: float = 1.0
     # bookkeeping
     eval_every: int = 100
     eval_batches: int | None = 8  # micro-batches of eval data per evaluation (None: all)
@@ -118,6 +122,8 @@ class SFTConfig:
             ("keep_checkpoints", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
             ("dtype", lambda v: v in ("auto", "float32", "bfloat16"), "must be auto, float32 or bfloat16"),
             ("stop_after", lambda v: v is None or (isinstance(v, int) and v > 0), "must be None or > 0"),
+            ("kd_weight", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+            ("kd_temperature", lambda v: v > 0, "must be > 0"),
         ])
         if isinstance(self.data, (str, Path)):
             self.data = [str(self.data)]
@@ -361,9 +367,9 @@ def evaluate(model, samples: list[Sample], cfg: SFTConfig, pad_id: int, device, 
 def sft(cfg: SFTConfig, progress: C.Progress | None = None) -> Path:
     """Fine-tune cfg.init_from on chat data; returns out_dir/model (weights + tokenizer), or the
     latest checkpoint when stopped early by stop_after."""
-    from ..checkpoint import load_pretrained
     from ..data import split_documents
     from ..tokenizer import Tokenizer
+    from .evaluate import load_any_model
 
     progress = progress or C.Progress()
     out = Path(cfg.out_dir)
@@ -391,8 +397,14 @@ def sft(cfg: SFTConfig, progress: C.Progress | None = None) -> Path:
     if cfg.warmup >= total_steps:
         raise ValueError(f"SFTConfig.warmup must be below the run's {total_steps} steps, got {cfg.warmup}")
 
-    model = load_pretrained(source, dtype=torch.float32, device=device)
+    model = load_any_model(source, device)  # a DeepSeek model or a dense student
     model.train()
+    teacher = None
+    if cfg.teacher:
+        teacher = load_any_model(check_init_from(cfg.teacher), device).eval().requires_grad_(False)
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"SFTConfig.teacher: vocab_size {teacher.config.vocab_size} differs from the student's "
+                             f"{model.config.vocab_size}; logit distillation needs one vocabulary")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{source}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size} embeddings")
@@ -428,9 +440,20 @@ def sft(cfg: SFTConfig, progress: C.Progress | None = None) -> Path:
         loads, tot = None, {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         for batch in micro:
             out_ = _forward(model, batch, device, ctx, use_mtp)
-            main = masked_ce_sum(out_.logits, shifted_targets(batch).to(device)) / max(1, n_main)
+            tgt = shifted_targets(batch).to(device)
+            main = masked_ce_sum(out_.logits, tgt) / max(1, n_main)
             loss = main
             tot["loss"] += main.item()
+            if teacher is not None:
+                from .distill_loss import logit_distillation_loss
+
+                with torch.no_grad(), ctx:
+                    t_logits = teacher(batch.tokens[:, :-1].to(device), mtp=False).logits
+                valid = tgt != -100
+                kd = logit_distillation_loss(out_.logits, t_logits, valid, cfg.kd_temperature)
+                kd = kd * valid.sum() / max(1, n_main)  # token-weighted like the CE
+                loss = (1 - cfg.kd_weight) * main + cfg.kd_weight * kd
+                tot["kd_loss"] = tot.get("kd_loss", 0.0) + kd.item()
             if out_.mtp_logits:
                 mtp = [masked_ce_sum(lg, shifted_targets(batch, k).to(device)) / max(1, n_mtp[k - 1])
                        for k, lg in enumerate(out_.mtp_logits, start=1)]

@@ -1,0 +1,426 @@
+"""The generation engine: continuous batching over one LatentCache.
+
+A pool of `max_batch_size` slots (cache rows). A waiting sequence takes a free slot, is prefilled there
+in expanded mode (in chunks of `prefill_chunk` tokens), and samples its first token from the prefill's
+last logits; after that every live row decodes together in absorbed mode, one token per `step()`. A
+finished sequence frees its slot at once, so the next waiting one joins the running batch.
+
+Slot reuse doubles as prefix caching: a free slot keeps the tokens whose latents it holds, and a newcomer
+takes the free slot sharing its longest prefix and prefills only the rest (a chat turn resubmitting the
+conversation prefills only the new turn). The n samples of one prompt admitted together are prefilled once
+and the cache row copied. Rows are independent: an idle row inside the batch is fed a dummy token at the
+first position past its kept prefix, so it never touches a live row nor its own kept prefix.
+
+Stops: `stop_token_ids` and the EOS ids end a sample with finish_reason "stop"; the stop token is KEPT in
+token_ids but not in text. A stop string ends it when the decoded completion contains it; token_ids keep
+every generated token, text is cut before the stop string. max_tokens (or a full cache) gives "length".
+
+Threading: `add_request` may be called from any thread; `step` (or `run_forever` in one thread) drives the
+batch. Host syncs: one per decode step (the sampled tokens), plus the cache's kv_len and the MoE's counts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ..model import DeepSeekModel
+from .sampling import SamplingParams, make_generator, sample
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str | None  # None without a tokenizer
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    logprobs: list[float] | None = None
+    sampling_masks: torch.Tensor | None = None  # (len, V) bool on CPU: the support each token was drawn from
+    routing: torch.Tensor | None = None  # (len, num_moe_layers, K) long on CPU: experts at the position producing each token
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_ids: list[int]
+    outputs: list[Completion]
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    request_index: int  # index in the prompts list (stream/generate) or the handle's request_id (step)
+    sample_index: int
+    token_id: int
+    text_delta: str  # "" without a tokenizer; held back while it may be a partial character or stop string
+    finished: bool
+    finish_reason: str | None = None
+    logprob: float | None = None
+
+
+class RequestHandle:
+    """What `add_request` returns: `events` (a queue.Queue of StreamEvent when stream=True), `result()`."""
+
+    def __init__(self, request_id: int, prompt_ids: list[int], params: SamplingParams, stream: bool,
+                 callback: Callable[[StreamEvent], None] | None):
+        import queue
+
+        self.request_id, self.prompt_ids, self.params = request_id, prompt_ids, params
+        self.events: queue.Queue | None = queue.Queue() if stream else None
+        self.callback = callback
+        self.completions: list[Completion | None] = [None] * params.n
+        self._done = threading.Event()
+        self.cancelled = False
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; its unfinished samples end with finish_reason "abort"."""
+        self.cancelled = True
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
+        return RequestOutput(self.request_id, self.prompt_ids, list(self.completions))
+
+
+@dataclass
+class _Seq:
+    handle: RequestHandle
+    index: int  # sample index within the request
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    logprobs: list[float] = field(default_factory=list)
+    masks: list[torch.Tensor] = field(default_factory=list)
+    routing: list[torch.Tensor] = field(default_factory=list)
+    slot: int | None = None
+    text: str = ""
+    emitted: int = 0  # characters of text already streamed
+    finish_reason: str | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.handle.params
+
+
+class Engine:
+    def __init__(self, model: DeepSeekModel, tokenizer=None, max_batch_size: int = 16, max_len: int | None = None,
+                 device=None, dtype: torch.dtype | None = None, prefill_chunk: int | None = 512,
+                 eos_token_ids: int | Sequence[int] | None = None):
+        """eos_token_ids: ids ending a sample unless params.ignore_eos; None = the tokenizer's eos (eos_token_id
+        or eos_id), else the model config's eos_token_id; [] = none. max_len: cache length per slot
+        (default min(max_position_embeddings, 4096))."""
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
+        cfg = model.config
+        max_len = max_len if max_len is not None else min(cfg.max_position_embeddings, 4096)
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {max_len}")
+        p = next(model.parameters())
+        self.device = torch.device(device) if device is not None else p.device
+        self.dtype = dtype if dtype is not None else p.dtype
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.tokenizer, self.max_batch_size, self.max_len = tokenizer, max_batch_size, max_len
+        self.prefill_chunk = prefill_chunk
+        if eos_token_ids is None:
+            eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+            if eos is None and tokenizer is not None:
+                eos = getattr(tokenizer, "eos_id", None)
+            eos_token_ids = eos if eos is not None else cfg.eos_token_id
+        self.eos_token_ids = set([eos_token_ids] if isinstance(eos_token_ids, int) else (eos_token_ids or []))
+        self.cache = model.new_cache(max_batch_size, max_len, self.dtype, self.device, num_layers=cfg.num_hidden_layers)
+        self.slots: list[_Seq | None] = [None] * max_batch_size
+        self.kept: list[list[int]] = [[] for _ in range(max_batch_size)]  # tokens whose latents each row holds
+        self._waiting: deque[_Seq] = deque()
+        self._inbox: deque[_Seq] = deque()
+        self._inbox_lock = threading.Condition()
+        self._step_lock = threading.Lock()
+        self._next_id = 0
+        self.num_forwards = 0  # model forwards run (prefill chunks + decode steps)
+        self.num_prefill_tokens = 0  # prompt tokens actually prefilled (prefix reuse and row copies skip some)
+
+    # ------------------------------------------------------------------ requests
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is a string but the engine has no tokenizer; pass token ids")
+            prompt = list(self.tokenizer.encode(prompt))
+        ids = [int(t) for t in prompt]
+        V = self.model.config.vocab_size
+        if not ids:
+            raise ValueError("prompt must hold at least one token, got an empty prompt")
+        if not all(0 <= t < V for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, vocab_size={V}), got {ids}")
+        if len(ids) >= self.max_len:
+            raise ValueError(f"prompt length {len(ids)} leaves no room in max_len={self.max_len}")
+        return ids
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, stream: bool = True,
+                    callback: Callable[[StreamEvent], None] | None = None) -> RequestHandle:
+        """Queue a request (thread-safe). Its events go to handle.events (stream=True) and to `callback`."""
+        params = params if params is not None else SamplingParams()
+        params.validate()
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"SamplingParams.stop needs a tokenizer, got stop={params.stop!r} and no tokenizer")
+        ids = self._encode(prompt)
+        with self._inbox_lock:
+            handle = RequestHandle(self._next_id, ids, params, stream, callback)
+            self._next_id += 1
+            for i in range(params.n):
+                gen = None if params.greedy else make_generator(
+                    None if params.seed is None else params.seed + i, self.device)
+                self._inbox.append(_Seq(handle, i, gen))
+            self._inbox_lock.notify_all()
+        return handle
+
+    def has_unfinished(self) -> bool:
+        return bool(self._inbox or self._waiting or any(s is not None for s in self.slots))
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self) -> list[StreamEvent]:
+        """Advance every running request by one token (absorbed decode), then admit waiting ones into the free
+        slots (prefill + first token). Returns the events (request_index = the handle's request_id)."""
+        with self._step_lock:
+            with self._inbox_lock:
+                self._waiting.extend(self._inbox)
+                self._inbox.clear()
+            events: list[StreamEvent] = []
+            for s, seq in enumerate(self.slots):
+                if seq is not None and seq.handle.cancelled:
+                    events.append(self._finish(seq, "abort"))
+            for seq in [q for q in self._waiting if q.handle.cancelled]:
+                self._waiting.remove(seq)
+                events.append(self._finish(seq, "abort"))
+            running = [q for q in self.slots if q is not None]
+            if running:  # decode first: slots it frees are refilled by this step's admissions
+                events += self._decode(running)
+            events += self._admit()
+            return events
+
+    def _slot_view(self, s: int):
+        """A batch-1 cache aliasing row s of the shared cache (writes land in the shared tensors)."""
+        return self.cache.row_view(s)
+
+    def _copy_row(self, src: int, dst: int, n: int) -> None:
+        self.cache.copy_row(src, dst, n)
+        self.kept[dst] = list(self.kept[src][:n])
+
+    def _pick_slot(self, ids: list[int]) -> tuple[int, int]:
+        """The free slot sharing the longest prefix with ids (keeping >= 1 token to prefill); lowest on ties."""
+        best, best_n = -1, -1
+        for s, seq in enumerate(self.slots):
+            if seq is not None:
+                continue
+            kept, n = self.kept[s], 0
+            limit = min(len(kept), len(ids) - 1)
+            while n < limit and kept[n] == ids[n]:
+                n += 1
+            if n > best_n:
+                best, best_n = s, n
+        return best, best_n
+
+    def _admit(self) -> list[StreamEvent]:
+        events = []
+        while self._waiting and any(q is None for q in self.slots):
+            seq = self._waiting.popleft()
+            ids = seq.handle.prompt_ids
+            s, reuse = self._pick_slot(ids)
+            seq.slot, self.slots[s] = s, seq
+            logits, routing = self._prefill(s, ids, reuse)
+            group = [seq]
+            # siblings (other samples of this prompt) waiting right behind share the prefill: copy the row
+            while self._waiting and self._waiting[0].handle is seq.handle and any(q is None for q in self.slots):
+                sib = self._waiting.popleft()
+                d = next(i for i, q in enumerate(self.slots) if q is None)
+                self._copy_row(s, d, len(ids))
+                sib.slot, self.slots[d] = d, sib
+                group.append(sib)
+            events += self._sample_and_append(group, logits.expand(len(group), -1),
+                                              routing.expand(len(group), -1, -1) if routing is not None else None)
+        return events
+
+    def _prefill(self, s: int, ids: list[int], reuse: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fill row s with ids[reuse:] at positions reuse.. (expanded mode, chunked). Returns the last position's
+        logits (1, V) and routing (1, num_moe, K)."""
+        view = self._slot_view(s)
+        x = torch.tensor(ids, device=self.device).unsqueeze(0)  # (1, P)
+        P = len(ids)
+        chunk = self.prefill_chunk or P
+        out = None
+        for a in range(reuse, P, chunk):
+            b = min(P, a + chunk)
+            pos = torch.arange(a, b, device=self.device).unsqueeze(0)
+            out = self.model(x[:, a:b], positions=pos, cache=view, absorb=False, logits_to_keep=1)
+            self.num_forwards += 1
+            self.num_prefill_tokens += b - a
+        self.kept[s] = list(ids)
+        routing = torch.stack([r.expert_ids[:, -1] for r in out.router], dim=1) if out.router else None
+        return out.logits[:, -1], routing
+
+    def _decode(self, running: list[_Seq]) -> list[StreamEvent]:
+        """One absorbed-mode token for every running row; rows 0..max slot form the batch."""
+        nb = max(q.slot for q in running) + 1
+        top = max(len(self.kept[q.slot]) for q in running)  # the furthest live position this step
+        ids, pos = [0] * nb, [0] * nb
+        for s in range(nb):
+            kept = self.kept[s]
+            if self.slots[s] is None:  # idle row: write just past its kept prefix (shortened so keys stay <= top)
+                del kept[top:]
+                pos[s] = len(kept)
+            else:
+                pos[s] = len(kept)
+                ids[s] = self.slots[s].tokens[-1]
+                kept.append(ids[s])
+        x = torch.tensor(ids, device=self.device).unsqueeze(1)  # (nb, 1)
+        p = torch.tensor(pos, device=self.device).unsqueeze(1)
+        out = self.model(x, positions=p, cache=self.cache, absorb=True)
+        self.num_forwards += 1
+        rows = torch.tensor([q.slot for q in running], device=self.device)
+        routing = None
+        if out.router and any(q.params.return_routing for q in running):
+            routing = torch.stack([r.expert_ids[:, -1] for r in out.router], dim=1)[rows]  # (n, num_moe, K)
+        return self._sample_and_append(running, out.logits[:, -1][rows], routing)
+
+    def _sample_and_append(self, seqs: list[_Seq], logits: torch.Tensor, routing: torch.Tensor | None
+                           ) -> list[StreamEvent]:
+        want_mask = any(q.params.return_sampling_mask for q in seqs)
+        res = sample(logits, [q.params for q in seqs], [q.generator for q in seqs], return_support=want_mask)
+        tokens, lps = res.tokens.tolist(), res.logprobs.tolist()  # the step's host sync
+        support = res.support.cpu() if want_mask else None
+        routing = routing.cpu() if routing is not None and any(q.params.return_routing for q in seqs) else None
+        events = []
+        for i, seq in enumerate(seqs):
+            seq.tokens.append(tokens[i])
+            seq.logprobs.append(lps[i])
+            if seq.params.return_sampling_mask:
+                seq.masks.append(support[i])
+            if seq.params.return_routing and routing is not None:
+                seq.routing.append(routing[i])
+            events.append(self._check_stop(seq, lps[i]))
+        return events
+
+    # ------------------------------------------------------------------ stops, text, finishing
+    def _check_stop(self, seq: _Seq, logprob: float) -> StreamEvent:
+        p, tok = seq.params, seq.tokens[-1]
+        reason = None
+        stop_ids = set(p.stop_token_ids or []) | (set() if p.ignore_eos else self.eos_token_ids)
+        if tok in stop_ids:
+            reason = "stop"
+        elif len(seq.tokens) >= p.max_tokens or len(self.kept[seq.slot]) >= self.max_len:
+            reason = "length"  # the next token would need a position beyond the cache
+        delta = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.tokens[:-1] if reason == "stop" else seq.tokens)
+            hits = [text.find(s) for s in (p.stop or []) if s in text]
+            if hits:
+                text, reason = text[: min(hits)], "stop"
+            seq.text = text
+            safe = len(text) if reason else _stream_safe(text, p.stop or [])
+            if safe > seq.emitted:
+                delta, seq.emitted = text[seq.emitted:safe], safe
+        if reason:
+            return self._finish(seq, reason, tok, delta, logprob)
+        return self._emit(seq, StreamEvent(seq.handle.request_id, seq.index, tok, delta, False, None, logprob))
+
+    def _finish(self, seq: _Seq, reason: str, tok: int = -1, delta: str = "", logprob: float | None = None
+                ) -> StreamEvent:
+        seq.finish_reason = reason
+        if seq.slot is not None:
+            self.slots[seq.slot] = None
+        p = seq.params
+        seq.handle.completions[seq.index] = Completion(
+            token_ids=list(seq.tokens),
+            text=seq.text if self.tokenizer is not None else None,
+            finish_reason=reason,
+            logprobs=list(seq.logprobs) if p.logprobs else None,
+            sampling_masks=(torch.stack(seq.masks) if seq.masks else torch.zeros(0, self.model.config.vocab_size,
+                                                                                    dtype=torch.bool))
+            if p.return_sampling_mask else None,
+            routing=(torch.stack(seq.routing) if seq.routing else None) if p.return_routing else None,
+        )
+        ev = self._emit(seq, StreamEvent(seq.handle.request_id, seq.index, tok, delta, True, reason, logprob))
+        if all(c is not None for c in seq.handle.completions):
+            seq.handle._done.set()
+        return ev
+
+    def _emit(self, seq: _Seq, ev: StreamEvent) -> StreamEvent:
+        h = seq.handle
+        if h.events is not None:
+            h.events.put(ev)
+        if h.callback is not None:
+            h.callback(ev)
+        return ev
+
+    # ------------------------------------------------------------------ front ends
+    def _submit(self, prompts, params) -> list[RequestHandle]:
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
+            raise ValueError("prompts must be a list of prompts (strings or token-id lists), got a single prompt")
+        if isinstance(params, SamplingParams) or params is None:
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"params must be one SamplingParams or one per prompt ({len(prompts)}), got {len(params)}")
+        return [self.add_request(pr, pa, stream=False) for pr, pa in zip(prompts, params)]
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = None,
+                 callback: Callable[[StreamEvent], None] | None = None) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in prompt order. callback gets every event
+        (request_index = index in prompts)."""
+        events = self.stream(prompts, params)
+        for ev in events:
+            if callback is not None:
+                callback(ev)
+        return events.outputs  # type: ignore[attr-defined]
+
+    def stream(self, prompts, params=None) -> "_Stream":
+        """Iterate StreamEvents (request_index = index in prompts) while the batch runs; `.outputs` afterwards."""
+        return _Stream(self, self._submit(prompts, params))
+
+    def run_forever(self, stop: threading.Event, idle_wait: float = 0.05) -> None:
+        """Serve loop for a background thread: step while there is work, sleep on the inbox otherwise."""
+        while not stop.is_set():
+            if self.has_unfinished():
+                self.step()
+            else:
+                with self._inbox_lock:
+                    if not self._inbox:
+                        self._inbox_lock.wait(idle_wait)
+
+
+class _Stream:
+    def __init__(self, engine: Engine, handles: list[RequestHandle]):
+        self.engine, self.handles = engine, handles
+        self.index = {h.request_id: i for i, h in enumerate(handles)}
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        while not all(h.done for h in self.handles):
+            for ev in self.engine.step():
+                i = self.index.get(ev.request_index)
+                if i is not None:
+                    yield StreamEvent(i, ev.sample_index, ev.token_id, ev.text_delta, ev.finished, ev.finish_reason,
+                                      ev.logprob)
+
+    @property
+    def outputs(self) -> list[RequestOutput]:
+        return [h.result(timeout=0) for h in self.handles]
+
+
+def _stream_safe(text: str, stops: list[str]) -> int:
+    """How much of an unfinished text may be streamed: hold back a trailing partial UTF-8 character and any
+    suffix that could still grow into a stop string."""
+    n = len(text)
+    while n and text[n - 1] == "\ufffd":
+        n -= 1
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, n), 0, -1):
+            if text[n - k:n] == s[:k]:
+                hold = max(hold, k)
+                break
+    return n - hold

@@ -1,0 +1,279 @@
+"""The main job (`nanoseek run`): the V3 -> R1 -> V3.2 recipe end to end on embedded data.
+
+  1 tokenizer        byte-level BPE with DeepSeek's special tokens and the V3.1 chat template
+  2 pretrain         MLA + DeepSeekMoE (aux-loss-free balancing) + MTP, optional FP8
+  3 dsa              V3.2 DSA continued training: indexer warm-up, then sparse training
+  4 sft              cold-start SFT on long-CoT records with the thinking template
+  5 grpo             GRPO with R1 rewards (accuracy + format) and the V3.2 options
+  6 rejection        rejection sampling of the RL model into new SFT data
+  7 distill          a dense Qwen2-compatible student fine-tuned on the teacher's samples
+  8 eval             every stage's model on held-out problems (pass@1, maj@k)
+  9 report           report.md / report.html with the curves and tables
+
+Each stage writes an HF model folder under the run folder and is skipped when its output exists; a
+stage that was interrupted resumes from its own checkpoints, so a killed run started again continues
+at the stage and step where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .train import common as C
+
+STAGES = ["tokenizer", "pretrain", "dsa", "sft", "grpo", "rejection", "distill", "eval", "report"]
+
+# Per preset: stage settings and the expected seconds per stage on the reference machine (2-core CPU),
+# used for the time-left estimate. "cpu" is the default: at most 15 minutes on a 2-core CPU.
+_TASKS = dict(tasks=["arithmetic"], levels=[1], langs=["en"])
+RUN_PRESETS: dict[str, dict] = {
+    "cpu": dict(
+        threads=1,
+        tokenizer=dict(vocab_size=1024, docs=3000),
+        pretrain=dict(preset="tiny", embedded_docs=6000, seq_len=256, batch_size=16, steps=300, warmup=20, lr=3e-3,
+                      eval_every=100, save_every=50),
+        dsa=dict(index_topk=32, seq_len=256, batch_size=8, warmup_steps=40, sparse_steps=20, embedded_docs=1000,
+                 eval_every=20, save_every=20),
+        sft=dict(embedded_records=3000, steps=150, batch_size=16, lr=1e-3, warmup=10, max_len=256, save_every=50),
+        grpo=dict(**_TASKS, steps=40, prompts_per_step=8, num_generations=8, max_tokens=64, lr=1e-4, eval_every=10,
+                  eval_problems=64, save_every=10),
+        rejection=dict(**_TASKS, num_prompts=200, k=4, max_tokens=64),
+        distill=dict(steps=150, batch_size=16, lr=2e-3, warmup=10, max_len=192),
+        eval=dict(**_TASKS, num_problems=64, k=4, max_tokens=64),
+        estimates=dict(tokenizer=10, pretrain=280, dsa=60, sft=120, grpo=240, rejection=30, distill=90, eval=60,
+                       report=10),
+    ),
+}
+RUN_PRESETS["micro"] = copy.deepcopy(RUN_PRESETS["cpu"])
+RUN_PRESETS["micro"].update(
+    tokenizer=dict(vocab_size=400, docs=400),
+    pretrain=dict(preset="tiny", embedded_docs=400, seq_len=64, batch_size=4, steps=8, warmup=1, lr=3e-3,
+                  eval_every=8, save_every=4, model_overrides=dict(hidden_size=64, intermediate_size=128,
+                  moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32,
+                  qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, index_n_heads=4, index_head_dim=16)),
+    dsa=dict(index_topk=16, seq_len=64, batch_size=2, warmup_steps=3, sparse_steps=2, embedded_docs=200,
+             eval_every=5, eval_batches=1, save_every=5),
+    sft=dict(embedded_records=60, steps=6, batch_size=4, lr=1e-3, warmup=1, max_len=128, save_every=3),
+    grpo=dict(**_TASKS, steps=3, prompts_per_step=2, num_generations=3, max_tokens=16, lr=1e-4, eval_every=3,
+              eval_problems=4, save_every=3),
+    rejection=dict(**_TASKS, num_prompts=6, k=2, max_tokens=16),
+    distill=dict(steps=4, batch_size=4, lr=2e-3, warmup=1, max_len=96,
+                 student_overrides=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=1, intermediate_size=64)),
+    eval=dict(**_TASKS, num_problems=4, k=2, max_tokens=16),
+    estimates=dict(tokenizer=2, pretrain=5, dsa=3, sft=3, grpo=5, rejection=2, distill=3, eval=5, report=5),
+)
+RUN_PRESETS["gpu"] = copy.deepcopy(RUN_PRESETS["cpu"])
+RUN_PRESETS["gpu"].update(
+    threads=None,
+    tokenizer=dict(vocab_size=8192, docs=20000),
+    pretrain=dict(preset="small", model_overrides=dict(vocab_size=8192), embedded_docs=60000, seq_len=512,
+                  batch_size=32, steps=3000, warmup=100, lr=1e-3, eval_every=250, save_every=250),
+    dsa=dict(index_topk=128, seq_len=512, batch_size=16, warmup_steps=300, sparse_steps=300, embedded_docs=10000,
+             eval_every=100, save_every=100),
+    sft=dict(embedded_records=20000, steps=1500, batch_size=32, lr=3e-4, warmup=50, max_len=512, save_every=250),
+    grpo=dict(tasks=["arithmetic", "countdown"], levels=[1, 2], langs=["en", "zh"], steps=200, prompts_per_step=32,
+              num_generations=16, max_tokens=256, lr=2e-5, eval_every=20, eval_problems=256, save_every=20),
+    rejection=dict(tasks=["arithmetic", "countdown"], levels=[1, 2], langs=["en", "zh"], num_prompts=2000, k=8,
+                   max_tokens=256),
+    distill=dict(steps=1500, batch_size=32, lr=1e-3, warmup=50, max_len=512, student_preset="student-small"),
+    eval=dict(tasks=["arithmetic", "countdown"], levels=[1, 2], langs=["en", "zh"], num_problems=128, k=8,
+              max_tokens=256),
+    estimates=dict(tokenizer=60, pretrain=1800, dsa=300, sft=600, grpo=1800, rejection=120, distill=600, eval=300,
+                   report=10),
+)
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/nanoseek"
+    preset: str = "cpu"  # cpu (<= 15 min on a 2-core CPU), micro (seconds, for tests/CI), gpu
+    fp8: bool = False  # FP8 pre-training, compared with a same-length run without FP8 in the report
+    threads: int | None = None  # torch CPU threads; None = the preset's choice
+    seed: int = 0
+    device: str | None = None
+
+    def __post_init__(self):
+        if self.preset not in RUN_PRESETS:
+            raise ValueError(f"RunConfig.preset must be one of {sorted(RUN_PRESETS)}, got {self.preset!r}")
+
+
+class Reporter:
+    """Hooks for the CLI: one line per stage, a progress bar per stage, the estimated time left."""
+
+    def stage_start(self, index: int, total: int, name: str, eta_s: float | None) -> None:
+        pass
+
+    def stage_end(self, name: str, seconds: float, skipped: bool) -> None:
+        pass
+
+    def progress(self) -> C.Progress:
+        return C.Progress()
+
+
+def _done(path: Path) -> bool:
+    return (path / "config.json").exists() or path.is_file()
+
+
+def run(cfg: RunConfig, reporter: Reporter | None = None) -> Path:
+    """Run (or resume) the whole recipe; returns the report.md path."""
+    reporter = reporter or Reporter()
+    P = RUN_PRESETS[cfg.preset]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = cfg.threads or P.get("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    est = P["estimates"]
+    dirs = {s: out / s for s in STAGES}
+    outputs = {"tokenizer": dirs["tokenizer"], "pretrain": dirs["pretrain"] / "model", "dsa": dirs["dsa"] / "model",
+               "sft": dirs["sft"] / "model", "grpo": dirs["grpo"] / "model",
+               "rejection": dirs["rejection"] / "data.jsonl", "distill": dirs["distill"] / "model",
+               "eval": dirs["eval"] / "summary.json", "report": out / "report.md"}
+    common = dict(seed=cfg.seed, device=cfg.device)
+
+    def eta(i: int) -> float:
+        done = [s for s in STAGES[:i] if s in timings and timings[s].get("estimated")]
+        speed = (sum(timings[s]["seconds"] for s in done) / sum(est[s] for s in done)) if done else 1.0
+        return speed * sum(est[s] for s in STAGES[i:])
+
+    for i, stage in enumerate(STAGES):
+        target = outputs[stage]
+        if _done(target if stage != "tokenizer" else target / "tokenizer.json") and stage != "report":
+            reporter.stage_end(stage, timings.get(stage, {}).get("seconds", 0.0), skipped=True)
+            continue
+        reporter.stage_start(i + 1, len(STAGES), stage, eta(i))
+        t0 = time.perf_counter()
+        notes = _run_stage(stage, P, cfg, dirs, outputs, common, reporter)
+        seconds = time.perf_counter() - t0 + timings.get(stage, {}).get("partial", 0.0)
+        timings[stage] = {"seconds": seconds, "estimated": True, **(notes or {})}
+        C.atomic_write_text(timings_path, json.dumps(timings, indent=2))
+        reporter.stage_end(stage, seconds, skipped=False)
+    return outputs["report"]
+
+
+def _run_stage(stage, P, cfg, dirs, outputs, common, reporter) -> dict | None:
+    from .train.common import read_metrics
+
+    prog = reporter.progress()
+    if stage == "tokenizer":
+        from .data.corpus import embedded_corpus
+        from .tokenizer import train_tokenizer
+
+        t = P["tokenizer"]
+        tok = train_tokenizer(embedded_corpus(t["docs"], seed=cfg.seed), vocab_size=t["vocab_size"])
+        tok.save(dirs["tokenizer"])
+        return {"notes": f"vocab {tok.vocab_size}"}
+    if stage == "pretrain":
+        from .train.pretrain import PretrainConfig, pretrain
+
+        kw = dict(P["pretrain"], out_dir=str(dirs["pretrain"]), tokenizer=str(dirs["tokenizer"]), fp8=cfg.fp8, **common)
+        pretrain(PretrainConfig(**kw), prog)
+        notes = _tps(read_metrics(dirs["pretrain"]))
+        if cfg.fp8:  # the same run without FP8, for the loss-gap measurement
+            ref_dir = dirs["pretrain"].parent / "pretrain_no_fp8"
+            pretrain(PretrainConfig(**{**kw, "out_dir": str(ref_dir), "fp8": False}), reporter.progress())
+        return notes
+    if stage == "dsa":
+        from .train.dsa import DSAConfig, dsa
+
+        dsa(DSAConfig(**P["dsa"], init_from=str(outputs["pretrain"]), out_dir=str(dirs["dsa"]), **common), prog)
+        return _tps(read_metrics(dirs["dsa"]))
+    if stage == "sft":
+        from .train.sft import SFTConfig, sft
+
+        sft(SFTConfig(**P["sft"], init_from=str(outputs["dsa"]), out_dir=str(dirs["sft"]), **common), prog)
+        return _tps(read_metrics(dirs["sft"]))
+    if stage == "grpo":
+        from .train.grpo import GRPOConfig, grpo
+
+        grpo(GRPOConfig(**P["grpo"], init_from=str(outputs["sft"]), out_dir=str(dirs["grpo"]), **common), prog)
+        return _tps(read_metrics(dirs["grpo"]))
+    if stage == "rejection":
+        from .train.rejection import RejectionConfig, rejection_sample
+
+        _, stats = rejection_sample(RejectionConfig(**P["rejection"], model=str(outputs["grpo"]),
+                                                    out=str(outputs["rejection"]), device=cfg.device))
+        return {"notes": f"kept {stats['kept']} of {stats['samples']}"}
+    if stage == "distill":
+        from .train.distill import DistillConfig, distill
+
+        distill(DistillConfig(**P["distill"], teacher=str(outputs["grpo"]), out_dir=str(dirs["distill"]),
+                              data=[str(outputs["rejection"])], **common), prog)
+        d = json.loads((dirs["distill"] / "distill_data.json").read_text())
+        note = f"{d['teacher_samples']} teacher samples" + (
+            f" + {d['filler_records']} cold-start records (teacher solved too few)" if d["filler_records"] else "")
+        return {**_tps(read_metrics(dirs["distill"])), "notes": note}
+    if stage == "eval":
+        from .train.evaluate import EvalConfig, evaluate
+
+        dirs["eval"].mkdir(exist_ok=True)
+        models = {"base (pretrain)": outputs["pretrain"], "DSA": outputs["dsa"], "SFT": outputs["sft"],
+                  "GRPO": outputs["grpo"], "distilled student": outputs["distill"]}
+        results = {}
+        prog.start(len(models), "eval")
+        for name, path in models.items():
+            f = dirs["eval"] / (name.split()[0].lower() + ".json")
+            if not f.exists():
+                evaluate(EvalConfig(**P["eval"], model=str(path), out=str(f), seed=cfg.seed + 1234, device=cfg.device))
+            results[name] = json.loads(f.read_text())
+            prog.update(1)
+        prog.close()
+        C.atomic_write_text(outputs["eval"], json.dumps({k: {m: v[m] for m in v if m != "config"}
+                                                         for k, v in results.items()}, indent=2, ensure_ascii=False))
+        return None
+    if stage == "report":
+        from .report import build_report
+
+        build_report(dirs["eval"].parent, _summary(P, cfg, dirs, outputs))
+        return None
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def _tps(records: list[dict]) -> dict:
+    vals = [r["tokens_per_s"] for r in records if isinstance(r.get("tokens_per_s"), (int, float))]
+    return {"tokens_per_s": sum(vals) / len(vals)} if vals else {}
+
+
+def _summary(P, cfg, dirs, outputs) -> dict:
+    from .config import ModelConfig
+    from .train.common import read_metrics
+
+    timings = json.loads((dirs["eval"].parent / "timings.json").read_text())
+    evals = json.loads(outputs["eval"].read_text())
+    teacher = ModelConfig.load(outputs["grpo"])
+    student = json.loads((outputs["distill"] / "config.json").read_text())
+    from .model.dense import DenseConfig
+
+    scfg = DenseConfig.from_hf_dict(student)
+    params = {"DeepSeek (V3.2 with MTP module)": {"total": teacher.num_parameters(include_mtp=True),
+                                                 "active": teacher.num_parameters(active=True, include_mtp=True)},
+              "DeepSeek (main model, as the V3 report counts)": {"total": teacher.num_parameters(),
+                                                                 "active": teacher.num_parameters(active=True)},
+              "dense student": {"total": scfg.num_parameters(), "active": scfg.num_parameters()}}
+    fp8 = None
+    if cfg.fp8:
+        ref_dir = dirs["pretrain"].parent / "pretrain_no_fp8"
+        a = [r["loss"] for r in read_metrics(dirs["pretrain"]) if "loss" in r][-5:]
+        b = [r["loss"] for r in read_metrics(ref_dir) if "loss" in r][-5:]
+        fa, fb = sum(a) / len(a), sum(b) / len(b)
+        fp8 = {"fp8_loss": fa, "ref_loss": fb, "rel_gap": (fa - fb) / fb, "reference_dir": str(ref_dir)}
+    rs_stats = dirs["rejection"] / "data.stats.json"
+    return {
+        "preset": cfg.preset, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                                         f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
+        "total_seconds": sum(t["seconds"] for t in timings.values()),
+        "params": params, "evals": evals, "eval_temperature": P["eval"].get("temperature", 0.6),
+        "stages": timings, "fp8": fp8,
+        "rejection": json.loads(rs_stats.read_text()) if rs_stats.exists() else None,
+        "transcripts": {k: v.get("transcripts", []) for k, v in evals.items() if k in ("SFT", "GRPO")},
+    }

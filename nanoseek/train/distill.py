@@ -1,0 +1,119 @@
+"""Distillation (R1, sec. 2.4): a dense Qwen2-compatible student is fine-tuned on the teacher's verified
+samples (plain SFT, as DeepSeek did), optionally with logit distillation (KL to the teacher on the
+same tokens) when the vocabularies match, which they do when the student reuses the teacher's tokenizer.
+
+    distill(DistillConfig(teacher="runs/grpo/model", out_dir="runs/distill")) -> Path
+
+Without `data`, the teacher's samples are drawn first by rejection sampling (nanoseek.train.rejection).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import common as C
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "runs/grpo/model"
+    out_dir: str = "runs/distill"
+    data: list[str] = field(default_factory=list)  # SFT JSONL from the teacher; empty = sample it now
+    # teacher sampling when data is empty
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
+    levels: list[int] = field(default_factory=lambda: [1])
+    langs: list[str] = field(default_factory=lambda: ["en"])
+    num_prompts: int = 400
+    samples_per_prompt: int = 4
+    max_tokens: int = 96
+    # the student
+    student_init: str | None = None  # an existing dense model folder; None = a fresh student
+    student_preset: str = "student-tiny"
+    student_overrides: dict = field(default_factory=dict)
+    logit_kd: bool = False  # add KL(teacher || student) on assistant tokens
+    kd_weight: float = 0.5
+    min_samples: int = 64  # fewer teacher samples than this: top up with embedded cold-start records (noted)
+    # fine-tuning
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup: int = 20
+    max_len: int = 256
+    seed: int = 0
+    device: str | None = None
+    resume: bool = True
+    stop_after: int | None = None
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        C.validate_fields(self, [
+            ("steps", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("kd_weight", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+            ("num_prompts", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+        ])
+        for p in self.data:
+            if not Path(p).is_file():
+                raise ValueError(f"DistillConfig.data: {p} is not a file")
+
+
+def make_student(cfg: DistillConfig, folder: Path) -> Path:
+    """A freshly initialised dense student sharing the teacher's tokenizer, saved as an HF folder."""
+    from ..config import ModelConfig
+    from ..model.dense import DenseConfig, DenseModel
+
+    if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
+        return folder
+    teacher_cfg = ModelConfig.load(cfg.teacher)
+    scfg = DenseConfig.student_of(teacher_cfg, preset=cfg.student_preset, **cfg.student_overrides)
+    model = DenseModel(scfg)
+    model.init_weights(seed=cfg.seed)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(cfg.teacher) / name, tmp / name)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def distill(cfg: DistillConfig, progress: C.Progress | None = None) -> Path:
+    from .rejection import RejectionConfig, rejection_sample
+    from .sft import SFTConfig, sft
+
+    for name in ("config.json", "tokenizer.json"):
+        if not (Path(cfg.teacher) / name).exists():
+            raise ValueError(f"DistillConfig.teacher: no {name} in {cfg.teacher}")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = list(cfg.data)
+    if not data:
+        path = out / "teacher_samples.jsonl"
+        if not path.exists():  # sampled once; a resumed run reuses them
+            rejection_sample(RejectionConfig(model=cfg.teacher, out=str(path), tasks=cfg.tasks, levels=cfg.levels,
+                                             langs=cfg.langs, num_prompts=cfg.num_prompts, k=cfg.samples_per_prompt,
+                                             max_tokens=cfg.max_tokens, keep_per_prompt=cfg.samples_per_prompt,
+                                             seed=cfg.seed + 99, device=cfg.device))
+        data = [str(path)]
+    n = sum(1 for p in data for line in Path(p).read_text().splitlines() if line.strip())
+    records = None
+    if n < cfg.min_samples:  # a weak teacher solved too little: keep the stage meaningful, and say so
+        from ..data.corpus import embedded_sft_records
+
+        records = embedded_sft_records(cfg.min_samples - n, seed=cfg.seed + 7)
+        data = [p for p in data if Path(p).read_text().strip()]
+    C.atomic_write_text(out / "distill_data.json", json.dumps({"teacher_samples": n, "filler_records": len(records or [])}))
+    init = Path(cfg.student_init) if cfg.student_init else make_student(cfg, out / "student_init")
+    C.atomic_write_text(out / "distill_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    return sft(SFTConfig(init_from=str(init), out_dir=str(out), data=data, records=records, steps=cfg.steps,
+                         batch_size=cfg.batch_size,
+                         lr=cfg.lr, warmup=cfg.warmup, max_len=cfg.max_len, seed=cfg.seed, device=cfg.device,
+                         resume=cfg.resume, stop_after=cfg.stop_after, tensorboard=cfg.tensorboard,
+                         teacher=cfg.teacher if cfg.logit_kd else None, kd_weight=cfg.kd_weight, eval_every=100,
+                         save_every=100, mtp_weight=0.0), progress)
