@@ -32,6 +32,9 @@ class PretrainConfig:
     # data: user files (txt / jsonl / parquet) or, when empty, the embedded corpus
     data: list[str] = field(default_factory=list)
     embedded_docs: int = 4000
+    embedded_tasks: list[str] = field(default_factory=list)  # embedded corpus: task names (empty = all)
+    embedded_levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    embedded_langs: list[str] = field(default_factory=lambda: ["en", "zh"])
     tokenizer: str | None = None  # a folder with tokenizer.json; None trains one on the data
     vocab_size: int = 2048
     seq_len: int = 256
@@ -147,9 +150,7 @@ def build_data(cfg: PretrainConfig, tokenizer):
     if cfg.data:
         texts = list(load_texts(cfg.data))
     else:
-        from ..data.corpus import embedded_corpus
-
-        texts = embedded_corpus(cfg.embedded_docs, seed=cfg.seed)
+        texts = embedded_corpus_for(cfg)
     if not texts:
         raise ValueError(f"no documents found in {cfg.data}")
     train_docs, eval_docs = split_documents(texts, cfg.eval_fraction, seed=cfg.seed)
@@ -325,9 +326,14 @@ def _texts_for_tokenizer(cfg: PretrainConfig) -> list[str]:
 
     if cfg.data:
         return list(load_texts(cfg.data))
+    return embedded_corpus_for(cfg)
+
+
+def embedded_corpus_for(cfg) -> list[str]:
     from ..data.corpus import embedded_corpus
 
-    return embedded_corpus(cfg.embedded_docs, seed=cfg.seed)
+    return embedded_corpus(cfg.embedded_docs, seed=cfg.seed, langs=tuple(cfg.embedded_langs),
+                           tasks=tuple(cfg.embedded_tasks) or None, levels=tuple(cfg.embedded_levels))
 
 
 def _json(cfg) -> str:

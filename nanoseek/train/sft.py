@@ -61,6 +61,9 @@ class SFTConfig:
     data: list[str] = field(default_factory=list)
     records: list[dict] | None = None  # [{"messages": [...]}, ...] handed over by the pipeline (added to data)
     embedded_records: int = 2000
+    embedded_tasks: list[str] = field(default_factory=list)  # embedded records: task names (empty = all)
+    embedded_levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    embedded_langs: list[str] = field(default_factory=lambda: ["en", "zh"])
     thinking: bool = True  # V3.1 thinking template: <think>{reasoning}</think> before the answer
     all_assistant_turns: bool = False  # loss on every assistant turn, not only the last
     max_len: int = 1024  # tokens per row (a sample, or several packed); longer samples are truncated
@@ -183,8 +186,9 @@ def load_records(cfg: SFTConfig) -> list[tuple[str, list[dict]]]:
     if cfg.records is None and not cfg.data:
         from ..data.corpus import embedded_sft_records
 
-        out = [(f"embedded[{i}]", r["messages"]) for i, r in enumerate(embedded_sft_records(cfg.embedded_records,
-                                                                                           seed=cfg.seed))]
+        out = [(f"embedded[{i}]", r["messages"]) for i, r in enumerate(embedded_sft_records(
+            cfg.embedded_records, seed=cfg.seed, langs=tuple(cfg.embedded_langs), tasks=tuple(cfg.embedded_tasks) or None,
+            levels=tuple(cfg.embedded_levels)))]
     for where, messages in out:
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"{where}: an SFT conversation must end with an assistant turn, "
