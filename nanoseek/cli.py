@@ -182,6 +182,22 @@ def cmd_run(args) -> None:
     print(f"report: {report} and {report.with_suffix('.html')}")
 
 
+def cmd_rejection(args) -> None:
+    from .train.rejection import RejectionConfig, rejection_sample
+
+    path, stats = rejection_sample(dataclass_from_args(RejectionConfig, args))
+    print(f"kept {stats['kept']} of {stats['samples']} samples ({stats['correct']} correct; dropped "
+          f"{stats['dropped_overlong']} overlong, {stats['dropped_mixed_language']} mixed-language, "
+          f"{stats['dropped_format']} malformed); written to {path}")
+
+
+def cmd_distill(args) -> None:
+    from .train.distill import DistillConfig, distill
+
+    out = distill(dataclass_from_args(DistillConfig, args), _progress())
+    print(f"student written to {out}")
+
+
 def cmd_convert(args) -> None:
     import torch
 
@@ -249,6 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(s, EvalConfig)
     s.set_defaults(fn=cmd_eval)
 
+    from .train.distill import DistillConfig
+    from .train.rejection import RejectionConfig
+
+    s = sub.add_parser("rejection-sample", help="sample k per prompt, keep verified and clean samples as SFT JSONL")
+    add_dataclass_args(s, RejectionConfig)
+    s.set_defaults(fn=cmd_rejection)
+
+    s = sub.add_parser("distill", help="fine-tune a dense Qwen2-compatible student on the teacher's samples")
+    add_dataclass_args(s, DistillConfig)
+    s.set_defaults(fn=cmd_distill)
+
     s = sub.add_parser("convert", help="re-save a checkpoint: FP8 block-quantised, bf16, or resharded")
     s.add_argument("src")
     s.add_argument("dst")
@@ -262,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_EXTRA_COMMANDS: list = []  # stage modules register their subcommands here
+from .serve.commands import register as _register_serve_commands  # noqa: E402  (stdlib-only import)
+
+_EXTRA_COMMANDS: list = [_register_serve_commands]  # generate, chat, serve
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -170,7 +170,8 @@ def _run_stage(stage, P, cfg, dirs, outputs, common, reporter) -> dict | None:
         from .tokenizer import train_tokenizer
 
         t = P["tokenizer"]
-        tok = train_tokenizer(embedded_corpus(t["docs"], seed=cfg.seed), vocab_size=t["vocab_size"])
+        tok = train_tokenizer(embedded_corpus(t["docs"], seed=cfg.seed), vocab_size=t["vocab_size"],
+                              digit_group=t.get("digit_group", 3))
         tok.save(dirs["tokenizer"])
         return {"notes": f"vocab {tok.vocab_size}"}
     if stage == "pretrain":

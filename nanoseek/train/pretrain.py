@@ -37,6 +37,7 @@ class PretrainConfig:
     embedded_langs: list[str] = field(default_factory=lambda: ["en", "zh"])
     tokenizer: str | None = None  # a folder with tokenizer.json; None trains one on the data
     vocab_size: int = 2048
+    digit_group: int = 3  # tokenizer training: digits per number chunk (1 = one token per digit)
     seq_len: int = 256
     eval_fraction: float = 0.02
     # optimisation
@@ -168,7 +169,7 @@ def get_tokenizer(cfg: PretrainConfig, texts_fn):
 
     if cfg.tokenizer:
         return Tokenizer.load(cfg.tokenizer)
-    return train_tokenizer(texts_fn(), vocab_size=cfg.vocab_size)
+    return train_tokenizer(texts_fn(), vocab_size=cfg.vocab_size, digit_group=cfg.digit_group)
 
 
 def build_model(cfg: PretrainConfig, tokenizer, device) -> DeepSeekModel:

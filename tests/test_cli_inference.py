@@ -1,0 +1,196 @@
+"""`nanoseek generate`, `nanoseek chat` and `nanoseek serve`, run in-process through nanoseek.cli.main on a
+micro DeepSeek trained for a few seconds to answer the chat prompts USERS with REASON</think>ANSWER (thinking)
+or ANSWER (not thinking). test_serve.py serves the same model."""
+
+from __future__ import annotations
+
+import io
+import json
+import queue
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek import cli
+from nanoseek.serve import commands
+
+REASON, ANSWER = "Let me see.", "It is 5."
+USERS = ["hi", "What is 2+3?", "Tell me a story.", "How are you?", "Name a color.", "ok", "Count to three.", "Why?"]
+MODEL = "nanoseek-test"
+
+
+def build_chat_model(folder: Path) -> str:
+    """A micro DeepSeek (with an MTP module) that learned the canned chat reply; built once per session."""
+    if (folder / "model.safetensors").is_file():
+        return str(folder)
+    from nanoseek import DeepSeekModel, ModelConfig
+    from nanoseek.data.corpus import embedded_corpus
+    from nanoseek.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(embedded_corpus(200), vocab_size=400)
+    cfg = ModelConfig.from_preset(
+        "tiny", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, index_n_heads=4, index_head_dim=16, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = DeepSeekModel(cfg)
+    seqs = []
+    for i, u in enumerate(USERS):
+        for thinking in (True, False):
+            msgs = [{"role": "user", "content": u},
+                    {"role": "assistant", "content": ANSWER, "reasoning_content": REASON}]
+            if (i + thinking) % 2:  # some two-turn conversations, as chat sends
+                msgs = [{"role": "user", "content": USERS[i - 1]}, {"role": "assistant", "content": ANSWER}] + msgs
+            seqs.append(tok.encode_chat_with_mask(msgs, thinking=thinking))
+    L = max(len(s) for s, _ in seqs)
+    x = torch.full((len(seqs), L), tok.pad_id)
+    mask = torch.zeros(len(seqs), L)
+    for i, (s, m) in enumerate(seqs):
+        x[i, :len(s)], mask[i, :len(m)] = torch.tensor(s), torch.tensor(m, dtype=torch.float)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    model.train()
+    for _ in range(80):
+        logits = model(x[:, :-1], mtp=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+        loss = (loss * mask[:, 1:].flatten()).sum() / mask[:, 1:].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.eval().save_pretrained(str(tmp))
+    tok.save(str(tmp))
+    tmp.rename(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_chat_model(tmp_path_factory.getbasetemp() / "serve_chat_model")
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+    """run(*argv, stdin=None) -> (exit code, stdout, stderr) of `nanoseek ...` with the commands registered."""
+    if commands.register not in cli._EXTRA_COMMANDS:
+        monkeypatch.setattr(cli, "_EXTRA_COMMANDS", [*cli._EXTRA_COMMANDS, commands.register])
+
+    def run(*argv, stdin=None):
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = cli.main([str(a) for a in argv])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def test_generate_prints_reasoning_and_answer_apart(run, model_dir):
+    code, out, _ = run("generate", "--model", model_dir, "--prompt", USERS[0], USERS[1], "--temperature", 0,
+                       "--max-tokens", 40)
+    assert code == 0
+    assert out.count(f"thinking: {REASON}\nanswer: {ANSWER}\n") == 2
+    assert f"[2/2] prompt: {USERS[1]}" in out and "2 completions" in out
+    code, out, _ = run("generate", "--model", model_dir, "--prompt", USERS[2], "--no-thinking", "--temperature", 0)
+    assert code == 0 and f"completion: {ANSWER}\n" in out and "thinking:" not in out
+
+
+def test_generate_json_lines_from_a_prompts_file(run, model_dir, tmp_path):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": u}) for u in USERS[:2]) + "\n")
+    code, out, err = run("generate", "--model", model_dir, "--prompts-file", f, "--json", "--n", 2,
+                         "--temperature", 0.5, "--seed", 3, "--max-tokens", 40)
+    assert code == 0 and "4 completions" in err  # the summary stays off stdout
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert [(r["prompt"], r["index"]) for r in recs] == [(USERS[0], 0), (USERS[0], 1), (USERS[1], 0), (USERS[1], 1)]
+    for r in recs:
+        assert {"prompt", "text", "reasoning", "answer", "finish_reason", "tokens"} <= set(r)
+        assert r["finish_reason"] in ("stop", "length") and r["tokens"] > 0
+        if "</think>" in r["text"]:
+            assert r["text"].startswith(r["reasoning"]) and r["text"].endswith(r["answer"])
+    plain = tmp_path / "prompts.txt"
+    plain.write_text(f"{USERS[3]}\n\n{USERS[4]}\n")
+    code, out, _ = run("generate", "--model", model_dir, "--prompts-file", plain, "--json", "--temperature", 0)
+    recs = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["prompt"] for r in recs] == USERS[3:5]
+    assert all((r["reasoning"], r["answer"]) == (REASON, ANSWER) for r in recs)
+
+
+def test_generate_speculative_reports_acceptance_and_matches_greedy(run, model_dir):
+    argv = ("generate", "--model", model_dir, "--prompt", "The cat", "--no-chat", "--max-tokens", 12, "--json")
+    code, out, err = run(*argv, "--speculative")
+    assert code == 0 and "acceptance rate" in err and "tokens per forward" in err
+    spec = json.loads(out)
+    assert 0.0 <= spec["acceptance_rate"] <= 1.0 and spec["tokens_per_forward"] >= 1.0
+    _, out, _ = run(*argv, "--temperature", 0)
+    assert spec["text"] == json.loads(out)["text"]  # speculative decoding is exactly greedy
+    code, _, err = run("generate", "--model", model_dir, "--prompt", "x", "--speculative", "--n", 2)
+    assert code == 2 and "--speculative" in err
+
+
+def test_chat_with_piped_input(run, model_dir):
+    stdin = f"{USERS[0]}\n/nothink\n{USERS[1]}\n/bogus\n/exit\nnever read\n"
+    code, out, _ = run("chat", "--model", model_dir, "--temperature", 0, "--max-tokens", 40, stdin=stdin)
+    assert code == 0
+    assert out.count(f"assistant: {ANSWER}\n") == 2  # both turns answered (the second with history)
+    assert out.count(f"thinking: {REASON}") == 1 and "(thinking off)" in out and "unknown command" in out
+    assert out.index(f"you> {USERS[0]}") < out.index("thinking:") < out.index(f"you> {USERS[1]}")
+    assert "never read" not in out
+    code, out, _ = run("chat", "--model", model_dir, "--temperature", 0, stdin=f"{USERS[2]}\n/reset\n")  # EOF ends
+    assert code == 0 and "(conversation cleared)" in out and f"assistant: {ANSWER}" in out
+
+
+def test_chat_ctrl_c_cancels_the_reply_not_the_session(run, model_dir, monkeypatch):
+    from nanoseek.engine import Engine
+
+    real_add, calls = Engine.add_request, []
+
+    class InterruptedQueue(queue.Queue):
+        def get(self, *a, **kw):
+            raise KeyboardInterrupt  # the user hits Ctrl-C while the first reply streams
+
+    def add_request(self, *a, **kw):
+        handle = real_add(self, *a, **kw)
+        calls.append(handle)
+        if len(calls) == 1:
+            handle.events = InterruptedQueue()
+        return handle
+
+    monkeypatch.setattr(Engine, "add_request", add_request)
+    code, out, _ = run("chat", "--model", model_dir, "--temperature", 0, "--max-tokens", 40,
+                       stdin=f"{USERS[0]}\n{USERS[1]}\n")
+    assert code == 0 and "[interrupted]" in out and out.count(f"assistant: {ANSWER}\n") == 1
+    assert calls[0].result(timeout=0).outputs[0].finish_reason == "abort"
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_bad_model_path_is_a_clear_error(run, tmp_path, command):
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    code, out, err = run(command, "--model", tmp_path / "missing", *extra)
+    assert code == 2 and "model folder not found" in err and "missing" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(command, "--model", tmp_path / "empty", *extra)
+    assert code == 2 and "config.json" in err
+
+
+def test_serve_builds_the_app_on_localhost_with_the_env_api_key(run, model_dir, monkeypatch):
+    import openai
+    import uvicorn
+    pytest.importorskip("fastapi")
+    from test_serve import LiveServer
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setenv("NANOSEEK_API_KEY", "from-env")
+    code, out, _ = run("serve", "--model", model_dir, "--served-model-name", MODEL, "--max-len", 128)
+    assert code == 0 and seen["host"] == "127.0.0.1" and seen["port"] == 8000 and "API key required" in out
+    srv = LiveServer(seen["app"])
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            srv.client().models.list()
+        c = srv.client("from-env")
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": USERS[0]}], temperature=0)
+        assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (REASON, ANSWER)
+    finally:
+        srv.close()
