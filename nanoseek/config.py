@@ -12,13 +12,46 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 
+class HFConfigFile:
+    """config.json in and out for config dataclasses with to_hf_dict() / from_hf_dict(d, source)."""
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write config.json into directory `path` (atomically)."""
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        target = p / "config.json"
+        tmp = target.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, target)
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        """Read a config.json file, or the config.json inside a directory."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "config.json"
+        if not p.exists():
+            raise FileNotFoundError(f"no config.json at {p}")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{p}: expected a JSON object")
+        return cls.from_hf_dict(d, source=str(p))
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(HFConfigFile):
     vocab_size: int = 129280
     hidden_size: int = 7168  # [dim]
     intermediate_size: int = 18432  # [inter_dim] dense-layer SwiGLU width
@@ -263,32 +296,6 @@ class ModelConfig:
         except TypeError as e:
             raise ValueError(f"{source}: {e}") from None
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write config.json into directory `path` (atomically)."""
-        p = Path(path)
-        p.mkdir(parents=True, exist_ok=True)
-        target = p / "config.json"
-        tmp = target.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, target)
-        return target
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "ModelConfig":
-        """Read a config.json file, or the config.json inside a directory."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.exists():
-            raise FileNotFoundError(f"no config.json at {p}")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{p}: expected a JSON object")
-        return cls.from_hf_dict(d, source=str(p))
-
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
         if name not in PRESETS:
@@ -296,9 +303,6 @@ class ModelConfig:
         d = dataclasses.asdict(PRESETS[name])
         d.update(overrides)
         return cls(**d)
-
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
 
     def yarn_mscale(self) -> float:
         """Softmax-scale multiplier from YaRN: (0.1 * mscale_all_dim * ln(factor) + 1)^2 (V3: 1.1352^2)."""

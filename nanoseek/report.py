@@ -118,7 +118,7 @@ def build_report(run_dir: Path, summary: dict) -> tuple[Path, Path]:
     add("GRPO completion length", plot_lines(figs / "grpo_length.png", "GRPO: completion length (tokens)", [
         ("mean completion length", *_series(grpo, "completion_length"))]))
 
-    md = [f"# nanoseek run report\n", f"Run folder: `{run_dir}`; preset `{summary.get('preset')}`; "
+    md = ["# nanoseek run report\n", f"Run folder: `{run_dir}`; preset `{summary.get('preset')}`; "
           f"total time {summary.get('total_seconds', 0) / 60:.1f} min on {summary.get('machine', '?')}.\n"]
     p = summary.get("params", {})
     if p:

@@ -209,7 +209,7 @@ def test_missing_shard_pickles_and_fp8_without_scale(tmp_path):
     torch.save({"w": torch.zeros(1)}, tmp_path / "b" / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pickle"):
         nanoseek.from_pretrained(tmp_path / "b")
-    model = _saved(tmp_path / "c")
+    _saved(tmp_path / "c")
     sd = load_file(tmp_path / "c" / "model.safetensors")
     sd["model.layers.0.self_attn.o_proj.weight"] = sd["model.layers.0.self_attn.o_proj.weight"].to(torch.float8_e4m3fn)
     save_file(sd, str(tmp_path / "c" / "model.safetensors"))

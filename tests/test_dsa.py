@@ -1,6 +1,5 @@
 """DSA continued training: the dense warm-up raises indexer recall, the sparse stage trains the whole model."""
 
-import json
 
 import pytest
 import torch

@@ -46,7 +46,6 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
         assert ra["loss"] == rb["loss"], ra["step"]
-    sa = DeepSeekModel.__new__(DeepSeekModel)
     import nanoseek
 
     wa, wb = nanoseek.from_pretrained(full).state_dict(), nanoseek.from_pretrained(resumed).state_dict()

@@ -18,23 +18,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import HFConfigFile
 from .layers import MLP, RMSNorm, rope_half
 from .transformer import ModelOutput, build_mask
 
 
 # ---------------------------------------------------------------------------------------------- config
 @dataclass
-class DenseConfig:
+class DenseConfig(HFConfigFile):
     vocab_size: int = 151936
     hidden_size: int = 1536
     intermediate_size: int = 8960
@@ -139,34 +137,6 @@ class DenseConfig:
             raise ValueError(f"{source}: head_dim {d['head_dim']} != hidden_size / num_attention_heads = {cfg.head_dim}")
         return cfg
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write config.json into directory `path` (atomically)."""
-        p = Path(path)
-        p.mkdir(parents=True, exist_ok=True)
-        target = p / "config.json"
-        tmp = target.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, target)
-        return target
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "DenseConfig":
-        """Read a config.json file, or the config.json inside a directory."""
-        p = Path(path)
-        if p.is_dir():
-            p = p / "config.json"
-        if not p.exists():
-            raise FileNotFoundError(f"no config.json at {p}")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{p}: expected a JSON object")
-        return cls.from_hf_dict(d, source=str(p))
-
-    def replace(self, **changes) -> "DenseConfig":
-        return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ students
     @classmethod

@@ -10,12 +10,9 @@ device and each tensor is materialised once, directly from the file.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ..checkpoint import CheckpointError, _Reader, write_shards
 from .dense import DenseConfig, DenseModel
