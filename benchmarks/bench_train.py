@@ -60,6 +60,23 @@ def interleaved_median(fns: dict, n_steps: int) -> dict:
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
+def trainer_tokens_per_s(cfg: ModelConfig, B: int, T: int, steps: int) -> float:
+    """Tokens/s logged by nanoseek's own pre-training loop on the same model config (balance loss, bias
+    updates, clipping, AdamW, data loading included; MTP off, as in the rows above)."""
+    import tempfile
+
+    from nanoseek.train.common import read_metrics
+    from nanoseek.train.pretrain import PretrainConfig, pretrain
+
+    over = {k: getattr(cfg, k) for k in CONFIGS["quick" if cfg.hidden_size == 64 else "bench"] if k != "torch_dtype"}
+    with tempfile.TemporaryDirectory() as d:
+        pretrain(PretrainConfig(out_dir=d, preset="tiny", model_overrides=over, vocab_size=min(cfg.vocab_size, 2048),
+                                seq_len=T, batch_size=B, steps=steps + 2, warmup=1, log_every=1, eval_every=10_000,
+                                save_every=10_000, embedded_docs=3000, tensorboard=False))
+        tps = sorted(r["tokens_per_s"] for r in read_metrics(d) if "tokens_per_s" in r and r["step"] > 2)
+    return tps[len(tps) // 2]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
@@ -67,6 +84,7 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-trainer", action="store_true", help="skip the row measured through nanoseek's pretrain()")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -82,24 +100,31 @@ def main():
         diff = (ours(inp).logits - ref(inp).logits).abs().max().item()
         ours.train(), ref.train()
 
-    def step_ours():
-        ours.zero_grad(set_to_none=True)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+
+    def step_ours():  # forward + backward + AdamW, as a training step
         logits = ours(inp, mtp=False).logits
         torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), labels.reshape(-1)).backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
 
     def step_ref():
-        ref.zero_grad(set_to_none=True)
         logits = ref(inp).logits
         torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), labels.reshape(-1)).backward()
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=True)
 
     med = interleaved_median({"transformers": step_ref, "nanoseek": step_ours}, steps)
     results = {name: B * T / t for name, t in med.items()}
+    if not args.no_trainer:
+        results["nanoseek trainer (pretrain())"] = trainer_tokens_per_s(cfg, B, T, steps)
     n = cfg.num_parameters()
     print(f"# forward+backward, fp32, {args.threads} threads, {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}")
     print(f"config: {n / 1e6:.1f}M params ({cfg.num_parameters(active=True) / 1e6:.1f}M active), batch {B} x seq {T}; "
           f"max |logit diff| {diff:.1e}")
-    print("| implementation | tokens/s | ratio |")
+    print("| training step (fwd + bwd + AdamW) | tokens/s | ratio |")
     print("|---|---|---|")
     base = results["transformers"]
     for name, tps in results.items():

@@ -15,8 +15,12 @@ Stops: `stop_token_ids` and the EOS ids end a sample with finish_reason "stop"; 
 token_ids but not in text. A stop string ends it when the decoded completion contains it; token_ids keep
 every generated token, text is cut before the stop string. max_tokens (or a full cache) gives "length".
 
-Threading: `add_request` may be called from any thread; `step` (or `run_forever` in one thread) drives the
-batch. Host syncs: one per decode step (the sampled tokens), plus the cache's kv_len and the MoE's counts.
+Routing (return_routing): entry i holds the experts chosen at the position whose logits produced token i
+(the last prompt token for i = 0), i.e. what a full forward over prompt + tokens[:-1] routes there.
+
+Threading: `add_request` may be called from any thread; one driver calls `step` (or runs `run_forever` in a
+thread); `generate`/`stream` drive the batch themselves, so do not mix them with a running `run_forever`.
+Host syncs: one per decode step (the sampled tokens), plus the cache's kv_len and the MoE's counts.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class Completion:
     finish_reason: str | None  # "stop" | "length" | "abort"
     logprobs: list[float] | None = None
     sampling_masks: torch.Tensor | None = None  # (len, V) bool on CPU: the support each token was drawn from
-    routing: torch.Tensor | None = None  # (len, num_moe_layers, K) long on CPU: experts at the position producing each token
+    routing: torch.Tensor | None = None  # (len, num_moe_layers, K) long on CPU (see the module docstring)
 
 
 @dataclass
@@ -100,7 +104,6 @@ class _Seq:
     slot: int | None = None
     text: str = ""
     emitted: int = 0  # characters of text already streamed
-    finish_reason: str | None = None
 
     @property
     def params(self) -> SamplingParams:
@@ -111,9 +114,10 @@ class Engine:
     def __init__(self, model: DeepSeekModel, tokenizer=None, max_batch_size: int = 16, max_len: int | None = None,
                  device=None, dtype: torch.dtype | None = None, prefill_chunk: int | None = 512,
                  eos_token_ids: int | Sequence[int] | None = None):
-        """eos_token_ids: ids ending a sample unless params.ignore_eos; None = the tokenizer's eos (eos_token_id
-        or eos_id), else the model config's eos_token_id; [] = none. max_len: cache length per slot
-        (default min(max_position_embeddings, 4096))."""
+        """The model is used in place: moved to device/dtype when given and put in eval mode (a trainer sharing
+        it calls model.train() again). eos_token_ids: ids ending a sample unless params.ignore_eos; None = the
+        tokenizer's eos (eos_token_id or eos_id), else the model config's eos_token_id; [] = none. max_len:
+        cache positions per slot, prompt + generated (default min(max_position_embeddings, 4096))."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -331,20 +335,15 @@ class Engine:
 
     def _finish(self, seq: _Seq, reason: str, tok: int = -1, delta: str = "", logprob: float | None = None
                 ) -> StreamEvent:
-        seq.finish_reason = reason
         if seq.slot is not None:
             self.slots[seq.slot] = None
-        p = seq.params
+        p, V = seq.params, self.model.config.vocab_size
+        masks = torch.stack(seq.masks) if seq.masks else torch.zeros(0, V, dtype=torch.bool)
         seq.handle.completions[seq.index] = Completion(
-            token_ids=list(seq.tokens),
-            text=seq.text if self.tokenizer is not None else None,
-            finish_reason=reason,
+            list(seq.tokens), seq.text if self.tokenizer is not None else None, reason,
             logprobs=list(seq.logprobs) if p.logprobs else None,
-            sampling_masks=(torch.stack(seq.masks) if seq.masks else torch.zeros(0, self.model.config.vocab_size,
-                                                                                    dtype=torch.bool))
-            if p.return_sampling_mask else None,
-            routing=(torch.stack(seq.routing) if seq.routing else None) if p.return_routing else None,
-        )
+            sampling_masks=masks if p.return_sampling_mask else None,
+            routing=(torch.stack(seq.routing) if seq.routing else None) if p.return_routing else None)
         ev = self._emit(seq, StreamEvent(seq.handle.request_id, seq.index, tok, delta, True, reason, logprob))
         if all(c is not None for c in seq.handle.completions):
             seq.handle._done.set()
@@ -399,12 +398,17 @@ class _Stream:
         self.index = {h.request_id: i for i, h in enumerate(handles)}
 
     def __iter__(self) -> Iterator[StreamEvent]:
-        while not all(h.done for h in self.handles):
-            for ev in self.engine.step():
-                i = self.index.get(ev.request_index)
-                if i is not None:
-                    yield StreamEvent(i, ev.sample_index, ev.token_id, ev.text_delta, ev.finished, ev.finish_reason,
-                                      ev.logprob)
+        try:
+            while not all(h.done for h in self.handles):
+                for ev in self.engine.step():
+                    i = self.index.get(ev.request_index)
+                    if i is not None:
+                        yield StreamEvent(i, ev.sample_index, ev.token_id, ev.text_delta, ev.finished,
+                                          ev.finish_reason, ev.logprob)
+        finally:  # a consumer that stops early (break, Ctrl-C) cancels what is left
+            for h in self.handles:
+                if not h.done:
+                    h.cancel()
 
     @property
     def outputs(self) -> list[RequestOutput]:

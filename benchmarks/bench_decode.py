@@ -1,0 +1,216 @@
+"""Decode speed and cache size: nanoseek's Engine against transformers' `generate`, plus MTP speculative decoding.
+
+Same weights in both (nanoseek's model copied into DeepseekV3ForCausalLM), same threads, fp32 on CPU, greedy,
+a fixed number of new tokens. Decode tokens/s = B * (N - 1) / (time(N new tokens) - time(1 new token)), so
+prefill is left out. Cache bytes per token: nanoseek's LatentCache (latent + roped key per layer) against the
+tensors transformers' DynamicCache actually holds after generate. MTP: the MTP module is first fitted briefly
+(main model frozen) on the main model's own greedy continuations, then speculative decoding is timed against
+plain greedy at batch 1.
+
+    python benchmarks/bench_decode.py --quick          # seconds
+    python benchmarks/bench_decode.py --config small   # the default: ~75M-parameter preset
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from nanoseek import DeepSeekModel, ModelConfig  # noqa: E402
+from nanoseek.checkpoint import to_hf_state_dict  # noqa: E402
+from nanoseek.engine import Engine, SamplingParams, speculative_generate  # noqa: E402
+
+
+def build_config(name: str, quick: bool) -> ModelConfig:
+    cfg = ModelConfig.from_preset(name, torch_dtype="float32")
+    if quick:  # tiny sizes: the whole script in seconds
+        cfg = ModelConfig.from_preset("tiny", torch_dtype="float32", vocab_size=512, num_hidden_layers=2)
+    return cfg
+
+
+def hf_twin(model: DeepSeekModel):
+    """transformers DeepseekV3ForCausalLM holding exactly `model`'s main-model weights (no MTP layer)."""
+    import transformers
+
+    cfg = model.config
+    d = cfg.to_hf_dict()
+    for k in ("architectures", "model_type", "rope_scaling", "quantization_config", "torch_dtype", "scoring_func",
+              "topk_method", "moe_layer_freq", "num_nextn_predict_layers"):
+        d.pop(k, None)
+    hf_cfg = transformers.DeepseekV3Config(**d, num_mtp_layers=0)
+    hf_cfg._attn_implementation = "sdpa"
+    ref = transformers.DeepseekV3ForCausalLM(hf_cfg).float().eval()
+    N = cfg.num_hidden_layers
+    sd = {k: v for k, v in to_hf_state_dict(model).items()
+          if not k.startswith(f"model.layers.{N}.") and ".experts." not in k}
+    # transformers fuses experts in memory (gate_up_proj [E, 2I, D], down_proj [E, D, I]) as nanoseek does
+    sd.update({k: v for k, v in model.state_dict().items()
+               if ".experts." in k and not k.startswith(f"model.layers.{N}.")})
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if "rotary" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"weight transfer failed: missing {missing}, unexpected {unexpected}")
+    ref.generation_config.eos_token_id = None
+    ref.generation_config.pad_token_id = 0
+    return ref
+
+
+def timed(fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@torch.no_grad()
+def hf_generate(ref, prompts: torch.Tensor, n: int):
+    return ref.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n, min_new_tokens=n,
+                        do_sample=False, return_dict_in_generate=True)
+
+
+def decode_rates(runs: list, B: int, n: int, repeats: int = 3) -> list[float]:
+    """Decode tokens/s of each run(k) (k new tokens): B * (n - 1) / (best time(n) - best time(1)). The runs are
+    interleaved so that a noisy neighbour on the machine hurts all of them alike."""
+    for run in runs:
+        run(1), run(n)  # warm-up
+    best = [[float("inf"), float("inf")] for _ in runs]
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            for j, k in enumerate((1, n)):
+                t = time.perf_counter()
+                run(k)
+                best[i][j] = min(best[i][j], time.perf_counter() - t)
+    return [B * (n - 1) / max(tn - t1, 1e-9) for t1, tn in best]
+
+
+def fit_mtp(model: DeepSeekModel, prompts: list[list[int]], new: int, steps: int, lr: float = 2e-3,
+            batch: int = 8) -> tuple[list[float], list[list[int]]]:
+    """Train only the MTP module on the main model's greedy continuations of `prompts` (loss: cross-entropy of
+    the MTP logits at i against token i+2; minibatches of `batch` sequences). Returns (losses, sequences)."""
+    eng = Engine(model, max_batch_size=16, max_len=len(prompts[0]) + new + 1, eos_token_ids=[])
+    outs = eng.generate(prompts, SamplingParams(max_tokens=new, temperature=0))
+    seqs = torch.tensor([o.prompt_ids + o.outputs[0].token_ids for o in outs])  # (N, T)
+    with torch.no_grad():
+        h = torch.cat([model(s).hidden for s in seqs.split(16)])  # (N, T, D): the frozen main model, once
+    N, T = seqs.shape
+    pos = torch.arange(T - 1).expand(batch, T - 1)
+    params = [p for layer in model.mtp_layers for p in layer.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        b = torch.randperm(N, generator=gen)[:batch]
+        logits, _ = model.mtp_step(1, h[b, :-1], seqs[b, 1:], pos[: len(b)])  # [:, i] predicts token i+2
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 seqs[b, 2:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    for p in params:
+        p.requires_grad_(False)
+    return losses, seqs.tolist()
+
+
+def spec_vs_plain(model: DeepSeekModel, prompts: list[list[int]], n: int) -> tuple[float, float, list]:
+    """Seconds for plain greedy (Engine, batch 1) and MTP speculative decoding over the prompts, and the
+    speculative outputs (checked identical to plain greedy)."""
+    eng = Engine(model, max_batch_size=1, max_len=len(prompts[0]) + n + 1, eos_token_ids=[])
+    greedy = SamplingParams(max_tokens=n, temperature=0)
+    plain_s = timed(lambda: [eng.generate([p], greedy) for p in prompts], 2)
+    spec: list = []
+    spec_s = timed(lambda: spec.__setitem__(slice(None), [speculative_generate(model, p, n) for p in prompts]), 2)
+    want = [eng.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
+    if [s.token_ids for s in spec] != want:
+        raise RuntimeError("speculative decoding diverged from plain greedy decoding")
+    return plain_s, spec_s, spec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", choices=["small", "tiny"], default="small", help="model preset (fp32 on CPU)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="new tokens per sequence (greedy, no EOS)")
+    ap.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per sequence")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16], help="batch sizes to time")
+    ap.add_argument("--mtp-steps", type=int, default=100, 
+                    help="MTP fitting steps (minibatch 8) before the speculative run")
+    ap.add_argument("--mtp-seqs", type=int, default=64, help="self-generated sequences the MTP module is fitted on")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
+    args = ap.parse_args()
+    if args.quick:
+        args.new_tokens, args.prompt_len, args.mtp_steps, args.mtp_seqs, args.batches = 16, 8, 30, 16, [1, 4]
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = build_config(args.config, args.quick)
+    model = DeepSeekModel(cfg).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ref = hf_twin(model)
+    n = args.new_tokens
+    print(f"config {'tiny (quick)' if args.quick else args.config}: {cfg.num_parameters() / 1e6:.1f}M parameters, "
+          f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts (top-{cfg.num_experts_per_tok}), fp32, "
+          f"{args.threads} threads, prompt {args.prompt_len}, {n} new tokens, greedy\n")
+
+    rows = []
+    hf_cache = None
+    for B in args.batches:
+        prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len))
+        eng = Engine(model, max_batch_size=B, max_len=args.prompt_len + n + 1, eos_token_ids=[])
+        ours, theirs = decode_rates([
+            lambda k: eng.generate(prompts.tolist(), SamplingParams(max_tokens=k, temperature=0)),
+            lambda k: hf_generate(ref, prompts, k)], B, n)
+        greedy = SamplingParams(max_tokens=n, temperature=0)
+        same = [o.outputs[0].token_ids for o in eng.generate(prompts.tolist(), greedy)]
+        out = hf_generate(ref, prompts, n)
+        agree = sum(a == b for a, b in zip(same, out.sequences[:, args.prompt_len:].tolist()))
+        rows.append((B, ours, theirs, agree))
+        cache = out.past_key_values
+        held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        hf_cache = held / (B * cache.layers[0].keys.shape[-2])
+        our_cache = eng.cache.bytes_per_token()
+
+    print("| batch | nanoseek decode tok/s | transformers decode tok/s | ratio | identical greedy outputs |")
+    print("|---:|---:|---:|---:|---:|")
+    for B, ours, theirs, agree in rows:
+        print(f"| {B} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | {agree}/{B} |")
+    print("\n| cache | bytes per token (all layers) | ratio |")
+    print("|---|---:|---:|")
+    print(f"| nanoseek LatentCache (latent {cfg.kv_lora_rank} + rope key {cfg.qk_rope_head_dim}) "
+          f"| {our_cache:,} | 1.00x |")
+    print(f"| transformers DynamicCache (as held after generate) | {hf_cache:,.0f} | {hf_cache / our_cache:.2f}x |")
+    H, L, f32 = cfg.num_attention_heads, cfg.num_hidden_layers, 4
+    mha = H * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * L * f32
+    print(f"| expanded per-head K, V (an MHA cache; computed) | {mha:,} | {mha / our_cache:.2f}x |")
+
+    # MTP speculative decoding after a quick fit of the MTP module on self-generated text
+    train_prompts = torch.randint(0, cfg.vocab_size, (args.mtp_seqs, args.prompt_len)).tolist()
+    t = time.perf_counter()
+    losses, _ = fit_mtp(model, train_prompts, n, args.mtp_steps)
+    fit_s = time.perf_counter() - t
+    held_out = torch.randint(0, cfg.vocab_size, (4, args.prompt_len)).tolist()
+    print(f"\nMTP fit: {args.mtp_steps} steps on {args.mtp_seqs} self-generated sequences in {fit_s:.0f} s, "
+          f"loss {sum(losses[:5]) / 5:.2f} -> {sum(losses[-5:]) / 5:.2f} (main model frozen)\n")
+    print("| batch 1, greedy, 4 prompts | plain tok/s | speculative tok/s | speed-up | acceptance "
+          "| main forwards (plain -> spec) | outputs identical |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, prompts in (("held-out prompts", held_out), ("training prompts", train_prompts[:4])):
+        plain_s, spec_s, spec = spec_vs_plain(model, prompts, n)
+        drafted, accepted = sum(s.num_drafted for s in spec), sum(s.num_accepted for s in spec)
+        tokens = len(prompts) * n
+        print(f"| {name} | {tokens / plain_s:.1f} | {tokens / spec_s:.1f} | {plain_s / spec_s:.2f}x | "
+              f"{accepted / max(1, drafted):.2f} | {tokens} -> {sum(s.num_main_forwards for s in spec)} | yes |")
+
+
+if __name__ == "__main__":
+    main()

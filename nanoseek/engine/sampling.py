@@ -1,0 +1,155 @@
+"""Sampling: SamplingParams (vLLM-like), the batched sampler, and log-probs under the same processing.
+
+Shape legend: B = rows (one per live sequence), V = vocabulary.
+
+Processing order (as in vLLM and transformers' warpers): logits / temperature -> top-k -> top-p over
+the top-k-renormalised distribution -> sample from the renormalised support. Every row draws its
+randomness from its own torch.Generator, and exactly V uniforms per step (Gumbel-max), so a seeded
+request gives the same samples whatever else shares its batch.
+
+Log-probs: for temperature > 0 the returned value is log pi(token) under the FINAL sampling
+distribution (after temperature, top-k, top-p and renormalisation over the support), which is what
+an RL importance ratio needs. For greedy rows (temperature 0) it is log_softmax of the raw logits,
+since the greedy "distribution" is a point mass whose log-prob (0) says nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy (argmax)
+    top_p: float = 1.0  # nucleus: smallest set with cumulative prob >= top_p; 1 = off
+    top_k: int | None = 0  # 0 or None = off
+    stop: list[str] | None = None  # stop strings (need a tokenizer with .decode)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False  # do not stop at the engine's EOS ids
+    seed: int | None = None  # per request; sample i of n uses seed + i
+    n: int = 1  # samples per prompt
+    logprobs: bool = False  # return log pi(token) per generated token (see module docstring)
+    return_sampling_mask: bool = False  # return the (len, V) bool support of each step's distribution
+    return_routing: bool = False  # return (len, num_moe_layers, K) expert ids that produced each token
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name, why):
+            raise ValueError(f"SamplingParams.{name} {why}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", "must be an integer >= 1")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            bad("temperature", "must be >= 0")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            bad("top_k", "must be an integer >= 0 (0 or None = off)")
+        if not isinstance(self.n, int) or self.n < 1:
+            bad("n", "must be an integer >= 1")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", "must be an integer or None")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "must be a list of non-empty strings")
+        if self.stop_token_ids is not None and not all(isinstance(t, int) for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be a list of integers")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _filtered_rows(params: Sequence[SamplingParams], V: int) -> list[int]:
+    """Rows whose support is cut by top-k or top-p (the only ones that need a sort)."""
+    return [i for i, p in enumerate(params) if not p.greedy and ((p.top_k and p.top_k < V) or p.top_p < 1)]
+
+
+def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, V) -> (log-probs (B, V) fp32 of the final sampling distribution, -inf outside the support;
+    support mask (B, V) bool). Greedy rows get the plain log_softmax of the raw logits and a one-hot
+    support at the argmax."""
+    B, V = logits.shape
+    if len(params) != B:
+        raise ValueError(f"params must have one entry per row ({B}), got {len(params)}")
+    dev = logits.device
+    logits = logits.float()
+    temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+    scaled = logits / temp.unsqueeze(1)  # greedy rows: temperature 1, i.e. the raw logits
+    logp = scaled.log_softmax(dim=-1)
+    support = torch.ones(B, V, dtype=torch.bool, device=dev)
+    rows = _filtered_rows(params, V)
+    if rows:
+        sub = scaled[rows]  # (b, V)
+        top_k = torch.tensor([params[i].top_k or V for i in rows], device=dev).clamp(max=V)
+        top_p = torch.tensor([float(params[i].top_p) for i in rows], device=dev)
+        vals, idx = sub.sort(dim=-1, descending=True)  # (b, V)
+        keep = torch.arange(V, device=dev).unsqueeze(0) < top_k.unsqueeze(1)  # top-k in sorted order
+        probs = vals.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
+        keep &= before < top_p.unsqueeze(1)  # smallest prefix reaching top_p
+        keep[:, 0] = True  # always at least one token
+        kept = torch.zeros_like(keep).scatter_(1, idx, keep)
+        r = torch.tensor(rows, device=dev)
+        support[r] = kept
+        logp[r] = sub.masked_fill(~kept, float("-inf")).log_softmax(dim=-1)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:
+        g = torch.tensor(greedy, device=dev)
+        support[g] = torch.zeros(len(greedy), V, dtype=torch.bool, device=dev).scatter_(
+            1, logits[g].argmax(dim=-1, keepdim=True), True)
+    return logp, support
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: SamplingParams | Sequence[SamplingParams]
+                   ) -> torch.Tensor:
+    """Log-probs (N,) of `tokens` (N,) under the sampler's processing of `logits` (N, V): what `sample`
+    returns for those tokens. One SamplingParams applies to every row (e.g. a whole sequence's positions)."""
+    if isinstance(params, SamplingParams):
+        params = [params] * logits.shape[0]
+    logp, _ = process_logits(logits, params)
+    return logp.gather(1, tokens.long().view(-1, 1)).squeeze(1)
+
+
+@dataclass
+class SampleResult:
+    tokens: torch.Tensor  # (B,) long
+    logprobs: torch.Tensor  # (B,) fp32, see module docstring
+    support: torch.Tensor | None = field(default=None)  # (B, V) bool, when asked for
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+           return_support: bool = False) -> SampleResult:
+    """Sample one token per row. logits (B, V); params and generators one per row (a generator may be None
+    for greedy rows, or to use torch's global RNG)."""
+    B, V = logits.shape
+    if len(generators) != B:
+        raise ValueError(f"generators must have one entry per row ({B}), got {len(generators)}")
+    logp, support = process_logits(logits, params)
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        # Gumbel-max: argmax(log pi + G) ~ pi; V uniforms per row from the row's own generator
+        u = torch.stack([torch.rand(V, generator=generators[i], device=logits.device) for i in sampled])
+        gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
+        rows = torch.tensor(sampled, device=logits.device)
+        tokens[rows] = (logp[rows] + gumbel).argmax(dim=-1)
+    lp = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    return SampleResult(tokens, lp, support if return_support else None)
+
+
+def make_generator(seed: int | None, device) -> torch.Generator:
+    """A per-request generator; without a seed it is seeded from torch's global RNG (so torch.manual_seed
+    makes whole runs reproducible)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g

@@ -1,0 +1,342 @@
+"""Generation engine: cache vs recompute, absorbed vs expanded, batching, sampling, stops, streaming, MTP
+speculative decoding. Tiny random models (init 0.2, random norms) so argmax and routing are sensitive."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from nanoseek import LatentCache
+from nanoseek.engine import Engine, SamplingParams, process_logits, speculative_generate, token_logprobs
+from oracle import random_model, tiny_config
+
+V = 97
+
+
+@pytest.fixture(scope="module")
+def mla():
+    return random_model(tiny_config(), seed=1)
+
+
+@pytest.fixture(scope="module")
+def dsa():
+    return random_model(tiny_config(index_topk=4), seed=2)
+
+
+@pytest.fixture(scope="module", params=["mla", "dsa"])
+def model(request, mla, dsa):
+    return mla if request.param == "mla" else dsa
+
+
+def prompts_of(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def recompute_greedy(model, prompt, n):
+    """Greedy by a full no-cache forward over the whole sequence at every step."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def greedy(n, **kw):
+    return SamplingParams(max_tokens=n, temperature=0, **kw)
+
+
+class CharTokenizer:
+    """Token i <-> letter chr(97 + i % 26): enough for stop strings and streaming text."""
+
+    eos_token_id = None
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+    def encode(self, text):
+        return [ord(c) - 97 for c in text]
+
+
+# ------------------------------------------------------------------ cache correctness
+def test_cached_greedy_matches_recompute_with_mixed_prompt_lengths(model):
+    prompts = prompts_of([2, 7, 4, 11])  # DSA: prompt + 8 new tokens > index_topk = 4
+    eng = Engine(model, max_batch_size=4, max_len=32, eos_token_ids=[])
+    outs = eng.generate(prompts, greedy(8))
+    for p, o in zip(prompts, outs):
+        assert o.prompt_ids == p
+        assert o.outputs[0].token_ids == recompute_greedy(model, p, 8)
+        assert o.outputs[0].finish_reason == "length"
+
+
+@torch.no_grad()
+def test_absorbed_decode_logits_match_expanded_prefill(model):
+    ids = torch.tensor(prompts_of([14], seed=3))  # (1, 14)
+    full = model(ids).logits  # expanded, no cache
+    cache = LatentCache(model.config, 1, 16)
+    pos = torch.arange(14).unsqueeze(0)
+    model(ids[:, :5], positions=pos[:, :5], cache=cache, absorb=False)
+    for t in range(5, 14):
+        step = model(ids[:, t:t + 1], positions=pos[:, t:t + 1], cache=cache, absorb=True).logits
+        torch.testing.assert_close(step[0, 0], full[0, t], atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_prefill_matches_one_shot(model):
+    prompts = prompts_of([13, 6])
+    params = greedy(6, logprobs=True)
+    one = Engine(model, max_batch_size=2, max_len=32, eos_token_ids=[], prefill_chunk=None).generate(prompts, params)
+    eng = Engine(model, max_batch_size=2, max_len=32, eos_token_ids=[], prefill_chunk=3)
+    chunked = eng.generate(prompts, params)
+    assert eng.num_forwards > 6 + 2  # several prefill forwards really ran
+    for a, b in zip(one, chunked):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        torch.testing.assert_close(torch.tensor(a.outputs[0].logprobs), torch.tensor(b.outputs[0].logprobs),
+                                   atol=1e-5, rtol=0)
+
+
+def test_second_turn_prefills_only_new_tokens_and_matches_recompute(model):
+    eng = Engine(model, max_batch_size=1, max_len=48, eos_token_ids=[])
+    first = prompts_of([6], seed=4)[0]
+    reply = eng.generate([first], greedy(5))[0].outputs[0].token_ids
+    second = first + reply + prompts_of([4], seed=5)[0]
+    before = eng.num_prefill_tokens
+    out = eng.generate([second], greedy(7))[0].outputs[0].token_ids
+    assert eng.num_prefill_tokens - before == 5  # 6 + 4 cached (reply's last token was never fed) -> 5 new
+    assert out == recompute_greedy(model, second, 7)
+
+
+def test_idle_row_keeps_its_prefix_for_a_later_turn(mla):
+    eng = Engine(mla, max_batch_size=2, max_len=48, eos_token_ids=[])
+    first, other = prompts_of([6, 3], seed=6)
+    outs = eng.generate([first, other], [greedy(5), greedy(16)])  # slot 0 idles while slot 1 runs on
+    assert outs[1].outputs[0].token_ids == recompute_greedy(mla, other, 16)
+    second = first + outs[0].outputs[0].token_ids + [7, 8, 9]
+    before = eng.num_prefill_tokens
+    out = eng.generate([second], greedy(6))[0].outputs[0].token_ids
+    assert eng.num_prefill_tokens - before < len(second)  # part of the idle row's prefix was reused
+    assert out == recompute_greedy(mla, second, 6)
+
+
+def test_more_prompts_than_slots_match_each_prompt_alone(mla):
+    prompts = prompts_of([3, 8, 5, 2, 9])
+    lens = [4, 9, 3, 7, 5]  # different lengths so slots free at different steps
+    params = [greedy(n) for n in lens]
+    batched = Engine(mla, max_batch_size=2, max_len=32, eos_token_ids=[]).generate(prompts, params)
+    alone = Engine(mla, max_batch_size=1, max_len=32, eos_token_ids=[])
+    for p, pa, o in zip(prompts, params, batched):
+        assert o.outputs[0].token_ids == alone.generate([p], pa)[0].outputs[0].token_ids
+        assert len(o.outputs[0].token_ids) == pa.max_tokens
+
+
+# ------------------------------------------------------------------ sampling
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9, top_k=5),
+                                dict(temperature=0.0)], ids=["t1", "t0.7-p0.9-k5", "greedy"])
+@torch.no_grad()
+def test_logprobs_match_full_forward(model, kw):
+    params = SamplingParams(max_tokens=8, seed=11, logprobs=True, **kw)
+    prompts = prompts_of([5, 3])
+    outs = Engine(model, max_batch_size=2, max_len=32, eos_token_ids=[]).generate(prompts, params)
+    for p, o in zip(prompts, outs):
+        gen = o.outputs[0].token_ids
+        logits = model(torch.tensor([p + gen])).logits[0, len(p) - 1:-1]  # (L, V): logits that produced gen
+        want = token_logprobs(logits, torch.tensor(gen), params)
+        if kw["temperature"] == 0:
+            want2 = logits.log_softmax(-1).gather(1, torch.tensor(gen).unsqueeze(1)).squeeze(1)
+            torch.testing.assert_close(want, want2)
+        torch.testing.assert_close(torch.tensor(o.outputs[0].logprobs), want, atol=1e-4, rtol=0)
+        assert all(lp <= 0 for lp in o.outputs[0].logprobs)
+
+
+def test_top_k_top_p_keep_the_smallest_nucleus():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    for top_p, size in [(0.8, 2), (0.81, 3), (0.01, 1), (1.0, 4)]:
+        logp, support = process_logits(logits, [SamplingParams(top_p=top_p)])
+        assert support.sum().item() == size
+        assert torch.isclose(logp[support].exp().sum(), torch.tensor(1.0))
+    logp, support = process_logits(logits, [SamplingParams(top_k=3, top_p=0.9)])  # 0.5/.95, .3/.95 < .9: 3 kept
+    assert support[0].tolist() == [True, True, True, False]
+    logp, support = process_logits(logits, [SamplingParams(temperature=0)])
+    assert support[0].tolist() == [True, False, False, False]
+    torch.testing.assert_close(logp, logits.log_softmax(-1))
+
+
+def test_seeded_request_samples_the_same_alone_or_batched(mla):
+    target = SamplingParams(max_tokens=10, temperature=0.9, top_k=20, seed=1234)
+    prompt = prompts_of([4], seed=7)[0]
+    alone = Engine(mla, max_batch_size=1, max_len=32, eos_token_ids=[]).generate([prompt], target)
+    others = prompts_of([6, 2, 9], seed=8)
+    eng = Engine(mla, max_batch_size=4, max_len=32, eos_token_ids=[])
+    mixed = eng.generate(others[:2] + [prompt] + others[2:],
+                         [SamplingParams(max_tokens=5, seed=1), greedy(12), target, SamplingParams(max_tokens=3)])
+    assert mixed[2].outputs[0].token_ids == alone[0].outputs[0].token_ids
+    n3 = eng.generate([prompt], SamplingParams(max_tokens=10, temperature=0.9, top_k=20, seed=1234, n=3))[0]
+    assert n3.outputs[0].token_ids == alone[0].outputs[0].token_ids  # sample i uses seed + i
+    seed2 = SamplingParams(max_tokens=10, temperature=0.9, top_k=20, seed=1236)
+    alone2 = Engine(mla, max_batch_size=1, max_len=32, eos_token_ids=[]).generate([prompt], seed2)
+    assert n3.outputs[2].token_ids == alone2[0].outputs[0].token_ids  # decoded from a copied cache row
+    assert len({tuple(c.token_ids) for c in n3.outputs}) > 1
+
+
+def test_sampling_mask_holds_token_and_routing_matches_full_forward(model):
+    params = SamplingParams(max_tokens=7, temperature=1.0, top_k=5, seed=3, return_sampling_mask=True,
+                            return_routing=True)
+    prompts = prompts_of([4, 6], seed=9)
+    outs = Engine(model, max_batch_size=2, max_len=32, eos_token_ids=[]).generate(prompts, params)
+    cfg = model.config
+    for p, o in zip(prompts, outs):
+        c = o.outputs[0]
+        L = len(c.token_ids)
+        assert c.sampling_masks.shape == (L, V) and c.sampling_masks.dtype == torch.bool
+        assert c.sampling_masks.sum(-1).tolist() == [5] * L
+        assert all(c.sampling_masks[i, t] for i, t in enumerate(c.token_ids))
+        assert c.routing.shape == (L, cfg.num_moe_layers, cfg.num_experts_per_tok)
+        with torch.no_grad():
+            router = model(torch.tensor([p + c.token_ids])).router
+        want = torch.stack([r.expert_ids[0, len(p) - 1:len(p) - 1 + L] for r in router], dim=1)  # (L, layers, K)
+        assert torch.equal(c.routing.sort(-1).values, want.sort(-1).values)
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
+                                         ("max_tokens", 0), ("n", 0)])
+def test_bad_sampling_params_raise_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+# ------------------------------------------------------------------ stops and streaming
+def test_stop_strings_stop_token_ids_and_length(mla):
+    tok = CharTokenizer()
+    eng = Engine(mla, tokenizer=tok, max_batch_size=2, max_len=40, eos_token_ids=[])
+    prompt = prompts_of([5], seed=10)[0]
+    base = eng.generate([prompt], greedy(12))[0].outputs[0]
+    assert base.finish_reason == "length" and len(base.token_ids) == 12 and base.text == tok.decode(base.token_ids)
+    stop = base.text[5:7]
+    cut = base.text.find(stop)
+    o = eng.generate([prompt], greedy(12, stop=[stop]))[0].outputs[0]
+    assert o.finish_reason == "stop" and o.text == base.text[:cut]
+    assert o.token_ids == base.token_ids[:cut + 2]  # the tokens that completed the stop string are kept
+    t = base.token_ids[4]
+    o = eng.generate([prompt], greedy(12, stop_token_ids=[t]))[0].outputs[0]
+    first = base.token_ids.index(t)
+    assert o.finish_reason == "stop" and o.token_ids == base.token_ids[:first + 1]  # stop token kept
+    assert o.text == base.text[:first]  # but not in the text
+    eos = Engine(mla, tokenizer=tok, max_batch_size=1, max_len=40, eos_token_ids=[t])
+    assert eos.generate([prompt], greedy(12))[0].outputs[0].token_ids == base.token_ids[:first + 1]
+    assert eos.generate([prompt], greedy(12, ignore_eos=True))[0].outputs[0].token_ids == base.token_ids
+
+
+def test_stream_events_reassemble_the_outputs(mla):
+    tok = CharTokenizer()
+    eng = Engine(mla, tokenizer=tok, max_batch_size=2, max_len=40, eos_token_ids=[])
+    prompts = prompts_of([3, 5, 4], seed=12)
+    ref = eng.generate(prompts, greedy(9))
+    stop = ref[1].outputs[0].text[3:5]
+    params = [greedy(9), greedy(9, stop=[stop]), greedy(6)]
+    stream = eng.stream(prompts, params)
+    toks, text, done = {}, {}, {}
+    for ev in stream:
+        assert not done.get(ev.request_index), "event after finish"
+        toks.setdefault(ev.request_index, []).append(ev.token_id)
+        text[ev.request_index] = text.get(ev.request_index, "") + ev.text_delta
+        done[ev.request_index] = ev.finished
+    outs = stream.outputs
+    for i, o in enumerate(outs):
+        assert done[i] and toks[i] == o.outputs[0].token_ids and text[i] == o.outputs[0].text
+    assert outs[1].outputs[0].finish_reason == "stop" and stop not in text[1]
+    assert outs[2].outputs[0].token_ids == ref[2].outputs[0].token_ids[:6]
+    assert eng.generate(["bca"], greedy(2))[0].prompt_ids == [1, 2, 0]  # string prompts go through the tokenizer
+
+
+def test_requests_added_from_threads_share_the_batch(mla):
+    eng = Engine(mla, max_batch_size=3, max_len=32, eos_token_ids=[])
+    prompts = prompts_of([3, 6, 2, 5, 4], seed=13)
+    stop = threading.Event()
+    loop = threading.Thread(target=eng.run_forever, args=(stop,), daemon=True)
+    loop.start()
+    handles = [None] * len(prompts)
+
+    def client(i):
+        handles[i] = eng.add_request(prompts[i], greedy(6))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        results = [h.result(timeout=30) for h in handles]
+    finally:
+        stop.set()
+        loop.join(timeout=10)
+    for p, h, r in zip(prompts, handles, results):
+        assert r.outputs[0].token_ids == recompute_greedy(mla, p, 6)
+        events = [h.events.get_nowait() for _ in range(h.events.qsize())]
+        assert [e.token_id for e in events] == r.outputs[0].token_ids and events[-1].finished
+
+
+def test_cancelled_request_aborts_and_frees_its_slot(mla):
+    eng = Engine(mla, max_batch_size=1, max_len=32, eos_token_ids=[])
+    h1 = eng.add_request([1, 2, 3], greedy(20))
+    h2 = eng.add_request([4, 5], greedy(3))
+    eng.step()
+    h1.cancel()
+    while eng.has_unfinished():
+        eng.step()
+    assert h1.result(0).outputs[0].finish_reason == "abort" and len(h1.result(0).outputs[0].token_ids) == 1
+    assert h2.result(0).outputs[0].token_ids == recompute_greedy(mla, [4, 5], 3)
+
+
+# ------------------------------------------------------------------ speculative decoding
+def with_oracle_drafts(model, reference: list[int], every: int = 3):
+    """Wrap model.mtp_step so module k's last-position draft is the reference token (except every `every`-th
+    position), exercising the accept / bonus / reject paths; records the module's own argmax drafts."""
+    real = type(model).mtp_step.__get__(model)
+    seen = []
+
+    def step(k, h_prev, next_ids, positions, cache=None, absorb=False):
+        logits, h = real(k, h_prev, next_ids, positions, cache=cache, absorb=absorb)
+        p = int(positions[0, -1]) + k + 1  # the position this draft is for
+        seen.append((k, p, int(logits[0, -1].argmax())))
+        if p < len(reference) and p % every:
+            logits = logits.clone()
+            logits[0, -1] = -1e9
+            logits[0, -1, reference[p]] = 0.0
+        return logits, h
+
+    model.mtp_step = step
+    return seen
+
+
+@pytest.mark.parametrize("variant", ["mla", "dsa", "mla-2-drafts"])
+def test_speculative_greedy_equals_plain_greedy(variant, mla, dsa):
+    model = {"mla": mla, "dsa": dsa}.get(variant) or random_model(tiny_config(num_nextn_predict_layers=2), seed=5)
+    eng = Engine(model, max_batch_size=1, max_len=40, eos_token_ids=[])
+    for p in prompts_of([1, 4, 9], seed=14):
+        want = eng.generate([p], greedy(12))[0].outputs[0].token_ids
+        out = speculative_generate(model, p, 12)
+        assert out.token_ids == want and out.finish_reason == "length"
+        assert 0.0 <= out.acceptance_rate <= 1.0
+        assert out.num_main_forwards == 1 + out.num_rounds <= 12
+        seen = with_oracle_drafts(model, p + want)
+        try:
+            hit = speculative_generate(model, p, 12)
+        finally:
+            del model.mtp_step
+        assert hit.token_ids == want
+        assert hit.acceptance_rate > 0.3 and hit.num_rounds < out.num_rounds
+        # the MTP caches have no holes: module 1's own drafts equal a no-cache MTP forward's predictions
+        with torch.no_grad():
+            full = model(torch.tensor([p + want]), mtp=True)
+        mtp1 = full.mtp_logits[0][0].argmax(-1)  # [i] predicts token i+2
+        for k, pos, tok in seen:
+            if k == 1:
+                assert tok == int(mtp1[pos - 2])
+
+
+def test_speculative_stops_at_stop_token(mla):
+    p = prompts_of([5], seed=15)[0]
+    want = recompute_greedy(mla, p, 10)
+    out = speculative_generate(mla, p, 10, stop_token_ids=[want[6]])
+    assert out.finish_reason == "stop" and out.token_ids == want[:want.index(want[6]) + 1]
