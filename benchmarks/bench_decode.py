@@ -28,7 +28,12 @@ from nanoseek.engine import Engine, SamplingParams, speculative_generate  # noqa
 
 
 def build_config(name: str, quick: bool) -> ModelConfig:
-    cfg = ModelConfig.from_preset(name, torch_dtype="float32")
+    if name == "bench":  # the ~8.5M-parameter config the training benchmark uses (the reference scale)
+        from bench_train import CONFIGS
+
+        cfg = ModelConfig(**{**CONFIGS["bench"], "num_nextn_predict_layers": 1})
+    else:
+        cfg = ModelConfig.from_preset(name, torch_dtype="float32")
     if quick:  # tiny sizes: the whole script in seconds
         cfg = ModelConfig.from_preset("tiny", torch_dtype="float32", vocab_size=512, num_hidden_layers=2)
     return cfg
@@ -138,7 +143,7 @@ def spec_vs_plain(model: DeepSeekModel, prompts: list[list[int]], n: int) -> tup
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", choices=["small", "tiny"], default="small", help="model preset (fp32 on CPU)")
+    ap.add_argument("--config", choices=["bench", "small", "tiny"], default="bench", help="model preset (fp32 on CPU)")
     ap.add_argument("--new-tokens", type=int, default=32, help="new tokens per sequence (greedy, no EOS)")
     ap.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per sequence")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")

@@ -344,10 +344,9 @@ class Engine:
             logprobs=list(seq.logprobs) if p.logprobs else None,
             sampling_masks=masks if p.return_sampling_mask else None,
             routing=(torch.stack(seq.routing) if seq.routing else None) if p.return_routing else None)
-        ev = self._emit(seq, StreamEvent(seq.handle.request_id, seq.index, tok, delta, True, reason, logprob))
         if all(c is not None for c in seq.handle.completions):
-            seq.handle._done.set()
-        return ev
+            seq.handle._done.set()  # before the final event, so a consumer reacting to it can take result()
+        return self._emit(seq, StreamEvent(seq.handle.request_id, seq.index, tok, delta, True, reason, logprob))
 
     def _emit(self, seq: _Seq, ev: StreamEvent) -> StreamEvent:
         h = seq.handle

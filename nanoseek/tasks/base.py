@@ -14,6 +14,7 @@ line, `The answer is X.` in English or `答案是 X。` in Chinese; see `answer_
 from __future__ import annotations
 
 import hashlib
+import abc
 import random
 import re
 from dataclasses import asdict, dataclass, field
@@ -43,20 +44,23 @@ class Problem:
                    answer=str(d["answer"]), meta=dict(d.get("meta") or {}))
 
 
-class Task:
+class Task(abc.ABC):
     """Base class: subclasses set `name` and implement generate / verify / solution."""
 
     name: str = ""
     levels: tuple[int, ...] = LEVELS
 
+    @abc.abstractmethod
     def generate(self, rng: random.Random, level: int, lang: str) -> Problem:
-        raise NotImplementedError
+        """A random problem at `level` in `lang`."""
 
+    @abc.abstractmethod
     def verify(self, problem: Problem, answer_text: str) -> bool:
-        raise NotImplementedError
+        """Whether an extracted answer solves the problem."""
 
+    @abc.abstractmethod
     def solution(self, problem: Problem) -> tuple[str, str]:
-        raise NotImplementedError
+        """(reasoning, answer): a correct worked solution in the problem's language."""
 
     def key(self, problem: Problem) -> str:
         """A language-free identity of the problem: the train/test split is a hash of it, so the

@@ -114,7 +114,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_stage_checkpoint(ckpt_root: Path, step: int, model, tokenizer=None, state: dict | None = None,
                           keep: int = 2, extras: dict | None = None) -> Path:
-    """Write checkpoints/step_XXXXXXX atomically (temp folder + rename) and point `latest` at it.
+    """Write checkpoints/step_NNNNNNN atomically (temp folder + rename) and point `latest` at it.
     extras: {subfolder: model} saved alongside (e.g. GRPO's reference model)."""
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
