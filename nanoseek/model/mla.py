@@ -133,16 +133,20 @@ class MLA(nn.Module):
             o = torch.matmul(probs.to(vv.dtype), vv)
         else:
             probs = None
+            dv = vv.shape[-1]
+            if dv < qq.shape[-1]:  # the fused (flash) CPU/GPU kernels want v's head dim equal to q's: zero-pad v
+                vv = F.pad(vv, (0, qq.shape[-1] - dv))
             if absorb:  # one latent K/V head: fold the H query heads into the query length instead of copying K/V
                 if attn_mask is None:
                     attn_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T).expand(B, T, S)
                 m = attn_mask.unsqueeze(1).expand(B, self.H, T, S).reshape(B, 1, self.H * T, S)
                 o = F.scaled_dot_product_attention(qq.reshape(B, 1, self.H * T, -1), kk, vv, attn_mask=m,
-                                                   scale=self.softmax_scale).view(B, self.H, T, self.R)
+                                                   scale=self.softmax_scale).view(B, self.H, T, -1)
             elif attn_mask is None:
                 o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=self.softmax_scale)
             else:
                 o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=attn_mask.unsqueeze(1), scale=self.softmax_scale)
+            o = o[..., :dv]
         if absorb:
             o = torch.einsum("bhtr,hvr->bthv", o, kv_b[:, self.dn:])  # apply W_UV after attention
         else:

@@ -87,11 +87,10 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int], fp8: boo
     x: (M, in), w: (E, out, in). Only experts that received tokens run. fp8: V3 FP8 GEMMs (nanoseek.fp8)."""
     if fp8:
         from ..fp8 import fp8_linear
-    outs, start = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            outs.append(fp8_linear(x[start:start + c], w[e]) if fp8 else F.linear(x[start:start + c], w[e]))
-            start += c
+    lin = fp8_linear if fp8 else F.linear
+    # split/unbind rather than slicing in a loop: their backward is one cat/stack, where every slice's
+    # backward would zero-fill a full-size gradient buffer (per expert, per layer)
+    outs = [lin(xe, we) for xe, we, c in zip(x.split(counts), w.unbind(0), counts) if c]
     if not outs:
         return x.new_zeros(0, w.shape[1])
     return torch.cat(outs, dim=0)

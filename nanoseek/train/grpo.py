@@ -85,11 +85,13 @@ class GRPOConfig:
     device: str | None = None
     resume: bool = True
     stop_after: int | None = None
+    time_limit_s: float | None = None  # wall-clock budget: evaluate, checkpoint and finish once it is spent
     tensorboard: bool = True
 
     def __post_init__(self):
         C.validate_fields(self, [
             ("steps", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("time_limit_s", lambda v: v is None or v > 0, "must be None or > 0"),
             ("prompts_per_step", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
             ("num_generations", lambda v: isinstance(v, int) and v >= 2, "must be an integer >= 2 (a group)"),
             ("max_tokens", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
@@ -268,6 +270,7 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
         if hasattr(model.config, "n_routed_experts") else 0
     K = getattr(model.config, "num_experts_per_tok", 1)
     progress.start(cfg.steps, "grpo", initial=step)
+    t_start = time.perf_counter()
     while step < cfg.steps:
         t0 = time.perf_counter()
         C.set_lr(opt, C.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, "constant"))
@@ -344,6 +347,10 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
             ref.load_state_dict(model.state_dict())
         metrics["step_s"] = time.perf_counter() - t0
         metrics["tokens_per_s"] = sum(ntok) / max(t_sample, 1e-9)
+        out_of_time = cfg.time_limit_s is not None and time.perf_counter() - t_start >= cfg.time_limit_s
+        if out_of_time:  # the budget is spent: this is the last step, as if steps had been set to it
+            cfg = dataclasses.replace(cfg, steps=step)
+            metrics["stopped_by_time_limit"] = 1
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics.update(run_eval())
         logger.log(step, **metrics)
