@@ -32,28 +32,30 @@ STAGES = ["tokenizer", "pretrain", "dsa", "sft", "grpo", "rejection", "distill",
 
 # Per preset: stage settings and the expected seconds per stage on the reference machine (2-core CPU),
 # used for the time-left estimate. "cpu" is the default: at most 15 minutes on a 2-core CPU.
-_TASKS = dict(tasks=["arithmetic"], levels=[1], langs=["en"])
+_TASKS = dict(tasks=["arithmetic"], levels=[1, 2], langs=["en"])
+_FOCUS = dict(embedded_tasks=["arithmetic"], embedded_levels=[1, 2], embedded_langs=["en", "zh"])
 RUN_PRESETS: dict[str, dict] = {
     "cpu": dict(
-        threads=1,
-        tokenizer=dict(vocab_size=1024, docs=3000),
-        pretrain=dict(preset="tiny", embedded_docs=6000, seq_len=256, batch_size=16, steps=300, warmup=20, lr=3e-3,
-                      eval_every=100, save_every=50),
+        threads=1,  # tiny tensors: one thread is faster than two, and immune to a busy second core
+        tokenizer=dict(vocab_size=1024, docs=3000, digit_group=1),  # one token per digit: column arithmetic
+        pretrain=dict(preset="tiny", embedded_docs=6000, seq_len=256, batch_size=16, steps=360, warmup=20, lr=6e-3,
+                      schedule="wsd", eval_every=60, save_every=60, **_FOCUS),
         dsa=dict(index_topk=32, seq_len=256, batch_size=8, warmup_steps=40, sparse_steps=20, embedded_docs=1000,
                  eval_every=20, save_every=20),
-        sft=dict(embedded_records=3000, steps=150, batch_size=16, lr=1e-3, warmup=10, max_len=256, save_every=50),
-        grpo=dict(**_TASKS, steps=40, prompts_per_step=8, num_generations=8, max_tokens=64, lr=1e-4, eval_every=10,
-                  eval_problems=64, save_every=10),
-        rejection=dict(**_TASKS, num_prompts=200, k=4, max_tokens=64),
+        sft=dict(embedded_records=3000, steps=120, batch_size=16, lr=1e-3, warmup=10, max_len=256, save_every=40,
+                 **_FOCUS),
+        grpo=dict(**_TASKS, steps=40, prompts_per_step=8, num_generations=8, max_tokens=96, lr=2e-5, warmup=5,
+                  eval_every=10, eval_problems=64, save_every=10),
+        rejection=dict(**_TASKS, num_prompts=128, k=4, max_tokens=96),
         distill=dict(steps=150, batch_size=16, lr=2e-3, warmup=10, max_len=192),
-        eval=dict(**_TASKS, num_problems=64, k=4, max_tokens=64),
-        estimates=dict(tokenizer=10, pretrain=280, dsa=60, sft=120, grpo=240, rejection=30, distill=90, eval=60,
+        eval=dict(**_TASKS, num_problems=32, k=4, max_tokens=96),
+        estimates=dict(tokenizer=10, pretrain=330, dsa=60, sft=45, grpo=150, rejection=30, distill=40, eval=90,
                        report=10),
     ),
 }
 RUN_PRESETS["micro"] = copy.deepcopy(RUN_PRESETS["cpu"])
 RUN_PRESETS["micro"].update(
-    tokenizer=dict(vocab_size=400, docs=400),
+    tokenizer=dict(vocab_size=400, docs=400, digit_group=1),
     pretrain=dict(preset="tiny", embedded_docs=400, seq_len=64, batch_size=4, steps=8, warmup=1, lr=3e-3,
                   eval_every=8, save_every=4, model_overrides=dict(hidden_size=64, intermediate_size=128,
                   moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32,
@@ -143,7 +145,9 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> Path:
 
     def eta(i: int) -> float:
         done = [s for s in STAGES[:i] if s in timings and timings[s].get("estimated")]
-        speed = (sum(timings[s]["seconds"] for s in done) / sum(est[s] for s in done)) if done else 1.0
+        # rescale the remaining estimates by how fast the finished stages ran, smoothed by a minute so a
+        # short first stage does not swing the estimate
+        speed = (sum(timings[s]["seconds"] for s in done) + 60) / (sum(est[s] for s in done) + 60)
         return speed * sum(est[s] for s in STAGES[i:])
 
     for i, stage in enumerate(STAGES):
