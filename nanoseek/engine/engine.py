@@ -272,7 +272,7 @@ class Engine:
         """One absorbed-mode token for every running row; rows 0..max slot form the batch."""
         nb = max(q.slot for q in running) + 1
         top = max(len(self.kept[q.slot]) for q in running)  # the furthest live position this step
-        ids, pos = [0] * nb, [0] * nb
+        ids, pos, live = [0] * nb, [0] * nb, []
         for s in range(nb):
             kept = self.kept[s]
             if self.slots[s] is None:  # idle row: write just past its kept prefix (shortened so keys stay <= top)
@@ -281,11 +281,13 @@ class Engine:
             else:
                 pos[s] = len(kept)
                 ids[s] = self.slots[s].tokens[-1]
-                kept.append(ids[s])
+                live.append(s)
         x = torch.tensor(ids, device=self.device).unsqueeze(1)  # (nb, 1)
         p = torch.tensor(pos, device=self.device).unsqueeze(1)
         out = self.model(x, positions=p, cache=self.cache, absorb=True)
         self.num_forwards += 1
+        for s in live:  # only now do these rows hold the token's latents (an interrupt above claims nothing)
+            self.kept[s].append(ids[s])
         rows = torch.tensor([q.slot for q in running], device=self.device)
         routing = None
         if out.router and any(q.params.return_routing for q in running):
