@@ -186,27 +186,12 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", strict
     expected = expected_hf_shapes(model)
     present = set(reader.keys())
     scale_names = {k for k in present if k.endswith(".weight_scale_inv")}
-    problems = []
-    missing = sorted(k for k in expected if k not in present)
     # scales of fused experts are checked through their weights; other scales must belong to a known weight
-    unexpected = sorted(
-        k for k in present - set(expected)
-        if not (k in scale_names and k[: -len("_scale_inv")] in expected)
-    )
+    ignore = {k for k in scale_names if k[: -len("_scale_inv")] in expected}
+    problems, unexpected = check_tensors(reader, expected, present, ignore)
     mtp_extra = [k for k in unexpected if _layer_index(k) is not None and _layer_index(k) >= config.num_hidden_layers]
-    if missing:
-        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:50])}" + (" ..." if len(missing) > 50 else ""))
-    if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:50])}"
-                        + (" ..." if len(unexpected) > 50 else ""))
-        if mtp_extra and config.num_nextn_predict_layers == 0:
-            problems.append("the checkpoint has MTP layers but config.num_nextn_predict_layers is 0")
-    for k, shape in expected.items():
-        if k in present:
-            got = reader.shape(k)
-            if got != shape:
-                problems.append(f"{k}: shape {list(got)} in {reader.where[k].name}, expected {list(shape)}")
-                present.discard(k)  # never copied, even when strict=False
+    if mtp_extra and config.num_nextn_predict_layers == 0:
+        problems.append("the checkpoint has MTP layers but config.num_nextn_predict_layers is 0")
     if problems and strict:
         raise CheckpointError(f"{folder}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
 
@@ -238,6 +223,29 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", strict
             model.load_problems = problems  # what strict mode would have raised
     model.eval()
     return model
+
+
+def check_tensors(reader: "_Reader", expected: dict, present: set, ignore: set = frozenset()) -> tuple[list, list]:
+    """Compare a checkpoint's tensors with the expected name -> shape map. Returns (problems, unexpected
+    names): one line each for the missing, the unexpected (minus `ignore`) and every mis-shaped tensor.
+    Mis-shaped names are removed from `present`, so they are never copied, even when strict=False."""
+    def listing(kind, names):
+        return f"{kind} tensors ({len(names)}): {', '.join(names[:50])}" + (" ..." if len(names) > 50 else "")
+
+    problems = []
+    missing = sorted(k for k in expected if k not in present)
+    unexpected = sorted(k for k in present - set(expected) if k not in ignore)
+    if missing:
+        problems.append(listing("missing", missing))
+    if unexpected:
+        problems.append(listing("unexpected", unexpected))
+    for k, shape in expected.items():
+        if k in present:
+            got = reader.shape(k)
+            if got != shape:
+                problems.append(f"{k}: shape {list(got)} in {reader.where[k].name}, expected {list(shape)}")
+                present.discard(k)
+    return problems, unexpected
 
 
 def _layer_index(name: str) -> int | None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import HFConfigFile
-from .layers import MLP, RMSNorm, rope_half
+from .layers import MLP, RMSNorm, init_params, rope_half
 from .transformer import ModelOutput, build_mask
 
 
@@ -343,15 +343,7 @@ class DenseModel(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """Normal(0, initializer_range) for every matrix, ones for norms, zeros for biases."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        std = self.config.initializer_range
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.fill_(1.0)
+        init_params(self, self.config.initializer_range, seed)
         self.reset_rope()
 
     def reset_rope(self) -> None:

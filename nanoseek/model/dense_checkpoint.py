@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, _Reader, write_shards
+from ..checkpoint import CheckpointError, _Reader, check_tensors, write_shards
 from .dense import DenseConfig, DenseModel
 
 # tensors some published checkpoints carry that carry no information here
@@ -66,21 +66,9 @@ def load_dense(path, dtype: torch.dtype | None = None, device="cpu", strict: boo
     expected = {k: tuple(v.shape) for k, v in dense_hf_state_dict(model).items()}
     present = set(reader.keys())
     tied_head = config.tie_word_embeddings and "lm_head.weight" in present  # some tied checkpoints keep a copy
-    problems = []
-    missing = sorted(k for k in expected if k not in present)
-    unexpected = sorted(k for k in present - set(expected)
-                        if not k.endswith(_IGNORED_SUFFIXES) and not (tied_head and k == "lm_head.weight"))
-    if missing:
-        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:50])}" + (" ..." if len(missing) > 50 else ""))
-    if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:50])}"
-                        + (" ..." if len(unexpected) > 50 else ""))
-    for k, shape in expected.items():
-        if k in present:
-            got = reader.shape(k)
-            if got != shape:
-                problems.append(f"{k}: shape {list(got)} in {reader.where[k].name}, expected {list(shape)}")
-                present.discard(k)  # never copied, even when strict=False
+    ignore = {k for k in present - set(expected)
+              if k.endswith(_IGNORED_SUFFIXES) or (tied_head and k == "lm_head.weight")}
+    problems, _ = check_tensors(reader, expected, present, ignore)
     if problems and strict:
         raise CheckpointError(f"{folder}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
 

@@ -114,3 +114,16 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@torch.no_grad()
+def init_params(module: nn.Module, std: float, seed: int | None = None) -> None:
+    """Normal(0, std) for every matrix, ones for norm weights, zeros for biases (DeepSeek / HF convention)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.fill_(1.0)

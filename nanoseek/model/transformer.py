@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import MLP, RMSNorm, RotaryEmbedding
+from .layers import MLP, RMSNorm, RotaryEmbedding, init_params
 from .mla import MLA
 from .moe import MoE, RouterOutput
 
@@ -132,15 +132,7 @@ class DeepSeekModel(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """Normal(0, initializer_range) for every matrix, ones for norms, zeros for biases and selection bias."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        std = self.config.initializer_range
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.fill_(1.0)
+        init_params(self, self.config.initializer_range, seed)
         for name, b in self.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.zero_()
