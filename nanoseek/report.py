@@ -15,7 +15,10 @@ from .train.common import atomic_write_text, read_metrics
 
 
 def _plt():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("the report's plots need matplotlib: pip install 'nanoseek[plot]' (setup.sh installs it)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
