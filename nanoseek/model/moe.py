@@ -7,6 +7,7 @@ I = expert width, G = expert groups.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +19,30 @@ from .layers import MLP
 
 @dataclass
 class RouterOutput:
-    """What training and RL need from one MoE layer."""
+    """What training and RL need from one MoE layer. `load` and `balance_loss` are computed on first
+    access, so inference (which never reads them) does not pay for them."""
 
-    expert_ids: torch.Tensor  # (N, K) long: chosen experts
-    weights: torch.Tensor  # (N, K) fp32: combine weights (normalised, scaled)
-    scores: torch.Tensor  # (N, E) fp32: affinities s (sigmoid or softmax), before the selection bias
-    load: torch.Tensor  # (E,) fp32: tokens routed to each expert in this forward
-    balance_loss: torch.Tensor  # scalar: sequence-wise balance loss sum_i f_i P_i, mean over sequences (times alpha outside)
+    expert_ids: torch.Tensor  # (B, T, K) long: chosen experts
+    weights: torch.Tensor  # (B, T, K) fp32: combine weights (normalised, scaled)
+    scores: torch.Tensor  # (B, T, E) fp32: affinities s (sigmoid or softmax), before the selection bias
+
+    @cached_property
+    def load(self) -> torch.Tensor:
+        """(E,) fp32: tokens routed to each expert in this forward."""
+        E = self.scores.shape[-1]
+        ids = self.expert_ids.reshape(-1).detach()
+        return torch.zeros(E, device=ids.device).index_add_(0, ids, torch.ones(ids.numel(), device=ids.device))
+
+    @cached_property
+    def balance_loss(self) -> torch.Tensor:
+        """Sequence-wise balance loss (V3 eq. 17-20), mean over sequences, not yet times alpha:
+        sum_i f_i P_i with f_i = E/(K T) * count_i and P_i = mean_t of s normalised over the experts."""
+        B, T, K = self.expert_ids.shape
+        E = self.scores.shape[-1]
+        counts = torch.zeros(B, E, device=self.scores.device).scatter_add_(
+            1, self.expert_ids.reshape(B, T * K), torch.ones(B, T * K, device=self.scores.device))
+        P = (self.scores / self.scores.sum(-1, keepdim=True)).mean(1)
+        return (counts * (E / (K * T)) * P).sum(-1).mean()
 
 
 class Gate(nn.Module):
@@ -137,14 +155,5 @@ class MoE(nn.Module):
         y = self.experts(flat, ids, w)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        E, K = self.gate.E, self.gate.K
-        with torch.no_grad():
-            load = torch.zeros(E, device=x.device, dtype=torch.float32).index_add_(
-                0, ids.reshape(-1), torch.ones(ids.numel(), device=x.device))
-        # sequence-wise balance loss (V3 eq. 17-20): f_i = E/(K T) * count_i, P_i = mean_t s'_i, s' = s normalised
-        counts = torch.zeros(B, E, device=x.device).scatter_add_(
-            1, ids.view(B, T * K), torch.ones(B, T * K, device=x.device))
-        f = counts * (E / (K * T))
-        P = (scores / scores.sum(-1, keepdim=True)).view(B, T, E).mean(1)
-        balance = (f * P).sum(-1).mean()
-        return y.view(B, T, D), RouterOutput(ids.view(B, T, K), w.view(B, T, K), scores.view(B, T, E), load, balance)
+        K = self.gate.K
+        return y.view(B, T, D), RouterOutput(ids.view(B, T, K), w.view(B, T, K), scores.view(B, T, -1))
