@@ -52,3 +52,13 @@ def test_micro_run_end_to_end_killed_and_resumed(tmp_path):
         ids = tok.apply_chat_template([{"role": "user", "content": "1+1"}], add_generation_prompt=True, thinking=True)
         ids = ids["input_ids"] if not isinstance(ids, list) else ids
         assert model(torch.tensor([ids])).logits.shape[-1] == model.config.vocab_size
+
+
+@pytest.mark.slow
+def test_micro_run_with_fp8_reports_the_loss_gap(tmp_path):
+    from nanoseek.cli import main
+
+    assert main(["run", "--preset", "micro", "--fp8", "--out", str(tmp_path / "r")]) == 0
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "## FP8" in report and "relative gap" in report and "FP8 vs high precision" in report
+    assert (tmp_path / "r" / "pretrain_no_fp8" / "model" / "config.json").exists()
