@@ -184,6 +184,29 @@ class _Generation:
             if not h.done:
                 h.cancel()
 
+    async def drain(self) -> None:
+        """Wait until every sample finished (non-streaming requests); cancels what is left on the way out."""
+        try:
+            async for _ in self.events():
+                pass
+        finally:
+            self.cancel()
+
+    def sse_response(self, chunks) -> StreamingResponse:
+        """Stream the async iterator `chunks` (SSE lines) then [DONE]; an engine failure becomes an error event,
+        and a client that goes away cancels the generation."""
+        async def body():
+            try:
+                async for c in chunks:
+                    yield c
+            except APIError as e:
+                yield sse(e.body())
+            finally:
+                self.cancel()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch_size: int = 16,
                max_len: int | None = None, thinking: bool = True) -> FastAPI:
@@ -290,32 +313,22 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
                     "choices": choices}
 
         if body.get("stream"):
-            async def stream_body():
+            async def chunks():
                 tokens = 0
-                try:
-                    async for i, ev in gen.events():
-                        tokens += ev.token_id >= 0
-                        if not (ev.text_delta or ev.finished or k is not None):
-                            continue
-                        lp = completion_logprobs([ev.token_id], [ev.logprob], tokenizer) if k is not None \
-                            and ev.token_id >= 0 else None
-                        yield sse(head([{"index": i * n + ev.sample_index, "text": ev.text_delta, "logprobs": lp,
-                                          "finish_reason": ev.finish_reason if ev.finished else None}]))
-                    if include_usage:
-                        yield sse({**head([]), "usage": usage(prompts, tokens)})
-                except APIError as e:
-                    yield sse(e.body())
-                finally:
-                    gen.cancel()
-                yield "data: [DONE]\n\n"
+                async for i, ev in gen.events():
+                    tokens += ev.token_id >= 0
+                    if not (ev.text_delta or ev.finished or k is not None):
+                        continue
+                    lp = completion_logprobs([ev.token_id], [ev.logprob], tokenizer) if k is not None \
+                        and ev.token_id >= 0 else None
+                    yield sse(head([{"index": i * n + ev.sample_index, "text": ev.text_delta, "logprobs": lp,
+                                      "finish_reason": ev.finish_reason if ev.finished else None}]))
+                if include_usage:
+                    yield sse({**head([]), "usage": usage(prompts, tokens)})
 
-            return StreamingResponse(stream_body(), media_type="text/event-stream", headers=SSE_HEADERS)
+            return gen.sse_response(chunks())
 
-        try:
-            async for _ in gen.events():
-                pass
-        finally:
-            gen.cancel()
+        await gen.drain()
         choices, tokens = [], 0
         for i, h in enumerate(gen.handles):
             for j, c in enumerate(h.completions):
@@ -351,7 +364,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
             return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": choices}
 
         if body.get("stream"):
-            async def stream_body():
+            async def chunks():
                 splitters = [ReasoningSplitter(think) for _ in range(params.n)]
                 tokens = 0
 
@@ -359,41 +372,31 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
                     return sse(head([{"index": j, "delta": delta, "logprobs": lp, "finish_reason": finish}],
                                      "chat.completion.chunk"))
 
-                try:
-                    for j in range(params.n):
-                        yield chunk(j, {"role": "assistant", "content": ""})
-                    async for _, ev in gen.events():
-                        j = ev.sample_index
-                        tokens += ev.token_id >= 0
-                        dr, da = splitters[j].feed(ev.text_delta)
-                        if ev.finished:
-                            fr, fa = splitters[j].finish()
-                            dr, da = dr + fr, da + fa
-                        lp = chat_logprobs([ev.token_id], [ev.logprob], tokenizer) if want_lp \
-                            and ev.token_id >= 0 else None
-                        if dr:
-                            yield chunk(j, {"reasoning_content": dr}, lp=None if da else lp)
-                        if da:
-                            yield chunk(j, {"content": da}, lp=lp)
-                        if lp is not None and not (dr or da):
-                            yield chunk(j, {}, lp=lp)
-                        if ev.finished:
-                            yield chunk(j, {}, ev.finish_reason)
-                    if include_usage:
-                        yield sse({**head([], "chat.completion.chunk"), "usage": usage([ids], tokens)})
-                except APIError as e:
-                    yield sse(e.body())
-                finally:
-                    gen.cancel()
-                yield "data: [DONE]\n\n"
+                for j in range(params.n):
+                    yield chunk(j, {"role": "assistant", "content": ""})
+                async for _, ev in gen.events():
+                    j = ev.sample_index
+                    tokens += ev.token_id >= 0
+                    dr, da = splitters[j].feed(ev.text_delta)
+                    if ev.finished:
+                        fr, fa = splitters[j].finish()
+                        dr, da = dr + fr, da + fa
+                    lp = chat_logprobs([ev.token_id], [ev.logprob], tokenizer) if want_lp \
+                        and ev.token_id >= 0 else None
+                    if dr:
+                        yield chunk(j, {"reasoning_content": dr}, lp=None if da else lp)
+                    if da:
+                        yield chunk(j, {"content": da}, lp=lp)
+                    if lp is not None and not (dr or da):
+                        yield chunk(j, {}, lp=lp)
+                    if ev.finished:
+                        yield chunk(j, {}, ev.finish_reason)
+                if include_usage:
+                    yield sse({**head([], "chat.completion.chunk"), "usage": usage([ids], tokens)})
 
-            return StreamingResponse(stream_body(), media_type="text/event-stream", headers=SSE_HEADERS)
+            return gen.sse_response(chunks())
 
-        try:
-            async for _ in gen.events():
-                pass
-        finally:
-            gen.cancel()
+        await gen.drain()
         choices, tokens = [], 0
         for j, c in enumerate(gen.handles[0].completions):
             tokens += len(c.token_ids)
