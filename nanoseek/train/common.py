@@ -49,7 +49,10 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # tensors and plain numbers only, so trainer_state.pt loads with torch.load(weights_only=True)
+    s = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+         "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -57,7 +60,8 @@ def rng_state() -> dict:
 
 def set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -151,8 +155,8 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    # weights_only: the restricted unpickler (tensors, dicts, numbers, strings) - never arbitrary objects
-    return torch.load(Path(ckpt) / "trainer_state.pt", map_location="cpu", weights_only=False)
+    # weights_only: the restricted unpickler (tensors, dicts, numbers, strings), never arbitrary objects
+    return torch.load(Path(ckpt) / "trainer_state.pt", map_location="cpu", weights_only=True)
 
 
 def copy_model_folder(src: Path, dst: Path) -> Path:
