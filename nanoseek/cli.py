@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 import types
@@ -106,32 +107,26 @@ def cmd_info(args) -> None:
     print(f"KV cache per token  {per_tok:,} values (expanded K/V would be {mha:,}: {mha / per_tok:.0f}x)")
 
 
-def cmd_pretrain(args) -> None:
-    from .train.pretrain import PretrainConfig, pretrain
-
-    out = pretrain(dataclass_from_args(PretrainConfig, args), _progress())
-    print(f"model written to {out}")
-
-
-def cmd_dsa(args) -> None:
-    from .train.dsa import DSAConfig, dsa
-
-    out = dsa(dataclass_from_args(DSAConfig, args), _progress())
-    print(f"model written to {out}")
-
-
-def cmd_sft(args) -> None:
-    from .train.sft import SFTConfig, sft
-
-    out = sft(dataclass_from_args(SFTConfig, args), _progress())
-    print(f"model written to {out}")
+# the training stages: (command, help, module, config class, function, config fields not exposed as flags)
+TRAIN_STAGES = [
+    ("pretrain", "pre-train a DeepSeek-V3-style base model (MTP, aux-loss-free MoE, FP8)",
+     "pretrain", "PretrainConfig", "pretrain", ()),
+    ("dsa", "DSA continued training: indexer warm-up, then sparse training (V3.2)", "dsa", "DSAConfig", "dsa", ()),
+    ("sft", "supervised fine-tuning on chat JSONL with the thinking template", "sft", "SFTConfig", "sft",
+     ("records",)),
+    ("grpo", "GRPO with verifiable rewards (R1 recipe, V3.2 options)", "grpo", "GRPOConfig", "grpo", ()),
+    ("distill", "fine-tune a dense Qwen2-compatible student on the teacher's samples", "distill", "DistillConfig",
+     "distill", ()),
+]
 
 
-def cmd_grpo(args) -> None:
-    from .train.grpo import GRPOConfig, grpo
+def _stage_command(module: str, cls_name: str, fn_name: str):
+    def run_stage(args) -> None:
+        mod = importlib.import_module(f".train.{module}", __package__)
+        out = getattr(mod, fn_name)(dataclass_from_args(getattr(mod, cls_name), args), _progress())
+        print(f"model written to {out}")
 
-    out = grpo(dataclass_from_args(GRPOConfig, args), _progress())
-    print(f"model written to {out}")
+    return run_stage
 
 
 def cmd_eval(args) -> None:
@@ -191,13 +186,6 @@ def cmd_rejection(args) -> None:
           f"{stats['dropped_format']} malformed); written to {path}")
 
 
-def cmd_distill(args) -> None:
-    from .train.distill import DistillConfig, distill
-
-    out = distill(dataclass_from_args(DistillConfig, args), _progress())
-    print(f"student written to {out}")
-
-
 def cmd_convert(args) -> None:
     import torch
 
@@ -237,44 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="a config.json or model folder")
     s.set_defaults(fn=cmd_info)
 
-    from .train.pretrain import PretrainConfig
-
-    s = sub.add_parser("pretrain", help="pre-train a DeepSeek-V3-style base model (MTP, aux-loss-free MoE, FP8)")
-    add_dataclass_args(s, PretrainConfig)
-    s.set_defaults(fn=cmd_pretrain)
-
-    from .train.dsa import DSAConfig
-
-    s = sub.add_parser("dsa", help="DSA continued training: indexer warm-up, then sparse training (V3.2)")
-    add_dataclass_args(s, DSAConfig)
-    s.set_defaults(fn=cmd_dsa)
+    for name, help_, module, cls_name, fn_name, skip in TRAIN_STAGES:
+        s = sub.add_parser(name, help=help_)
+        add_dataclass_args(s, getattr(importlib.import_module(f".train.{module}", __package__), cls_name), skip=skip)
+        s.set_defaults(fn=_stage_command(module, cls_name, fn_name))
 
     from .train.evaluate import EvalConfig
-    from .train.grpo import GRPOConfig
-    from .train.sft import SFTConfig
-
-    s = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL with the thinking template")
-    add_dataclass_args(s, SFTConfig, skip=("records",))
-    s.set_defaults(fn=cmd_sft)
-
-    s = sub.add_parser("grpo", help="GRPO with verifiable rewards (R1 recipe, V3.2 options)")
-    add_dataclass_args(s, GRPOConfig)
-    s.set_defaults(fn=cmd_grpo)
+    from .train.rejection import RejectionConfig
 
     s = sub.add_parser("eval", help="held-out evaluation: pass@1 over k samples, maj@k, format rate, length")
     add_dataclass_args(s, EvalConfig)
     s.set_defaults(fn=cmd_eval)
 
-    from .train.distill import DistillConfig
-    from .train.rejection import RejectionConfig
-
     s = sub.add_parser("rejection-sample", help="sample k per prompt, keep verified and clean samples as SFT JSONL")
     add_dataclass_args(s, RejectionConfig)
     s.set_defaults(fn=cmd_rejection)
-
-    s = sub.add_parser("distill", help="fine-tune a dense Qwen2-compatible student on the teacher's samples")
-    add_dataclass_args(s, DistillConfig)
-    s.set_defaults(fn=cmd_distill)
 
     s = sub.add_parser("convert", help="re-save a checkpoint: FP8 block-quantised, bf16, or resharded")
     s.add_argument("src")

@@ -144,3 +144,14 @@ def test_user_jsonl_data(tmp_path):
                             for i in range(400)))
     out = pretrain(micro_cfg(tmp_path, data=[str(path)], steps=4, eval_every=4))
     assert read_metrics(out.parent)[-1]["step"] == 4
+
+
+def test_cli_pretrain_maps_flags_to_the_config(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    rc = main(["pretrain", "--out-dir", str(tmp_path / "cli"), "--steps", "2", "--warmup", "0", "--seq-len", "32",
+               "--batch-size", "2", "--embedded-docs", "100", "--vocab-size", "300", "--no-tensorboard",
+               "--model-overrides", json.dumps(MICRO)])
+    assert rc == 0 and "model written to" in capsys.readouterr().out
+    assert read_metrics(tmp_path / "cli")[-1]["step"] == 2
+    assert main(["pretrain", "--steps", "0"]) == 2  # a bad value is a named error, exit code 2
