@@ -113,11 +113,13 @@ class _Seq:
 class Engine:
     def __init__(self, model: DeepSeekModel, tokenizer=None, max_batch_size: int = 16, max_len: int | None = None,
                  device=None, dtype: torch.dtype | None = None, prefill_chunk: int | None = 512,
-                 eos_token_ids: int | Sequence[int] | None = None):
+                 eos_token_ids: int | Sequence[int] | None = None, fast_decode: bool | None = None):
         """The model is used in place: moved to device/dtype when given and put in eval mode (a trainer sharing
         it calls model.train() again). eos_token_ids: ids ending a sample unless params.ignore_eos; None = the
         tokenizer's eos (eos_token_id or eos_id), else the model config's eos_token_id; [] = none. max_len:
-        cache positions per slot, prompt + generated (default min(max_position_embeddings, 4096))."""
+        cache positions per slot, prompt + generated (default min(max_position_embeddings, 4096)).
+        fast_decode: decode with `FastDecoder` (same maths, a third of the operator calls, one packed copy of the
+        weights); None = on CPU when the model supports it, True = required (ValueError if unsupported)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -138,6 +140,15 @@ class Engine:
                 eos = getattr(tokenizer, "eos_id", None)
             eos_token_ids = eos if eos is not None else cfg.eos_token_id
         self.eos_token_ids = set([eos_token_ids] if isinstance(eos_token_ids, int) else (eos_token_ids or []))
+        self.fast = None
+        if fast_decode or (fast_decode is None and self.device.type == "cpu"):
+            from .fast_decode import FastDecoder, unsupported_reason
+
+            reason = unsupported_reason(self.model)
+            if reason is None:
+                self.fast = FastDecoder(self.model)
+            elif fast_decode:
+                raise ValueError(f"fast_decode=True but {reason}")
         self.cache = model.new_cache(max_batch_size, max_len, self.dtype, self.device, num_layers=cfg.num_hidden_layers)
         self.slots: list[_Seq | None] = [None] * max_batch_size
         self.kept: list[list[int]] = [[] for _ in range(max_batch_size)]  # tokens whose latents each row holds
@@ -283,16 +294,20 @@ class Engine:
                 ids[s] = self.slots[s].tokens[-1]
                 live.append(s)
         x = torch.tensor(ids, device=self.device).unsqueeze(1)  # (nb, 1)
-        p = torch.tensor(pos, device=self.device).unsqueeze(1)
-        out = self.model(x, positions=p, cache=self.cache, absorb=True)
+        if self.fast is not None:
+            logits, expert_ids = self.fast(x, pos, self.cache)
+        else:
+            out = self.model(x, positions=torch.tensor(pos, device=self.device).unsqueeze(1), cache=self.cache,
+                             absorb=True)
+            logits, expert_ids = out.logits[:, -1], [r.expert_ids[:, -1] for r in out.router]
         self.num_forwards += 1
         for s in live:  # only now do these rows hold the token's latents (an interrupt above claims nothing)
             self.kept[s].append(ids[s])
         rows = torch.tensor([q.slot for q in running], device=self.device)
         routing = None
-        if out.router and any(q.params.return_routing for q in running):
-            routing = torch.stack([r.expert_ids[:, -1] for r in out.router], dim=1)[rows]  # (n, num_moe, K)
-        return self._sample_and_append(running, out.logits[:, -1][rows], routing)
+        if expert_ids and any(q.params.return_routing for q in running):
+            routing = torch.stack(expert_ids, dim=1)[rows]  # (n, num_moe, K)
+        return self._sample_and_append(running, logits[rows], routing)
 
     def _sample_and_append(self, seqs: list[_Seq], logits: torch.Tensor, routing: torch.Tensor | None
                            ) -> list[StreamEvent]:

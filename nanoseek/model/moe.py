@@ -135,7 +135,7 @@ class Experts(nn.Module):
         gate, up = h.chunk(2, dim=-1)
         h = grouped_linear(F.silu(gate) * up, self.down_proj, counts, self.fp8)  # (N*K, D)
         h = h * w.reshape(-1)[order].unsqueeze(-1).to(h.dtype)
-        return torch.zeros_like(x).index_add_(0, token, h)
+        return torch.zeros_like(x, dtype=h.dtype).index_add_(0, token, h)  # h is bf16 under autocast
 
 
 class MoE(nn.Module):

@@ -1,0 +1,107 @@
+"""FastDecoder: the lean decode step equals the model's absorbed forward on every config shape it accepts,
+follows weight updates, and is refused (or skipped) where it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine.fast_decode import FastDecoder, unsupported_reason
+from oracle import YARN, random_model, tiny_config
+
+VARIANTS = {
+    "default": {},
+    "no_q_lora_bias_yarn": dict(q_lora_rank=None, attention_bias=True, rope_scaling=YARN),
+    "half_rope_softmax_v2": dict(rope_interleave=False, scoring_func="softmax", topk_method="group_limited_greedy",
+                                 norm_topk_prob=False, n_shared_experts=0, first_k_dense_replace=0),
+    "top1_one_group": dict(num_experts_per_tok=1, n_group=1, topk_group=1, first_k_dense_replace=2),
+}
+
+
+def _prefilled(model, lengths, max_len=40, seed=0):
+    """A cache whose rows hold prompts of the given lengths (expanded prefill, one row at a time)."""
+    g = torch.Generator().manual_seed(seed)
+    cache = model.new_cache(len(lengths), max_len, num_layers=model.config.num_hidden_layers)
+    for row, n in enumerate(lengths):
+        ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g)
+        model(ids, positions=torch.arange(n).unsqueeze(0), cache=cache.row_view(row), absorb=False)
+    return cache
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@torch.no_grad()
+def test_step_matches_absorbed_forward_logits_routing_and_cache(variant):
+    model = random_model(tiny_config(**VARIANTS[variant]), seed=3)
+    assert unsupported_reason(model) is None
+    lengths = [5, 1, 12]  # rows at different positions: the mask and the cache writes are per row
+    ref_cache, fast_cache = _prefilled(model, lengths), _prefilled(model, lengths)
+    ids = torch.tensor([[7], [3], [50]])
+    out = model(ids, positions=torch.tensor(lengths).unsqueeze(1), cache=ref_cache, absorb=True)
+    logits, routing = FastDecoder(model)(ids, lengths, fast_cache)
+    torch.testing.assert_close(logits, out.logits[:, -1], rtol=1e-4, atol=1e-4)
+    assert [r.tolist() for r in routing] == [r.expert_ids[:, -1].tolist() for r in out.router]
+    torch.testing.assert_close(fast_cache.latent, ref_cache.latent, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["default", "no_q_lora_bias_yarn"])
+def test_engine_greedy_and_logprobs_identical_with_and_without_fast_decode(variant):
+    model = random_model(tiny_config(**VARIANTS[variant]), seed=4)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (3, 9, 1, 6)]
+    params = SamplingParams(max_tokens=10, temperature=0, return_routing=True, logprobs=True)
+    runs = {}
+    for fast in (True, False):
+        eng = Engine(model, max_batch_size=3, max_len=32, eos_token_ids=[], fast_decode=fast)  # 4 prompts, 3 slots
+        assert (eng.fast is not None) == fast
+        runs[fast] = [o.outputs[0] for o in eng.generate(prompts, params)]
+    for a, b in zip(runs[True], runs[False]):
+        assert a.token_ids == b.token_ids
+        assert torch.equal(a.routing, b.routing)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-4, atol=1e-4)
+
+
+def test_weight_updates_are_picked_up():
+    """A trainer sharing the model (GRPO) steps the optimizer between rollouts: the packed copy must follow."""
+    model = random_model(tiny_config(), seed=5)
+    fast = FastDecoder(model)
+    ids, lengths = torch.tensor([[4], [9]]), [6, 3]
+    fast(ids, lengths, _prefilled(model, lengths))
+    assert fast.num_packs == 1
+    fast(ids, lengths, _prefilled(model, lengths))
+    assert fast.num_packs == 1  # unchanged weights: no repack
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    model.train()
+    model(torch.randint(0, 97, (2, 8))).logits.square().mean().backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        cache = _prefilled(model, lengths)
+        ref = model(ids, positions=torch.tensor(lengths).unsqueeze(1), cache=cache, absorb=True).logits[:, -1]
+        logits, _ = fast(ids, lengths, _prefilled(model, lengths))
+    assert fast.num_packs == 2
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_models_fall_back_or_raise():
+    dsa = random_model(tiny_config(index_topk=4), seed=6)
+    assert "DSA" in unsupported_reason(dsa)
+    assert Engine(dsa, max_batch_size=1, max_len=16).fast is None  # auto: the generic forward
+    with pytest.raises(ValueError, match="DSA"):
+        Engine(dsa, max_batch_size=1, max_len=16, fast_decode=True)
+    with pytest.raises(ValueError, match="DSA"):
+        FastDecoder(dsa)
+    from nanoseek.fp8 import quantize_model_for_inference
+
+    fp8 = random_model(tiny_config(), seed=7)
+    quantize_model_for_inference(fp8)
+    assert "FP8" in unsupported_reason(fp8)
+    mla = random_model(tiny_config(), seed=8)
+    assert Engine(mla, max_batch_size=1, max_len=16, fast_decode=False).fast is None
+
+
+def test_position_beyond_cache_is_a_clear_error():
+    model = random_model(tiny_config(), seed=9)
+    cache = model.new_cache(1, 8, num_layers=model.config.num_hidden_layers)
+    with pytest.raises(ValueError, match="beyond the cache length 8"):
+        FastDecoder(model)(torch.tensor([[1]]), [8], cache)
