@@ -70,6 +70,7 @@ def test_weight_updates_are_picked_up():
     assert fast.num_packs == 1
     fast(ids, lengths, _prefilled(model, lengths))
     assert fast.num_packs == 1  # unchanged weights: no repack
+    assert FastDecoder.for_model(model) is FastDecoder.for_model(model)  # engines on one model share one pack
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     model.train()
     model(torch.randint(0, 97, (2, 8))).logits.square().mean().backward()
@@ -105,3 +106,43 @@ def test_position_beyond_cache_is_a_clear_error():
     cache = model.new_cache(1, 8, num_layers=model.config.num_hidden_layers)
     with pytest.raises(ValueError, match="beyond the cache length 8"):
         FastDecoder(model)(torch.tensor([[1]]), [8], cache)
+
+
+@pytest.mark.parametrize("variant", ["default", "no_q_lora_bias_yarn"])
+@torch.no_grad()
+def test_several_tokens_per_row_and_mtp_step_match_the_model(variant):
+    """Speculative verification feeds T tokens per row; drafting runs the MTP modules on the same cache."""
+    model = random_model(tiny_config(**VARIANTS[variant], num_nextn_predict_layers=2), seed=10)
+    N = model.config.num_hidden_layers
+    lengths = [4, 9]
+    ref_cache, fast_cache = _prefilled(model, lengths), _prefilled(model, lengths)
+    for c in (ref_cache, fast_cache):  # the prefill helper holds main layers only: give the MTP layers rows too
+        c.latent = torch.cat([c.latent, torch.zeros_like(c.latent[:2])])
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 97, (2, 3), generator=g)
+    pos = torch.tensor(lengths).unsqueeze(1) + torch.arange(3)  # (2, 3): each row continues its own prefix
+    out = model(ids, positions=pos, cache=ref_cache, absorb=True)
+    fast = FastDecoder(model)
+    logits, hidden, routing = fast.forward(ids, pos, fast_cache)
+    torch.testing.assert_close(logits, out.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hidden, out.hidden, rtol=1e-4, atol=1e-4)
+    assert [r.tolist() for r in routing] == [r.expert_ids.tolist() for r in out.router]
+    for k in (1, 2):
+        nxt = torch.randint(0, 97, (2, 3), generator=g)
+        ref_l, ref_h = model.mtp_step(k, out.hidden, nxt, pos, cache=ref_cache, absorb=True)
+        got_l, got_h = fast.mtp_step(k, out.hidden, nxt, pos, fast_cache)
+        torch.testing.assert_close(got_l, ref_l, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got_h, ref_h, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast_cache.latent, ref_cache.latent, rtol=1e-5, atol=1e-5)
+    assert fast_cache.latent[N:].abs().sum() > 0  # the MTP layers' entries were written
+
+
+def test_speculative_decoding_is_the_same_with_the_fast_step():
+    from nanoseek.engine import speculative_generate
+
+    model = random_model(tiny_config(num_nextn_predict_layers=2), seed=11)
+    prompt = torch.randint(0, 97, (7,), generator=torch.Generator().manual_seed(3)).tolist()
+    a = speculative_generate(model, prompt, 12, fast_decode=True)
+    b = speculative_generate(model, prompt, 12, fast_decode=False)
+    assert a.token_ids == b.token_ids
+    assert (a.num_accepted, a.num_rounds) == (b.num_accepted, b.num_rounds)

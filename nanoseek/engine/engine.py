@@ -146,7 +146,7 @@ class Engine:
 
             reason = unsupported_reason(self.model)
             if reason is None:
-                self.fast = FastDecoder(self.model)
+                self.fast = FastDecoder.for_model(self.model)
             elif fast_decode:
                 raise ValueError(f"fast_decode=True but {reason}")
         self.cache = model.new_cache(max_batch_size, max_len, self.dtype, self.device, num_layers=cfg.num_hidden_layers)

@@ -96,11 +96,30 @@ class _Layer:
             self.w_gu, self.w_down = _t(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])), _t(mlp.down_proj.weight)
 
 
+class _MTP:
+    """MTP module k's extra weights (its decoder block is a _Layer)."""
+
+    def __init__(self, layer, cfg):
+        self.block = _Layer(layer, cfg)
+        self.w_e, self.eps_e = layer.enorm.weight.detach(), layer.enorm.eps
+        self.w_h, self.eps_h = layer.hnorm.weight.detach(), layer.hnorm.eps
+        self.w_eh = _t(layer.eh_proj.weight)
+        self.w_out, self.eps_out = layer.shared_head.norm.weight.detach(), layer.shared_head.norm.eps
+
+
+class _Step:
+    """What every layer of one step shares: RoPE rotations, the causal bias, the cache slots."""
+
+    def __init__(self, cache, rot, bias, slot, B, S):
+        self.cache, self.rot, self.bias, self.slot, self.B, self.S = cache, rot, bias, slot, B, S
+
+
 class FastDecoder:
     """`FastDecoder(model)(ids, positions, cache)` -> (logits (B, V), expert ids per MoE layer [(B, K)]).
 
-    ids: (B,) long, the token fed to each cache row; positions: list of B ints, where each row's token
-    sits (its latent is written there; keys 0..position are read). Rows are independent, as in the engine."""
+    ids: (B, 1) long, the token fed to each cache row; positions: list of B ints, where each row's token
+    sits (its latent is written there; keys 0..position are read). Rows are independent, as in the engine.
+    `forward` takes T tokens per row (speculative verification), `mtp_step` runs an MTP module."""
 
     def __init__(self, model: DeepSeekModel):
         reason = unsupported_reason(model)
@@ -110,7 +129,17 @@ class FastDecoder:
         self._params = list(model.parameters())
         self._key = None
         self.layers: list[_Layer] = []
+        self.mtp: list[_MTP] = []
         self.num_packs = 0  # how many times the weights were (re)packed
+
+    @classmethod
+    def for_model(cls, model: DeepSeekModel) -> "FastDecoder":
+        """The model's shared FastDecoder (engines and speculative calls on one model share one packed copy)."""
+        fast = model.__dict__.get("_fast_decoder")
+        if fast is None:
+            fast = cls(model)
+            model.__dict__["_fast_decoder"] = fast  # a plain attribute: not a submodule, not in the state dict
+        return fast
 
     def _state_key(self) -> tuple:
         return tuple((p._version, p.data_ptr(), p.dtype) for p in self._params)
@@ -123,6 +152,7 @@ class FastDecoder:
         m, cfg = self.model, self.model.config
         with torch.no_grad():
             self.layers = [_Layer(layer, cfg) for layer in m.model.layers[: cfg.num_hidden_layers]]
+            self.mtp = [_MTP(layer, cfg) for layer in m.mtp_layers]
             self.embed = m.model.embed_tokens.weight.detach()
             self.w_norm, self.eps_norm = m.model.norm.weight.detach(), m.model.norm.eps
             self.w_head = _t(m.lm_head.weight)
@@ -143,39 +173,72 @@ class FastDecoder:
         cols = torch.cat([i, i, h + i, h + i])
         return (rows * r + cols).to(device)
 
-    def _rotation(self, positions: torch.Tensor, dtype) -> torch.Tensor:
-        cos, sin = self.model.model.rotary(positions.view(-1, 1), dtype)  # (B, 1, r/2), YaRN included
+    def _step(self, positions: torch.Tensor, cache, dtype) -> _Step:
+        """positions (B, T) -> the per-step tensors every layer shares."""
+        B, T = positions.shape
+        S = int(positions.max()) + 1
+        if S > cache.max_len:
+            raise ValueError(f"position {S - 1} is beyond the cache length {cache.max_len}")
+        flat = positions.reshape(-1)
+        cos, sin = self.model.model.rotary(flat.view(-1, 1), dtype)  # (B*T, 1, r/2), YaRN included
         cos, sin = cos.flatten(1), sin.flatten(1)
-        B, r = cos.shape[0], 2 * cos.shape[1]
+        r = 2 * cos.shape[1]
         vals = torch.cat([cos, -sin, cos, sin], dim=-1)
-        return cos.new_zeros(B, r * r).index_copy_(1, self._rot_index, vals).view(B, r, r)
+        rot = cos.new_zeros(B * T, r * r).index_copy_(1, self._rot_index, vals).view(B * T, r, r)
+        keys = torch.arange(S, device=positions.device)
+        bias = torch.zeros(B, T, 1, S, dtype=dtype, device=positions.device)
+        bias.masked_fill_(keys > positions[..., None, None], float("-inf"))  # key s visible iff s <= position
+        if T > 1:  # queries are (token, head) pairs, token-major: one bias row per pair
+            bias = bias.expand(B, T, self.model.config.num_attention_heads, S).reshape(B, -1, S)
+        else:
+            bias = bias.view(B, 1, S)  # broadcast over heads
+        slot = (torch.arange(B, device=positions.device).unsqueeze(1) * cache.max_len + positions).reshape(-1)
+        return _Step(cache, rot, bias, slot, B, S)
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, positions: list[int], cache) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        pos = torch.tensor(positions, device=self.model.lm_head.weight.device).view(-1, 1)
+        logits, _, routing = self.forward(ids.view(-1, 1), pos, cache)
+        return logits[:, 0], [r[:, 0] for r in routing]
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """ids, positions (B, T) -> logits (B, T, V), final normalised hidden (B, T, D), expert ids per MoE
+        layer [(B, T, K)]: `DeepSeekModel(ids, positions, cache, absorb=True)`."""
         self.refresh()
-        B, S = len(positions), max(positions) + 1
-        if S > cache.max_len:
-            raise ValueError(f"position {S - 1} is beyond the cache length {cache.max_len}")
-        dev = self.embed.device
-        pos = torch.tensor(positions, device=dev)
-        h = F.embedding(ids.view(-1), self.embed)  # (B, D)
-        dt = h.dtype
-        rot = self._rotation(pos, dt)  # (B, r, r), shared by every layer
-        keys = torch.arange(S, device=dev)
-        bias = torch.zeros(B, 1, S, dtype=dt, device=dev).masked_fill_(keys > pos.view(B, 1, 1), float("-inf"))
-        slot = torch.arange(B, device=dev) * cache.max_len + pos  # row-major (row, position) into a layer's cache
-        routing = []
+        B, T = ids.shape
+        h = F.embedding(ids.reshape(-1), self.embed)  # (B*T, D)
         D = h.shape[-1]
+        st = self._step(positions, cache, h.dtype)
+        routing = []
         for li, L in enumerate(self.layers):
-            h = self._attention(L, li, h, rot, bias, slot, cache, B, S, D)
+            h = self._attention(L, li, h, st, D)
             h, ids_l = self._mlp(L, h, D)
             if ids_l is not None:
-                routing.append(ids_l)
+                routing.append(ids_l.view(B, T, -1))
         h = F.rms_norm(h, (D,), self.w_norm, self.eps_norm)
-        return h @ self.w_head, routing
+        return (h @ self.w_head).view(B, T, -1), h.view(B, T, D), routing
 
-    def _attention(self, L: _Layer, li: int, h, rot, bias, slot, cache, B, S, D):
+    @torch.no_grad()
+    def mtp_step(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module k on (B, T) positions: `DeepSeekModel.mtp_step(k, h_prev, next_ids, positions, cache,
+        absorb=True)`; the module's cache layer is num_hidden_layers + k - 1."""
+        self.refresh()
+        M = self.mtp[k - 1]
+        B, T, D = h_prev.shape
+        e = F.rms_norm(F.embedding(next_ids.reshape(-1), self.embed), (D,), M.w_e, M.eps_e)
+        h = torch.cat([e, F.rms_norm(h_prev.reshape(-1, D), (D,), M.w_h, M.eps_h)], dim=-1) @ M.w_eh
+        st = self._step(positions, cache, h.dtype)
+        h = self._attention(M.block, self.model.config.num_hidden_layers + k - 1, h, st, D)
+        h, _ = self._mlp(M.block, h, D)
+        h = F.rms_norm(h, (D,), M.w_out, M.eps_out)
+        return (h @ self.w_head).view(B, T, -1), h.view(B, T, D)
+
+    def _attention(self, L: _Layer, li: int, h, st: _Step, D: int):
         H, dn, R, r = L.H, L.dn, L.R, L.r
+        N = h.shape[0]  # B * T query tokens
         x = F.rms_norm(h, (D,), L.w_in, L.eps_in)
         a = x @ L.wa if L.ba is None else torch.addmm(L.ba, x, L.wa)
         if L.q_lora:
@@ -183,21 +246,20 @@ class FastDecoder:
             kv = a[:, L.qr:]
         else:
             q, kv = a[:, : L.nq], a[:, L.nq:]
-        q = q.view(B, H, dn + r)
-        q_lat = torch.bmm(q[..., :dn].transpose(0, 1), L.w_uk)  # (H, B, R): W_UK folded into the query
-        q_pe = torch.bmm(q[..., dn:], rot)  # (B, H, r)
-        qq = torch.cat([q_lat.transpose(0, 1), q_pe], dim=-1)  # (B, H, R + r)
+        q = q.view(N, H, dn + r)
+        q_lat = torch.bmm(q[..., :dn].transpose(0, 1), L.w_uk)  # (H, N, R): W_UK folded into the query
+        q_pe = torch.bmm(q[..., dn:], st.rot)  # (N, H, r)
+        qq = torch.cat([q_lat.transpose(0, 1), q_pe], dim=-1).view(st.B, -1, R + r)  # (B, T*H, R + r)
         c = F.rms_norm(kv[:, :R], (R,), L.w_kv, L.eps_kv)
-        k_pe = torch.bmm(kv[:, R:].unsqueeze(1), rot).squeeze(1)  # (B, r)
-        buf = cache.latent[li]  # (rows, max_len, R + r)
-        buf.view(-1, R + r).index_copy_(0, slot, torch.cat([c, k_pe], dim=-1).to(buf.dtype))
-        lat = buf[:B, :S]  # (B, S, R + r)
-        scores = torch.baddbmm(bias, qq, lat.transpose(1, 2), alpha=L.scale)  # (B, H, S), causal bias added
-        o = torch.bmm(scores.softmax(dim=-1), lat[..., :R])  # (B, H, R)
-        o = torch.bmm(o.transpose(0, 1), L.w_uv).transpose(0, 1).reshape(B, H * L.dv)  # W_UV after attention
+        k_pe = torch.bmm(kv[:, R:].unsqueeze(1), st.rot).squeeze(1)  # (N, r)
+        buf = st.cache.latent[li]  # (rows, max_len, R + r)
+        buf.view(-1, R + r).index_copy_(0, st.slot, torch.cat([c, k_pe], dim=-1).to(buf.dtype))
+        lat = buf[: st.B, : st.S]  # (B, S, R + r), this step's entries included
+        scores = torch.baddbmm(st.bias, qq, lat.transpose(1, 2), alpha=L.scale)  # (B, T*H, S), causal bias added
+        o = torch.bmm(scores.softmax(dim=-1), lat[..., :R]).view(N, H, R)
+        o = torch.bmm(o.transpose(0, 1), L.w_uv).transpose(0, 1).reshape(N, H * L.dv)  # W_UV after attention
         h = torch.addmm(h, o, L.wo)
         return h if L.bo is None else h + L.bo
-
     def _mlp(self, L: _Layer, h, D):
         x = F.rms_norm(h, (D,), L.w_post, L.eps_post)
         if not L.is_moe:

@@ -47,10 +47,13 @@ class SpeculativeOutput:
 def speculative_generate(model: DeepSeekModel, prompt_ids: Sequence[int], max_tokens: int,
                          stop_token_ids: Sequence[int] = (), num_draft: int | None = None,
                          max_len: int | None = None, prefill_chunk: int | None = None,
-                         callback: Callable[[int], None] | None = None) -> SpeculativeOutput:
+                         callback: Callable[[int], None] | None = None,
+                         fast_decode: bool | None = None) -> SpeculativeOutput:
     """Greedy generation of up to max_tokens tokens after prompt_ids (batch size 1), drafting with the MTP
     modules. num_draft: drafts per round (default and maximum: num_nextn_predict_layers). A stop token is
-    kept in token_ids and ends generation (finish_reason "stop"). callback(token) gets each token in order."""
+    kept in token_ids and ends generation (finish_reason "stop"). callback(token) gets each token in order.
+    fast_decode: draft and verify with `FastDecoder` (as `Engine(fast_decode=...)`: None = on CPU when the model
+    supports it)."""
     cfg = model.config
     D = cfg.num_nextn_predict_layers if num_draft is None else num_draft
     if cfg.num_nextn_predict_layers < 1:
@@ -71,6 +74,15 @@ def speculative_generate(model: DeepSeekModel, prompt_ids: Sequence[int], max_to
     p0 = next(model.parameters())
     dev, dtype = p0.device, p0.dtype
     cache = LatentCache(cfg, 1, max_len, dtype, dev)
+    fast = None
+    if fast_decode or (fast_decode is None and dev.type == "cpu"):
+        from .fast_decode import FastDecoder, unsupported_reason
+
+        reason = unsupported_reason(model)
+        if reason is None:
+            fast = FastDecoder.for_model(model)
+        elif fast_decode:
+            raise ValueError(f"fast_decode=True but {reason}")
     stops = set(int(t) for t in stop_token_ids)
 
     def row(ids: Sequence[int]) -> torch.Tensor:
@@ -117,23 +129,31 @@ def speculative_generate(model: DeepSeekModel, prompt_ids: Sequence[int], max_to
             a = filled[k]
             ext = toks + drafts  # token at position i (drafts beyond q)
             h_prev = torch.cat([hist[k - 1][p] for p in range(a, q)], dim=1)  # (1, q-a, Dh)
-            logits, h = model.mtp_step(k, h_prev, row(ext[a + k:q + k]), span(a, q), cache=cache, absorb=q - a <= 4)
+            if fast is not None and q - a <= 4:
+                logits, h = fast.mtp_step(k, h_prev, row(ext[a + k:q + k]), span(a, q), cache)
+            else:
+                logits, h = model.mtp_step(k, h_prev, row(ext[a + k:q + k]), span(a, q), cache=cache,
+                                           absorb=q - a <= 4)
             for i, hp in enumerate(h.split(1, dim=1)):
                 hist[k][a + i] = hp
             drafts.append(int(logits[0, -1].argmax()))
             filled[k] = q - k + 1  # entries at p <= q-k were built from accepted tokens only
         # verify all drafts in one main forward over positions q..q+D
-        out = model(row([toks[q]] + drafts), positions=span(q, q + D + 1), cache=cache, absorb=True)
+        if fast is not None:
+            v_logits, v_hidden, _ = fast.forward(row([toks[q]] + drafts), span(q, q + D + 1), cache)
+        else:
+            out = model(row([toks[q]] + drafts), positions=span(q, q + D + 1), cache=cache, absorb=True)
+            v_logits, v_hidden = out.logits, out.hidden
         n_forwards += 1
         n_rounds += 1
         n_drafted += D
-        best = out.logits[0].argmax(dim=-1).tolist()  # best[i] is the main model's token for position q+i+1
+        best = v_logits[0].argmax(dim=-1).tolist()  # best[i] is the main model's token for position q+i+1
         j = 0
         while j < D and drafts[j] == best[j]:
             j += 1
         n_accepted += j
         for i in range(j + 1):  # the inputs at q..q+j were accepted tokens: their hidden states are final
-            hist[0][q + i] = out.hidden[:, i:i + 1]
+            hist[0][q + i] = v_hidden[:, i:i + 1]
         for t in drafts[:j] + [best[j]]:
             if not accept(t):
                 break
