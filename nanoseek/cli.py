@@ -186,6 +186,21 @@ def cmd_rejection(args) -> None:
           f"{stats['dropped_format']} malformed); written to {path}")
 
 
+def cmd_self_refine(args) -> None:
+    from .train.selfverify import SelfRefineConfig, run_self_refine
+
+    cfg = dataclass_from_args(SelfRefineConfig, args)
+    res = run_self_refine(cfg, progress=_progress())
+    s = res["summary"]
+    print(f"{s['problems']} problems; verifier agrees with the rule check on {s['verifier_agreement']:.3f} of solutions")
+    print("round  accuracy (best-scored)  accuracy (latest)  mean score")
+    for k, (b, l, m) in enumerate(zip(s["accuracy_best_by_round"], s["accuracy_latest_by_round"],
+                                      s["mean_score_by_round"])):
+        print(f"{k:5d}  {b:22.3f}  {l:17.3f}  {m:10.3f}")
+    if cfg.out:
+        print(f"written to {cfg.out}")
+
+
 def cmd_convert(args) -> None:
     import torch
 
@@ -240,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rejection-sample", help="sample k per prompt, keep verified and clean samples as SFT JSONL")
     add_dataclass_args(s, RejectionConfig)
     s.set_defaults(fn=cmd_rejection)
+
+    from .train.selfverify import SelfRefineConfig
+
+    s = sub.add_parser("self-refine", help="generate, self-verify and refine on held-out problems (DeepSeekMath-V2)")
+    add_dataclass_args(s, SelfRefineConfig)
+    s.set_defaults(fn=cmd_self_refine)
 
     s = sub.add_parser("convert", help="re-save a checkpoint: FP8 block-quantised, bf16, or resharded")
     s.add_argument("src")

@@ -121,10 +121,11 @@ def test_train_and_test_splits_are_disjoint(name):
         t = get_task(name)
         assert {t.key(p) for p in train}.isdisjoint({t.key(p) for p in test})
         assert {p.prompt for p in train}.isdisjoint({p.prompt for p in test})
-        assert all(split_of(name, t.key(p)) == "test" for p in test)
+        assert all(split_of(t.split_task or name, t.key(p)) == "test" for p in test)  # derived: the base's split
     # the same problem in Chinese stays in its split
     zh_test = make_problems(name, 50, 2, "zh", seed=0, split="test")
-    assert all(split_of(name, get_task(name).key(p)) == "test" for p in zh_test)
+    t = get_task(name)
+    assert all(split_of(t.split_task or name, t.key(p)) == "test" for p in zh_test)
 
 
 def test_levels_get_harder():

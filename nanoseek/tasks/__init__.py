@@ -1,6 +1,7 @@
 """Embedded verifiable tasks (R1-style rule rewards) and their registry.
 
-Built-in tasks: arithmetic, countdown, sorting, knights (levels 1..5, languages "en" and "zh").
+Built-in tasks: arithmetic, countdown, sorting, knights (levels 1..5, languages "en" and "zh"), and for
+each of them the self-verification tasks verify_<task> and metaverify_<task> (nanoseek.tasks.verification).
 Problems are generated, never stored; `make_problems(task, n, level, lang, seed, split)` is
 deterministic given its arguments. The train/test split is by construction: a problem belongs to
 "test" iff a stable hash of its language-free identity falls in 1 bucket of 8, and each split only
@@ -17,9 +18,14 @@ from .countdown import CountdownTask, check_expression
 from .jsonl import JsonlTask, load_jsonl_task, math_equal
 from .knights import KnightsTask
 from .sorting import SortingTask
+from .verification import MetaVerificationTask, VerificationTask, parse_score
 
 TASKS: dict[str, Task] = {t.name: t for t in (ArithmeticTask(), CountdownTask(), SortingTask(), KnightsTask())}
-BUILTIN_TASKS = tuple(TASKS)
+BUILTIN_TASKS = tuple(TASKS)  # the solving tasks (the embedded corpora draw from these by default)
+for _base in list(TASKS.values()):  # DeepSeekMath-V2 self-verification: verifier and meta-verifier tasks
+    for _derived in (VerificationTask(_base), MetaVerificationTask(_base)):
+        TASKS[_derived.name] = _derived
+VERIFICATION_TASKS = tuple(t for t in TASKS if t not in BUILTIN_TASKS)
 
 
 def get_task(name: str | Task) -> Task:

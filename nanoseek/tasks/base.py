@@ -49,6 +49,7 @@ class Task(abc.ABC):
 
     name: str = ""
     levels: tuple[int, ...] = LEVELS
+    split_task: str | None = None  # derived tasks (verification) hash with their base task's name: same split
 
     @abc.abstractmethod
     def generate(self, rng: random.Random, level: int, lang: str) -> Problem:
@@ -93,7 +94,7 @@ def sample_problem(task: Task, rng: random.Random, level: int, lang: str, split:
     task.check(level, lang)
     for _ in range(max_tries):
         p = task.generate(rng, level, lang)
-        if split_of(task.name, task.key(p)) == split:
+        if split_of(task.split_task or task.name, task.key(p)) == split:
             return p
     raise ValueError(f"{task.name}: no {split!r} problem at level {level} after {max_tries} draws "
                      "(the problem space is too small for this split)")
