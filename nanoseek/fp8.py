@@ -9,9 +9,12 @@ Scale convention (as published checkpoints store it): `weight_scale_inv` is a MU
 name, dequantised = fp8 * scale_inv, per block. Every scale in this file follows that convention.
 
 Two paths behind the same functions: the reference path (quantise -> dequantise -> fp32 matmul; runs
-anywhere, torch has float8 casts on CPU) and, on Hopper with CUDA >= 12.9, `F.scaled_mm` with
-DeepSeek-style 1x128 / 128x128 block scales. The fast path is switched on only after a one-off probe
-matched the reference path on the device, and only for dims that are multiples of 128.
+anywhere, torch has float8 casts on CPU) and, on Hopper with CUDA >= 12.9, blockwise `F.scaled_mm`
+(`torch._scaled_mm` on older torch) with DeepSeek-style 1x128 / 128x128 block scales, every operand
+zero-padded to multiples of 128. The fast path is switched on only after a one-off probe matched the
+reference path on the device (forward, dgrad, wgrad; a wrong scale layout is off by O(1)). On CUDA the
+quantisers are single-pass Triton kernels, used only after a second probe found them bit-identical to
+the PyTorch ops (NANOSEEK_FP8_TRITON=0 or TRITON_QUANTIZE = False turns them off).
 
 Shape legend: M = tokens (leading dims flattened), K = in_features, N = out_features.
 """
@@ -19,11 +22,19 @@ Shape legend: M = tokens (leading dims flattened), K = in_features, N = out_feat
 from __future__ import annotations
 
 import functools
+import json
+import os
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:  # CUDA builds of torch ship Triton; CPU-only installs need none of it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_DTYPE = torch.float8_e4m3fn
@@ -33,7 +44,8 @@ BLOCK = 128
 
 def _scale_from_amax(amax: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:
     """fp32 dequantisation multiplier per block; 'ue8m0' rounds it UP to a power of two (V3.1 checkpoints)."""
-    s = amax.float().clamp(min=AMAX_EPS) / FP8_MAX
+    s = amax.float().clamp(min=AMAX_EPS)
+    s = s / s.new_full((), FP8_MAX)  # a tensor divisor: CUDA turns `/ 448.0` into `* (1/448)`, off by an ulp
     if scale_fmt == "ue8m0":
         s = torch.exp2(torch.ceil(torch.log2(s)))  # rounding up keeps amax / s <= 448
     elif scale_fmt is not None:
@@ -59,19 +71,27 @@ def _mul_tiles_(out: torch.Tensor, s: torch.Tensor, tile: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- weights: 128x128
-def quantize_weight_blocks(w: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None):
-    """w (N, K) -> q float8_e4m3fn (N, K), scale_inv fp32 (ceil(N/block), ceil(K/block)).
-
-    Ragged edge blocks are zero-padded internally (zeros do not change a block's amax); the outputs
-    are never padded, matching the checkpoints' layout."""
-    if w.dim() != 2:
-        raise ValueError(f"quantize_weight_blocks expects a 2-D weight, got shape {list(w.shape)}")
+def _quantize_weight_blocks_torch(w: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None):
     N, K = w.shape
     nb, kb = -(-N // block), -(-K // block)
     wp = F.pad(w.float(), (0, kb * block - K, 0, nb * block - N)).view(nb, block, kb, block)
     s = _scale_from_amax(wp.abs().amax(dim=(1, 3)), scale_fmt)  # (nb, kb)
     q = _to_fp8(wp / s[:, None, :, None]).view(nb * block, kb * block)
     return q[:N, :K].contiguous(), s
+
+
+def quantize_weight_blocks(w: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None):
+    """w (N, K) -> q float8_e4m3fn (N, K), scale_inv fp32 (ceil(N/block), ceil(K/block)).
+
+    Ragged edge blocks are zero-padded internally (zeros do not change a block's amax); the outputs
+    are never padded, matching the checkpoints' layout. On CUDA one Triton kernel does it (bit-identical
+    to the PyTorch ops, checked once per device; see _triton_quantize)."""
+    if w.dim() != 2:
+        raise ValueError(f"quantize_weight_blocks expects a 2-D weight, got shape {list(w.shape)}")
+    if block == BLOCK and scale_fmt is None and w.numel() and _triton_quantize(w):
+        q, _, s, _ = _weight_operands_triton(w, *w.shape, transposed=False)
+        return q, s
+    return _quantize_weight_blocks_torch(w, block, scale_fmt)
 
 
 def dequantize_weight_blocks(q: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
@@ -93,14 +113,24 @@ def dequantize_weight_blocks(q: torch.Tensor, scale_inv: torch.Tensor, block: in
 
 
 # ---------------------------------------------------------------------------------------------- activations: 1x128
-def quantize_activation_tiles(x: torch.Tensor, tile: int = BLOCK, scale_fmt: str | None = None):
-    """x (..., K) -> q fp8 (..., K), scale fp32 (..., ceil(K/tile)): one scale per token per `tile` channels."""
+def _quantize_activation_tiles_torch(x: torch.Tensor, tile: int = BLOCK, scale_fmt: str | None = None):
     K = x.shape[-1]
     kt = -(-K // tile)
     xp = F.pad(x.float(), (0, kt * tile - K)).view(*x.shape[:-1], kt, tile)
     s = _scale_from_amax(xp.abs().amax(dim=-1), scale_fmt)  # (..., kt)
     q = _to_fp8(xp / s[..., None]).view(*x.shape[:-1], kt * tile)[..., :K]
     return q.contiguous(), s
+
+
+def quantize_activation_tiles(x: torch.Tensor, tile: int = BLOCK, scale_fmt: str | None = None):
+    """x (..., K) -> q fp8 (..., K), scale fp32 (..., ceil(K/tile)): one scale per token per `tile` channels.
+
+    On CUDA one Triton kernel does it (bit-identical to the PyTorch ops, checked once per device)."""
+    if tile == BLOCK and scale_fmt is None and x.dim() >= 1 and x.numel() and _triton_quantize(x):
+        K = x.shape[-1]
+        q, s = _act_operands_triton(x.reshape(-1, K), -1, K, outer_major=False)
+        return q.view(*x.shape[:-1], K), s.view(*x.shape[:-1], -(-K // BLOCK))
+    return _quantize_activation_tiles_torch(x, tile, scale_fmt)
 
 
 def dequantize_activation_tiles(q: torch.Tensor, scale: torch.Tensor, tile: int = BLOCK,
@@ -113,106 +143,396 @@ def dequantize_activation_tiles(q: torch.Tensor, scale: torch.Tensor, tile: int 
     return _mul_tiles_(q.to(dtype, memory_format=torch.contiguous_format), scale.float(), tile)
 
 
-# ---------------------------------------------------------------------------------------------- Hopper fast path
-def _scaled_mm_nt(a_q, a_s, b_q, b_s, b_blocks: bool) -> torch.Tensor:
-    """fp32 (M, N) = a (M, K) @ b (N, K)^T on Hopper. a: 1x128 tiles, scales (M, K/128); b: 128x128
-    blocks with scales (N/128, K/128) if b_blocks, else 1x128 tiles with scales (N, K/128).
+# ---------------------------------------------------------------------------------------------- Triton quantisers
+# The quantisers above are 5-7 separate PyTorch kernels each (pad, abs, amax, clamp, div, clamp, cast), which on
+# a GPU cost more than the FP8 GEMM saves. These kernels do each quantisation in one pass over the data and
+# write straight into the zero-padded, cuBLAS-ordered buffers the fast path wants. They compute exactly what the
+# PyTorch ops compute (amax, max(amax, 1e-4) / 448 and x / s correctly rounded, RNE cast), and are used only after
+# _probe_triton has found them bit-identical to the PyTorch ops on the device.
+TRITON_QUANTIZE = os.environ.get("NANOSEEK_FP8_TRITON", "1") != "0"  # False: always the PyTorch quantisers
+# Launch shapes (none changes a result; benchmarks/bench_fp8.py --quant times the alternatives): rows per program
+# and warps of the 1x128-only kernel, warps of the two-way tile kernel and of the weight-block kernel; tmode 1:
+# transposed copies are transposed in registers, as fp32, before the e4m3 conversion, 0: stored through transposed
+# pointers. The defaults were the fastest bit-identical ones on an H100 (docs/benchmarks.md);
+# NANOSEEK_FP8_TRITON_LAUNCH='{"cols_warps": 16}' overrides entries.
+TRITON_LAUNCH = {"rows_br": 32, "rows_warps": 4, "cols_warps": 8, "cols_tmode": 1, "blocks_warps": 8,
+                 "blocks_tmode": 1}
+TRITON_LAUNCH.update(json.loads(os.environ.get("NANOSEEK_FP8_TRITON_LAUNCH", "{}")))
 
-    cuBLAS (CUDA >= 12.9) wants 1x128 scales outer-dim-major (stride (1, rows)) and 128x128 scales as
-    (L4, rows/128), K-major, with L = K/128 padded to a multiple of 4 (pytorch test_scaled_matmul_cuda)."""
-    ST = F.ScalingType
+if triton is not None:
+    @triton.jit
+    def _to_e4m3(v, q_ty: tl.constexpr, SOFT: tl.constexpr):
+        """v fp32 in [-448, 448] -> float8_e4m3fn, round to nearest even. SOFT: c10's own bit arithmetic
+        (fp8e4m3fn_from_fp32_value, what torch's .to(float8_e4m3fn) runs), else the hardware conversion."""
+        if SOFT:
+            bits = v.to(tl.uint32, bitcast=True)
+            sign = bits & 0x80000000
+            a = bits ^ sign
+            odd = (a >> 20) & 1
+            normal = (a + 0xC4000000 + 0x7FFFF + odd) >> 20  # rebias 127 -> 7, round the 20 dropped bits
+            sub = (tl.abs(v) + 16384.0).to(tl.uint32, bitcast=True) - 0x46800000  # |v| < 2^-6: 2^-9 steps
+            r = tl.where(a < 0x3C800000, sub, normal) | (sign >> 24)
+            return (r & 0xFF).to(tl.uint8).to(q_ty, bitcast=True)
+        return v.to(q_ty)
 
-    def tiles(s):
-        return s.t().contiguous().t(), ST.BlockWise1x128
+    @triton.jit
+    def _tiles_kernel(x_ptr, xs_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, R, C, RW, CW,
+                      sx_r, sxs_r, sxs_c, sq_r, ss_r, ss_c, sqt_r, sst_r, sst_c,
+                      DEQ: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BR: tl.constexpr,
+                      T: tl.constexpr, SOFT: tl.constexpr, TMODE: tl.constexpr):
+        """One (BR, T) block of x (R, C); rows >= R or cols >= C read as zeros, outputs cover (RW, CW).
+        ROWS: 1x128 tiles along C -> q (RW, CW), s[r, c // 128]. COLS (BR == T): 128x1 tiles along R,
+        written transposed -> qt (CW, RW), st[c, r // 128]. DEQ: x is fp8 and is first multiplied by
+        its own 1x128 scales xs[r, c // 128]."""
+        pr = tl.program_id(0)
+        pc = tl.program_id(1)
+        r = pr * BR + tl.arange(0, BR)
+        c = pc * T + tl.arange(0, T)
+        r64 = r.to(tl.int64)
+        c64 = c.to(tl.int64)
+        x = tl.load(x_ptr + r64[:, None] * sx_r + c64[None, :], mask=(r[:, None] < R) & (c[None, :] < C),
+                    other=0.0).to(tl.float32)
+        if DEQ:
+            xs = tl.load(xs_ptr + r64 * sxs_r + pc * sxs_c, mask=r < R, other=0.0)
+            x = x * xs[:, None]
+        out = (r[:, None] < RW) & (c[None, :] < CW)
+        if ROWS:
+            s = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-4), 448.0)
+            q = tl.minimum(tl.maximum(tl.div_rn(x, s[:, None]), -448.0), 448.0)
+            tl.store(q_ptr + r64[:, None] * sq_r + c64[None, :], _to_e4m3(q, q_ptr.dtype.element_ty, SOFT), mask=out)
+            tl.store(s_ptr + r64 * ss_r + pc * ss_c, s, mask=r < RW)
+        if COLS:
+            s = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4), 448.0)
+            q = tl.minimum(tl.maximum(tl.div_rn(x, s[None, :]), -448.0), 448.0)
+            if TMODE == 0:
+                tl.store(qt_ptr + c64[None, :] * sqt_r + r64[:, None], _to_e4m3(q, qt_ptr.dtype.element_ty, SOFT),
+                         mask=out)
+            else:
+                tl.store(qt_ptr + c64[:, None] * sqt_r + r64[None, :],
+                         _to_e4m3(tl.trans(q), qt_ptr.dtype.element_ty, SOFT),
+                         mask=(c[:, None] < CW) & (r[None, :] < RW))
+            tl.store(st_ptr + c64 * sst_r + pr * sst_c, s, mask=c < CW)
 
-    def blocks(s):
-        return F.pad(s, (0, (-s.shape[1]) % 4)).t(), ST.BlockWise128x128
+    @triton.jit
+    def _blocks_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, NW, KW, sw_r, sq_r, ss_r, sqt_r, sst_r,
+                       TRANS: tl.constexpr, T: tl.constexpr, SOFT: tl.constexpr, TMODE: tl.constexpr):
+        """One 128x128 block of w (N, K) (zeros outside), outputs cover (NW, KW): q (NW, KW), s[n/128, k/128];
+        TRANS: also q^T (KW, NW) and s^T[k/128, n/128]."""
+        pn = tl.program_id(0)
+        pk = tl.program_id(1)
+        r = pn * T + tl.arange(0, T)
+        c = pk * T + tl.arange(0, T)
+        r64 = r.to(tl.int64)
+        c64 = c.to(tl.int64)
+        x = tl.load(w_ptr + r64[:, None] * sw_r + c64[None, :], mask=(r[:, None] < N) & (c[None, :] < K),
+                    other=0.0).to(tl.float32)
+        s = tl.div_rn(tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), 1e-4), 448.0)
+        qf = tl.minimum(tl.maximum(tl.div_rn(x, s), -448.0), 448.0)
+        q = _to_e4m3(qf, q_ptr.dtype.element_ty, SOFT)
+        out = (r[:, None] < NW) & (c[None, :] < KW)
+        tl.store(q_ptr + r64[:, None] * sq_r + c64[None, :], q, mask=out)
+        tl.store(s_ptr + pn * ss_r + pk, s)
+        if TRANS:
+            if TMODE == 0:
+                tl.store(qt_ptr + c64[None, :] * sqt_r + r64[:, None], q, mask=out)
+            else:
+                tl.store(qt_ptr + c64[:, None] * sqt_r + r64[None, :],
+                         _to_e4m3(tl.trans(qf), qt_ptr.dtype.element_ty, SOFT),
+                         mask=(c[:, None] < KW) & (r[None, :] < NW))
+            tl.store(st_ptr + pk * sst_r + pn, s)
 
-    sa, ra = tiles(a_s)
-    sb, rb = blocks(b_s) if b_blocks else tiles(b_s)
-    return F.scaled_mm(a_q.contiguous(), b_q.contiguous().t(), sa, ra, sb, rb, output_dtype=torch.float32)
+
+def _cdiv(n: int, b: int = BLOCK) -> int:
+    return -(-n // b)
+
+
+def _round_up(n: int, b: int = BLOCK) -> int:
+    return _cdiv(n, b) * b
+
+
+def _tile_scales(rows: int, cols: int, device, outer_major: bool) -> torch.Tensor:
+    """fp32 (rows, ceil(cols/128)); outer_major: strides (1, rows), the order cuBLAS wants for 1x128 scales."""
+    L = _cdiv(cols)
+    if outer_major:
+        return torch.empty(L, rows, dtype=torch.float32, device=device).t()
+    return torch.empty(rows, L, dtype=torch.float32, device=device)
+
+
+def _block_scale_buffer(nb: int, kb: int, device) -> torch.Tensor:
+    """Zeroed (nb, kb rounded up to 4): 128x128 scales in the order cuBLAS wants (pass buffer.t())."""
+    return torch.zeros(nb, _round_up(kb, 4), dtype=torch.float32, device=device)
+
+
+def _act_operands_triton(x2: torch.Tensor, RW: int, CW: int, outer_major: bool = True):
+    """x2 (R, C) -> q fp8 (RW, CW) (zero rows/cols beyond x2), 1x128 scales (RW, ceil(CW/128)). RW=-1: R."""
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    R, C = x2.shape
+    RW = R if RW < 0 else RW
+    q = torch.empty(RW, CW, dtype=FP8_DTYPE, device=x2.device)
+    s = _tile_scales(RW, CW, x2.device, outer_major)
+    BR = TRITON_LAUNCH["rows_br"]
+    _tiles_kernel[(_cdiv(RW, BR), _cdiv(CW))](
+        x2, x2, q, s, q, s, R, C, RW, CW, x2.stride(0), 0, 0, q.stride(0), s.stride(0), s.stride(1), 0, 0, 0,
+        DEQ=False, ROWS=True, COLS=False, BR=BR, T=BLOCK, SOFT=_SOFT_CVT["rows"], TMODE=0,
+        num_warps=TRITON_LAUNCH["rows_warps"])
+    return q, s
+
+
+def _cols_operands_triton(x2: torch.Tensor, RW: int, CW: int, rows: bool, x_scale: torch.Tensor | None = None):
+    """x2 (R, C) -> (q, s) as _act_operands_triton if `rows` (else None, None), plus 128x1 tiles along R,
+    transposed: qt (CW, RW), st (CW, ceil(RW/128)) outer-major; one read of x2. x_scale: x2 is fp8 with
+    these 1x128 scales and is dequantised first (the saved forward copy re-tiled for wgrad)."""
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    R, C = x2.shape
+    dev = x2.device
+    qt = torch.empty(CW, RW, dtype=FP8_DTYPE, device=dev)
+    st = _tile_scales(CW, RW, dev, True)
+    q, s = (torch.empty(RW, CW, dtype=FP8_DTYPE, device=dev), _tile_scales(RW, CW, dev, True)) if rows else (None, None)
+    xs = x2 if x_scale is None else x_scale
+    _tiles_kernel[(_cdiv(RW), _cdiv(CW))](
+        x2, xs, qt if q is None else q, st if s is None else s, qt, st, R, C, RW, CW, x2.stride(0),
+        xs.stride(0) if x_scale is not None else 0, xs.stride(1) if x_scale is not None else 0,
+        0 if q is None else q.stride(0), 0 if s is None else s.stride(0), 0 if s is None else s.stride(1),
+        qt.stride(0), st.stride(0), st.stride(1),
+        DEQ=x_scale is not None, ROWS=rows, COLS=True, BR=BLOCK, T=BLOCK, SOFT=_SOFT_CVT["cols"],
+        TMODE=TRITON_LAUNCH["cols_tmode"], num_warps=TRITON_LAUNCH["cols_warps"])
+    return q, s, qt, st
+
+
+def _weight_operands_triton(w: torch.Tensor, NW: int, KW: int, transposed: bool = True):
+    """w (N, K) -> q (NW, KW), q^T (KW, NW) (if transposed), and the 128x128 scales as two zero-padded
+    buffers: s (nb, kb4) for W and s^T (kb, nb4) for W^T (see _block_scale_buffer)."""
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    N, K = w.shape
+    nb, kb = _cdiv(NW), _cdiv(KW)
+    dev = w.device
+    q = torch.empty(NW, KW, dtype=FP8_DTYPE, device=dev)
+    if transposed:
+        s, st = _block_scale_buffer(nb, kb, dev), _block_scale_buffer(kb, nb, dev)
+        qt = torch.empty(KW, NW, dtype=FP8_DTYPE, device=dev)
+    else:
+        s, st, qt = torch.empty(nb, kb, dtype=torch.float32, device=dev), None, None
+    _blocks_kernel[(nb, kb)](w, q, s, q if qt is None else qt, s if st is None else st, N, K, NW, KW, w.stride(0),
+                             q.stride(0), s.stride(0), 0 if qt is None else qt.stride(0),
+                             0 if st is None else st.stride(0), TRANS=transposed, T=BLOCK,
+                             SOFT=_SOFT_CVT["blocks"], TMODE=TRITON_LAUNCH["blocks_tmode"],
+                             num_warps=TRITON_LAUNCH["blocks_warps"])
+    if not transposed:
+        return q, None, s, None
+    return q, qt, s, st
+
+
+# per kernel family, how fp32 -> e4m3 is done: the hardware conversion, or c10's bit arithmetic (SOFT) where the
+# hardware one gave different bits on the device (seen on H100 with Triton 3.6: the transposed weight copy)
+_SOFT_CVT = {"rows": False, "cols": False, "blocks": False}
 
 
 @functools.lru_cache(maxsize=None)
-def _probe_fast_path(device_index: int) -> bool:
-    """True when blockwise F.scaled_mm runs on this GPU and matches the reference path (checked once)."""
-    if not hasattr(F, "scaled_mm") or not hasattr(F, "ScalingType"):
-        return False
-    if torch.cuda.get_device_capability(device_index)[0] != 9:  # DeepSeek block scaling is an SM90 cuBLAS feature
-        return False
+def _probe_triton(device_index: int) -> bool:
+    """True when the Triton quantisers give bit-identical results to the PyTorch ops on this GPU (checked once;
+    a kernel family whose hardware fp32 -> e4m3 conversion differs switches to c10's bit arithmetic)."""
     dev = torch.device("cuda", device_index)
-    try:
-        g = torch.Generator(device=dev).manual_seed(0)
-        a, b = (torch.randn(n, 512, device=dev, generator=g) for n in (256, 384))
-        (qa, sa), (qb, sb) = quantize_activation_tiles(a), quantize_weight_blocks(b)
-        qt, st = quantize_activation_tiles(b)
-        da = dequantize_activation_tiles(qa, sa)
-        for got, ref in ((_scaled_mm_nt(qa, sa, qb, sb, True), da @ dequantize_weight_blocks(qb, sb).t()),
-                         (_scaled_mm_nt(qa, sa, qt, st, False), da @ dequantize_activation_tiles(qt, st).t())):
-            if ((got - ref).norm() / ref.norm()).item() > 1e-2:  # a wrong scale layout is off by O(1)
-                return False
-    except (RuntimeError, ValueError, TypeError, NotImplementedError):
-        return False
+
+    def mismatches():
+        try:
+            return _triton_mismatches(dev)
+        except Exception as e:  # noqa: BLE001 (a Triton that cannot compile here means: use the PyTorch ops)
+            return [(fam, f"{type(e).__name__}: {e}") for fam in _SOFT_CVT]
+
+    _SOFT_CVT.update(dict.fromkeys(_SOFT_CVT, False))
+    bad = mismatches()
+    if bad:
+        first = "; ".join(f"{fam}: {msg}" for fam, msg in bad[:3])
+        _SOFT_CVT.update(dict.fromkeys({fam for fam, _ in bad}, True))
+        bad = mismatches()
+        if bad:
+            _SOFT_CVT.update(dict.fromkeys(_SOFT_CVT, False))
+            return _note(device_index, "triton", first + " | then: " + "; ".join(f"{f}: {m}" for f, m in bad[:3]))
+        _PROBE_NOTES[(device_index, "triton_hw_cvt_mismatch")] = first
+    _PROBE_NOTES[(device_index, "triton_cvt")] = ", ".join(
+        f"{fam}: {'c10 bit arithmetic' if soft else 'hardware'}" for fam, soft in _SOFT_CVT.items())
     return True
 
 
-def fp8_supported_fast_path(device: torch.device | str | None = None) -> bool:
-    """Whether the Hopper F.scaled_mm path is active for `device` (default: the current CUDA device)."""
-    if not torch.cuda.is_available():
+def _triton_mismatches(dev: torch.device, seed: int = 0, verbose: bool = False) -> list[tuple[str, str]]:
+    """Every Triton builder against its PyTorch twin on random data: (kernel family, what differs) for each
+    output that is not bit-identical; [] when all are."""
+    bad = []
+    with torch.autocast("cuda", enabled=False):
+        g = torch.Generator(device=dev).manual_seed(seed)
+        for (M, K), dt in (((200, 320), torch.bfloat16), ((256, 384), torch.float32), ((130, 260), torch.float16)):
+            x = torch.randn(M, K, device=dev, generator=g) * torch.logspace(-3, 3, K, device=dev)
+            x[:64, :100] *= 1e-5  # E4M3 subnormals
+            x[:128, 128:256] = 0  # an all-zero tile/block
+            x = x.to(dt)
+            Mp, Kp = _round_up(M), _round_up(K)
+            want, got = _act_operands_torch(x, Mp, Kp), _act_operands_triton(x, Mp, Kp)
+            want_w, got_w = _weight_operands_torch(x, Mp, Kp), _weight_operands_triton(x, Mp, Kp)
+            cases = {
+                ("rows", "act"): (want, got),
+                ("cols", "act+cols"): (_cols_operands_torch(x, Mp, Kp, True), _cols_operands_triton(x, Mp, Kp, True)),
+                ("blocks", "weight"): ((want_w[0], want_w[1], want_w[2][:, :_cdiv(Kp)], want_w[3][:, :_cdiv(Mp)]),
+                           (got_w[0], got_w[1], got_w[2][:, :_cdiv(Kp)], got_w[3][:, :_cdiv(Mp)])),
+                ("cols", "cols of fp8"): (_cols_operands_torch(want[0], Mp, Kp, False, want[1]),
+                                          _cols_operands_triton(got[0], Mp, Kp, False, got[1])),
+                ("rows", "public act"): (_quantize_activation_tiles_torch(x),
+                                         _act_operands_triton(x, -1, K, outer_major=False)),
+                ("blocks", "public weight"): (_quantize_weight_blocks_torch(x),
+                                              _weight_operands_triton(x, M, K, False)[::2]),
+            }
+            for (fam, name), (a, b) in cases.items():
+                for i, (u, v) in enumerate(zip(a, b)):
+                    if (u is None) != (v is None) or (u is not None and not _bit_equal(u, v)):
+                        msg = f"{name}[{i}] {(M, K)} {dt}"
+                        if verbose and u is not None and v is not None and u.shape == v.shape:
+                            uu, vv = (t.view(torch.uint8) if t.dtype == FP8_DTYPE else t for t in (u, v))
+                            d = (uu != vv).nonzero()[:4].tolist()
+                            msg += f": {(uu != vv).sum().item()} differ, e.g. " + ", ".join(
+                                f"{ix} torch {u[tuple(ix)].float().item():.6g} ({uu[tuple(ix)].item()}) "
+                                f"triton {v[tuple(ix)].float().item():.6g} ({vv[tuple(ix)].item()})" for ix in d)
+                        bad.append((fam, msg))
+    return bad
+
+
+def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    device = torch.device("cuda") if device is None else torch.device(device)
-    if device.type != "cuda":
+    if a.dtype == FP8_DTYPE:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    return bool(torch.equal(a, b))
+
+
+_PROBE_NOTES: dict[tuple[int, str], str] = {}
+
+
+def _note(device_index: int, what: str, msg: str) -> bool:
+    _PROBE_NOTES[(device_index, what)] = msg
+    return False
+
+
+def _triton_quantize(t: torch.Tensor) -> bool:
+    if not (TRITON_QUANTIZE and triton is not None and t.is_cuda):
         return False
-    return _probe_fast_path(torch.cuda.current_device() if device.index is None else device.index)
+    return _probe_triton(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-def _use_fast(t: torch.Tensor, dims, use_fast_path: bool | None) -> bool:
-    # only 128-aligned (M, N, K): the probe and pytorch's own blockwise tests cover nothing else
-    ok = all(d % BLOCK == 0 for d in dims) and t.is_cuda and fp8_supported_fast_path(t.device)
-    if use_fast_path and not ok:
-        raise ValueError(f"FP8 fast path needs a Hopper GPU and dims that are multiples of {BLOCK}, got {list(dims)}")
-    return ok if use_fast_path is None else use_fast_path
+# ---------------------------------------------------------------------------------------------- fast-path operands
+# Every operand of the Hopper GEMMs is zero-padded to multiples of 128 in all dims (zeros change no amax and add
+# nothing to a sum, so the numerics are exactly the unpadded reference path's) and its scales are laid out as
+# cuBLAS wants them. PyTorch versions (reference, fallback) and Triton versions (one kernel each) of each builder.
+def _mm_tile_scales(s: torch.Tensor) -> torch.Tensor:
+    """1x128 scales (rows, L) with strides (1, rows)."""
+    return s.t().contiguous().t()
 
 
-# ---------------------------------------------------------------------------------------------- training GEMM
-class _FP8LinearFn(torch.autograd.Function):
-    """y = x W^T + b with all three GEMMs (fprop, dgrad, wgrad) on E4M3 operands, fp32 accumulation."""
+def _mm_block_buffer(s: torch.Tensor) -> torch.Tensor:
+    """128x128 scales (nb, kb), any strides -> a fresh zeroed (nb, kb rounded up to 4) holding them.
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, use_fast_path):
-        N, K = weight.shape
-        x2 = x.reshape(-1, K)  # (M, K)
-        qx, sx = quantize_activation_tiles(x2)  # 1x128 tiles along K (the contraction)
-        qw, sw = quantize_weight_blocks(weight)  # 128x128: the same blocks serve W (fprop) and W^T (dgrad)
-        fast = _use_fast(x, (x2.shape[0], N, K), use_fast_path)
-        if fast:
-            y = _scaled_mm_nt(qx, sx, qw, sw, True)
-        else:
-            y = dequantize_activation_tiles(qx, sx) @ dequantize_weight_blocks(qw, sw).t()  # (M, N) fp32
-        if bias is not None:
-            y = y + bias.float()
-        # only FP8 copies (1 byte/element) and small scales are kept for backward, never x itself;
-        # the fp8 weight costs 1 B/param and guarantees dgrad uses exactly the forward operand
-        ctx.save_for_backward(qx, sx, qw, sw)
-        ctx.fast, ctx.x_dtype, ctx.has_bias = fast, x.dtype, bias is not None
-        ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
-        return y.to(x.dtype).reshape(*x.shape[:-1], N)
+    Always a new contiguous tensor: F.pad with zero padding keeps a transposed input's strides, which gave
+    cuBLAS a wrongly ordered scale tensor whenever nb was a multiple of 4 (dgrad)."""
+    out = _block_scale_buffer(*s.shape, s.device)
+    out[:, : s.shape[1]] = s
+    return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        qx, sx, qw, sw = ctx.saved_tensors
-        N, K = qw.shape
-        g = grad_out.reshape(-1, N).float()  # (M, N)
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
+
+def _act_operands_torch(x2, RW, CW):
+    R, C = x2.shape
+    q, s = _quantize_activation_tiles_torch(F.pad(x2, (0, CW - C, 0, RW - R)))
+    return q, _mm_tile_scales(s)
+
+
+def _cols_operands_torch(x2, RW, CW, rows, x_scale=None):
+    R, C = x2.shape
+    x = x2.float() if x_scale is None else dequantize_activation_tiles(x2, x_scale)
+    xp = F.pad(x, (0, CW - C, 0, RW - R))
+    q, s = _act_operands_torch(xp, RW, CW) if rows else (None, None)
+    qt, st = _quantize_activation_tiles_torch(xp.t())
+    return q, s, qt, _mm_tile_scales(st)
+
+
+def _weight_operands_torch(w, NW, KW):
+    N, K = w.shape
+    q, s = _quantize_weight_blocks_torch(F.pad(w, (0, KW - K, 0, NW - N)))
+    return q, q.t().contiguous(), _mm_block_buffer(s), _mm_block_buffer(s.t())
+
+
+def _act_operands(x2, RW, CW):
+    return _act_operands_triton(x2, RW, CW) if _triton_quantize(x2) else _act_operands_torch(x2, RW, CW)
+
+
+def _cols_operands(x2, RW, CW, rows, x_scale=None):
+    f = _cols_operands_triton if _triton_quantize(x2) else _cols_operands_torch
+    return f(x2, RW, CW, rows, x_scale)
+
+
+def _weight_operands(w, NW, KW):
+    return _weight_operands_triton(w, NW, KW) if _triton_quantize(w) else _weight_operands_torch(w, NW, KW)
+
+
+# ---------------------------------------------------------------------------------------------- Hopper fast path
+def _has_scaled_mm() -> bool:
+    return (hasattr(F, "scaled_mm") and hasattr(F, "ScalingType")) or hasattr(torch, "_scaled_mm")
+
+
+def _scaled_mm_nt(a_q, a_s, b_q, b_s, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """(M, N) = a (M, K) @ b (N, K)^T on Hopper, fp32 accumulation, in out_dtype; all dims multiples of 128.
+
+    a: 1x128 tiles, scales (M, K/128) with strides (1, M). b: 128x128 blocks with scales given as the zeroed
+    (N/128, K/128 rounded up to 4) buffer (b_blocks), else 1x128 tiles like a. This is the layout of pytorch's
+    test_scaled_matmul_cuda (cuBLAS >= 12.9); _probe_fast_path checks it against the reference on the device."""
+    b_s = b_s.t() if b_blocks else b_s
+    if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"):
+        ST = F.ScalingType
+        return F.scaled_mm(a_q, b_q.t(), a_s, ST.BlockWise1x128, b_s,
+                           ST.BlockWise128x128 if b_blocks else ST.BlockWise1x128, output_dtype=out_dtype)
+    return torch._scaled_mm(a_q, b_q.t(), a_s, b_s, out_dtype=out_dtype)
+
+
+def _no_autocast(t: torch.Tensor):
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def _fp8_forward(x2: torch.Tensor, weight: torch.Tensor, fast: bool, out_dtype: torch.dtype):
+    """y (M, N) = x2 (M, K) @ weight (N, K)^T in out_dtype with the V3 recipe, and what backward needs."""
+    if fast:
+        (M, K), N = x2.shape, weight.shape[0]
+        Mp, Np, Kp = _round_up(M), _round_up(N), _round_up(K)
+        qx, sx = _act_operands(x2, Mp, Kp)  # 1x128 tiles along K (the contraction)
+        qw, qwt, sw, swt = _weight_operands(weight, Np, Kp)  # 128x128 blocks serve W (fprop) and W^T (dgrad)
+        y = _scaled_mm_nt(qx, sx, qw, sw, True, out_dtype)
+        return y[:M, :N], (qx, sx, qwt, swt)
+    qx, sx = quantize_activation_tiles(x2)
+    qw, sw = quantize_weight_blocks(weight)
+    with _no_autocast(x2):  # the reference GEMM stays fp32 under autocast too
+        y = dequantize_activation_tiles(qx, sx) @ dequantize_weight_blocks(qw, sw).t()  # (M, N) fp32
+    return y.to(out_dtype), (qx, sx, qw, sw)
+
+
+def _fp8_backward(g: torch.Tensor, saved, K: int, fast: bool, need_x: bool, need_w: bool,
+                  x_dtype: torch.dtype, w_dtype: torch.dtype):
+    """grad_x (M, K) = g (M, N) @ W and grad_w (N, K) = g^T @ x, both GEMMs on FP8 operands."""
+    M, N = g.shape
+    grad_x = grad_w = None
+    if fast:
+        qx, sx, qwt, swt = saved
+        Mp, Np, Kp = qx.shape[0], qwt.shape[1], qx.shape[1]
+        if need_x or need_w:
+            # one read of g: 1x128 tiles along N (dgrad) and 128x1 tiles along M, transposed (wgrad)
+            qg, sg, qgt, sgt = _cols_operands(g, Mp, Np, need_x) if need_w else (*_act_operands(g, Mp, Np), 0, 0)
+        if need_x:
+            grad_x = _scaled_mm_nt(qg, sg, qwt, swt, True, x_dtype)[:M, :K]
+        if need_w:
+            _, _, qxt, sxt = _cols_operands(qx, Mp, Kp, False, sx)  # saved x re-tiled 1x128 -> 128x1
+            grad_w = _scaled_mm_nt(qgt, sgt, qxt, sxt, False, w_dtype)[:N, :K]
+        return grad_x, grad_w
+    qx, sx, qw, sw = saved
+    g = g.float()
+    with _no_autocast(g):
+        if need_x:
             # dgrad (M, K) = g (M, N) @ W (N, K): contraction over N, so g is tiled 1x128 along N
             qg, sg = quantize_activation_tiles(g)
-            if ctx.fast:
-                grad_x = _scaled_mm_nt(qg, sg, qw.t().contiguous(), sw.t(), True)
-            else:
-                grad_x = dequantize_activation_tiles(qg, sg) @ dequantize_weight_blocks(qw, sw)
-            grad_x = grad_x.to(ctx.x_dtype).reshape(*grad_out.shape[:-1], K)
-        if ctx.needs_input_grad[1]:
+            grad_x = (dequantize_activation_tiles(qg, sg) @ dequantize_weight_blocks(qw, sw)).to(x_dtype)
+        if need_w:
             # wgrad (N, K) = g^T (N, M) @ x (M, K): the contraction runs over TOKENS, so both operands are
             # tiled 1x128 along M (g^T and x^T rows; 128x1 tiles of g and x). Each 128-token partial sum
             # then has one scale per operand that factors out of it, which is what a block-scaled
@@ -221,25 +541,114 @@ class _FP8LinearFn(torch.autograd.Function):
             x_hat = dequantize_activation_tiles(qx, sx)  # (M, K)
             qxt, sxt = quantize_activation_tiles(x_hat.t())  # (K, M)
             qgt, sgt = quantize_activation_tiles(g.t())  # (N, M)
-            if ctx.fast:
-                grad_w = _scaled_mm_nt(qgt, sgt, qxt, sxt, False)
-            else:
-                grad_w = dequantize_activation_tiles(qgt, sgt) @ dequantize_activation_tiles(qxt, sxt).t()
-            grad_w = grad_w.to(ctx.w_dtype)
+            grad_w = (dequantize_activation_tiles(qgt, sgt) @ dequantize_activation_tiles(qxt, sxt).t()).to(w_dtype)
+    return grad_x, grad_w
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_fast_path(device_index: int) -> bool:
+    """True when blockwise scaled_mm runs on this GPU and the fast path (forward, dgrad, wgrad, ragged dims
+    padded) matches the reference path there (checked once). A wrong scale layout is off by O(1)."""
+    if not _has_scaled_mm():
+        return _note(device_index, "fast", "this torch has no scaled_mm")
+    if torch.cuda.get_device_capability(device_index)[0] != 9:  # DeepSeek block scaling is an SM90 cuBLAS feature
+        return _note(device_index, "fast", "not an SM90 (Hopper) GPU")
+    dev = torch.device("cuda", device_index)
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    try:
+        with torch.autocast("cuda", enabled=False), torch.no_grad():
+            g = torch.Generator(device=dev).manual_seed(0)
+            # K/128 = 4 and 3, N/128 = 3 and 4: both the padded and the unpadded 128x128 scale buffers, for W and W^T
+            for M, K, N in ((256, 512, 384), (200, 320, 512)):
+                x, w, gy = (torch.randn(*s, device=dev, generator=g) for s in ((M, K), (N, K), (M, N)))
+                for dt in (torch.float32, torch.bfloat16):
+                    res = {}
+                    for fast in (True, False):
+                        y, saved = _fp8_forward(x.to(dt), w, fast, dt)
+                        res[fast] = (y, *_fp8_backward(gy.to(dt), saved, K, fast, True, True, dt, w.dtype))
+                    for name, a, b in zip(("forward", "dgrad", "wgrad"), res[True], res[False]):
+                        if a.shape != b.shape or a.dtype != b.dtype or not rel(a, b) < 1e-2:
+                            return _note(device_index, "fast", f"{name} differs from the reference "
+                                         f"for {(M, K, N)} {dt}: rel {rel(a, b) if a.shape == b.shape else 'shape'}")
+    except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError) as e:
+        return _note(device_index, "fast", f"{type(e).__name__}: {e}")
+    return True
+
+
+def fp8_supported_fast_path(device: torch.device | str | None = None) -> bool:
+    """Whether the Hopper scaled_mm path is active for `device` (default: the current CUDA device)."""
+    if not torch.cuda.is_available():
+        return False
+    device = torch.device("cuda") if device is None else torch.device(device)
+    if device.type != "cuda":
+        return False
+    return _probe_fast_path(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def fp8_backend_info(device: torch.device | str | None = None) -> dict:
+    """What the FP8 code uses on `device`: {'fast_path': bool, 'triton_quantize': bool, 'notes': {...}}
+    (notes: what the probes found: why one said no, which fp32 -> e4m3 conversion each Triton kernel uses)."""
+    fast = fp8_supported_fast_path(device)
+    tri = False
+    if torch.cuda.is_available():
+        d = torch.device("cuda") if device is None else torch.device(device)
+        if d.type == "cuda":
+            tri = _triton_quantize(torch.empty(0, device=d))
+    return {"fast_path": fast, "triton_quantize": tri,
+            "notes": {what: msg for (_, what), msg in _PROBE_NOTES.items()}}
+
+
+def _use_fast(t: torch.Tensor, use_fast_path: bool | None) -> bool:
+    ok = t.is_cuda and fp8_supported_fast_path(t.device)
+    if use_fast_path and not ok:
+        raise ValueError("FP8 fast path needs a Hopper GPU on which blockwise scaled_mm passed its probe")
+    return ok if use_fast_path is None else use_fast_path
+
+
+# ---------------------------------------------------------------------------------------------- training GEMM
+class _FP8LinearFn(torch.autograd.Function):
+    """y = x W^T + b with all three GEMMs (fprop, dgrad, wgrad) on E4M3 operands, fp32 accumulation."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fast, out_dtype):
+        N, K = weight.shape
+        # 1x128 tiles of x along K and 128x128 blocks of W; only FP8 copies (1 byte/element) and small scales
+        # are kept for backward, never x itself; the fp8 weight guarantees dgrad uses exactly the forward operand
+        y, saved = _fp8_forward(x.reshape(-1, K), weight, fast, out_dtype if bias is None else torch.float32)
+        if bias is not None:
+            y = y + bias.float()
+        ctx.save_for_backward(*saved)
+        ctx.fast, ctx.K, ctx.x_dtype, ctx.has_bias = fast, K, x.dtype, bias is not None
+        ctx.w_dtype, ctx.b_dtype = weight.dtype, None if bias is None else bias.dtype
+        return y.to(out_dtype).reshape(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        K, N = ctx.K, grad_out.shape[-1]
+        g = grad_out.reshape(-1, N)  # (M, N)
+        grad_x, grad_w = _fp8_backward(g, ctx.saved_tensors, K, ctx.fast, ctx.needs_input_grad[0],
+                                       ctx.needs_input_grad[1], ctx.x_dtype, ctx.w_dtype)
+        if grad_x is not None:
+            grad_x = grad_x.reshape(*grad_out.shape[:-1], K)
+        grad_b = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(dim=0).to(ctx.b_dtype)  # a reduction, not a GEMM: fp32, unquantised
-        return grad_x, grad_w, grad_b, None
+            grad_b = g.float().sum(dim=0).to(ctx.b_dtype)  # a reduction, not a GEMM: fp32, unquantised
+        return grad_x, grad_w, grad_b, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                use_fast_path: bool | None = None) -> torch.Tensor:
-    """F.linear with the V3 FP8 recipe in forward and backward. x (..., K), weight (N, K) -> (..., N) in x.dtype.
+    """F.linear with the V3 FP8 recipe in forward and backward. x (..., K), weight (N, K) -> (..., N) in x.dtype,
+    or in the autocast dtype where autocast is on (as F.linear); gradients come back in x's and weight's dtypes.
 
     use_fast_path: None picks the Hopper path when available, False forces the reference path
-    (quantise -> dequantise -> fp32 matmul), True demands the fast path (ValueError if unavailable)."""
+    (quantise -> dequantise -> fp32 matmul), True demands the fast path (ValueError if unavailable).
+    The fast path zero-pads every dim to a multiple of 128 internally, which changes no result."""
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"fp8_linear: x has {x.shape[-1]} features, weight expects {weight.shape[1]}")
-    return _FP8LinearFn.apply(x, weight, bias, use_fast_path)
+    dev = x.device.type
+    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    return _FP8LinearFn.apply(x, weight, bias, _use_fast(x, use_fast_path), out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------- module swaps
@@ -343,12 +752,15 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        x2 = x.reshape(-1, self.in_features)
-        if self.block == BLOCK and _use_fast(x, (x2.shape[0], self.out_features, self.in_features), None):
-            qx, sx = quantize_activation_tiles(x2)
-            y = _scaled_mm_nt(qx, sx, self.weight, self.weight_scale_inv, True).to(x.dtype)
+        N, K = self.out_features, self.in_features
+        if (self.block == BLOCK and N % BLOCK == 0 and K % BLOCK == 0 and x.numel()
+                and _use_fast(x, None)):  # the stored fp8 weight is used as is, so N and K must be aligned
+            x2 = x.reshape(-1, K)
+            M = x2.shape[0]
+            qx, sx = _act_operands(x2, _round_up(M), K)
+            y = _scaled_mm_nt(qx, sx, self.weight, _mm_block_buffer(self.weight_scale_inv), True, x.dtype)[:M]
             y = y if bias is None else y + bias
-            return y.reshape(*x.shape[:-1], self.out_features)
+            return y.reshape(*x.shape[:-1], N)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def _apply(self, fn, recurse=True):

@@ -1,10 +1,12 @@
-"""FP8 block quantisation, the V3 FP8 training GEMM (reference path), and FP8-weight inference layers."""
+"""FP8 block quantisation, the V3 FP8 training GEMM (reference path; the Hopper fast path and the Triton
+quantisers where a GPU is present), and FP8-weight inference layers."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek import fp8
 from nanoseek.fp8 import (
     FP8_MAX,
     FP8Linear,
@@ -12,6 +14,7 @@ from nanoseek.fp8 import (
     convert_to_fp8_training,
     dequantize_activation_tiles,
     dequantize_weight_blocks,
+    fp8_backend_info,
     fp8_linear,
     fp8_supported_fast_path,
     quantize_activation_tiles,
@@ -201,14 +204,74 @@ def test_fp8_linear_keeps_input_and_master_dtypes():
     y = fp8_linear(xb, w, b)
     y.float().sum().backward()
     assert y.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
-    assert not fp8_supported_fast_path()  # CPU: the reference path is the one tested here
+    assert not fp8_supported_fast_path("cpu")  # CPU tensors: the reference path is the one tested here
     with pytest.raises(ValueError, match="fast path"):
         fp8_linear(x, w, b, use_fast_path=True)
 
 
-@pytest.mark.skipif(not fp8_supported_fast_path(), reason="needs a Hopper GPU with blockwise F.scaled_mm")
-def test_hopper_fast_path_matches_reference_path():
-    x, w, b, g = (t.detach().cuda() for t in _linear_problem(M=(256,), K=512, N=384))
+def test_fp8_linear_under_autocast_returns_the_autocast_dtype():
+    x, w, b, _ = _linear_problem()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fp8_linear(x, w, b)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(y, fp8_linear(x.detach(), w.detach(), b.detach()).bfloat16())  # fp32 GEMM, one rounding
+
+
+def _emulated_scaled_mm_nt(a_q, a_s, b_q, b_s, b_blocks, out_dtype):
+    """CPU stand-in for the blockwise cuBLAS GEMM, reading the scales in the layout it is handed."""
+    M, K = a_q.shape
+    assert M % 128 == 0 and K % 128 == 0 and b_q.shape[0] % 128 == 0 and b_q.shape[1] == K
+    assert a_s.shape == (M, K // 128) and a_s.stride() == (1, M)  # 1x128 scales outer-dim-major
+    if b_blocks:  # the zeroed (N/128, K/128 rounded up to 4) buffer
+        assert b_s.is_contiguous() and b_s.shape == (b_q.shape[0] // 128, -(-K // 512) * 4)
+        b = dequantize_weight_blocks(b_q, b_s[:, : K // 128])
+    else:
+        assert b_s.shape == (b_q.shape[0], K // 128) and b_s.stride() == (1, b_q.shape[0])
+        b = dequantize_activation_tiles(b_q, b_s)
+    return (dequantize_activation_tiles(a_q, a_s) @ b.t()).to(out_dtype)
+
+
+@pytest.mark.parametrize("M,K,N", [(256, 512, 384), (200, 320, 512), (300, 200, 130)])
+def test_fast_path_operands_padding_and_layouts_on_cpu(monkeypatch, M, K, N):
+    """The fast path's padded operands and scale layouts, with the GEMM emulated: same result as the reference."""
+    monkeypatch.setattr(fp8, "_scaled_mm_nt", _emulated_scaled_mm_nt)
+    torch.manual_seed(9)
+    x, w, g = torch.randn(M, K), torch.randn(N, K) * 0.1, torch.randn(M, N)
+    res = {}
+    for fast in (True, False):
+        y, saved = fp8._fp8_forward(x, w, fast, torch.float32)
+        res[fast] = (y, *fp8._fp8_backward(g, saved, K, fast, True, True, torch.float32, torch.float32))
+    for a, r in zip(res[True], res[False]):
+        assert a.shape == r.shape
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_block_scale_buffer_is_contiguous_for_transposed_scales():
+    """Regression: F.pad(s.t(), (0, 0)) keeps the transposed strides, so the dgrad scales reached cuBLAS
+    in the wrong order whenever N/128 was a multiple of 4."""
+    s = torch.randn(4, 8)
+    buf = fp8._mm_block_buffer(s.t())
+    assert buf.is_contiguous() and buf.shape == (8, 4) and torch.equal(buf, s.t())
+    buf = fp8._mm_block_buffer(torch.randn(3, 5))
+    assert buf.is_contiguous() and buf.shape == (3, 8) and (buf[:, 5:] == 0).all()
+
+
+def test_scale_is_a_correctly_rounded_division_by_448():
+    amax = torch.rand(4096) * 100
+    s = fp8._scale_from_amax(amax, None)
+    assert torch.equal(s, (amax.double().clamp(min=1e-4) / 448).float())
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not fp8_supported_fast_path(), reason="needs a Hopper GPU with blockwise scaled_mm")
+@pytest.mark.parametrize("M,K,N", [(256, 512, 384), (200, 320, 512), (132, 300, 200), (1024, 1024, 1536)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hopper_fast_path_matches_reference_path(M, K, N, dtype):
+    x, w, b, g = (t.detach().cuda() for t in _linear_problem(M=(M,), K=K, N=N))
+    x, g = x.to(dtype), g.to(dtype)
     out = {}
     for fast in (True, False):
         xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
@@ -216,7 +279,60 @@ def test_hopper_fast_path_matches_reference_path():
         (y * g).sum().backward()
         out[fast] = (y, xi.grad, wi.grad, bi.grad)
     for a, r in zip(out[True], out[False]):
-        assert rel(a, r) < 1e-2
+        assert a.dtype == r.dtype and a.shape == r.shape
+        assert rel(a.float(), r.float()) < 1e-2
+    if dtype == torch.float32:  # same FP8 operands; only the accumulation differs (cuBLAS's FP8 tensor-core
+        for a, r in zip(out[True][:3], out[False][:3]):  # accumulation measured ~1.3e-4 off exact fp32 on H100)
+            assert rel(a, r) < 1e-3
+
+
+@pytest.mark.skipif(not fp8_supported_fast_path(), reason="needs a Hopper GPU with blockwise scaled_mm")
+def test_hopper_fast_path_under_autocast_and_in_a_module():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(256, 384), nn.GELU(), nn.Linear(384, 128)).cuda()
+    convert_to_fp8_training(model)
+    x = torch.randn(4, 64, 256, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = model(x)
+    y.float().square().mean().backward()
+    assert y.dtype == torch.bfloat16 and model[0].weight.grad.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    ql = QuantizedLinear.from_linear(nn.Linear(256, 384).cuda())
+    xb = x.bfloat16()
+    assert rel(ql(xb).float(), F.linear(xb, ql.dequantized_weight(torch.bfloat16), ql.bias.bfloat16()).float()) < 0.05
+
+
+@pytest.mark.skipif(not (CUDA and fp8.triton is not None), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_triton_quantisers_are_bit_identical_to_pytorch_on_gpu(seed):
+    assert fp8_backend_info()["triton_quantize"], fp8_backend_info()["notes"]
+    assert fp8._triton_mismatches(torch.device("cuda"), seed=seed + 1, verbose=True) == []
+    torch.manual_seed(seed)
+    for (M, K), dt in (((200, 320), torch.bfloat16), ((1024, 2048), torch.float32), ((128, 130), torch.float32),
+                       ((3, 7), torch.bfloat16), ((513, 384), torch.float16)):
+        x = (torch.randn(M, K, device="cuda") * torch.logspace(-4, 4, K, device="cuda")).to(dt)
+        x[: M // 2, : K // 3] *= 1e-6  # values that land on E4M3 subnormals
+        if M >= 128 and K >= 256:
+            x[:128, 128:256] = 0  # an all-zero tile and block
+        Mp, Kp = -(-M // 128) * 128, -(-K // 128) * 128
+        pairs = [
+            (fp8._act_operands_torch(x, Mp, Kp), fp8._act_operands_triton(x, Mp, Kp)),
+            (fp8._cols_operands_torch(x, Mp, Kp, True), fp8._cols_operands_triton(x, Mp, Kp, True)),
+            (fp8._weight_operands_torch(x, Mp, Kp), fp8._weight_operands_triton(x, Mp, Kp)),
+            (fp8._quantize_activation_tiles_torch(x), quantize_activation_tiles(x)),
+            (fp8._quantize_weight_blocks_torch(x), quantize_weight_blocks(x)),
+        ]
+        qa, sa = pairs[0][0]
+        pairs.append((fp8._cols_operands_torch(qa, Mp, Kp, False, sa),
+                      fp8._cols_operands_triton(qa, Mp, Kp, False, sa)))
+        for want, got in pairs:
+            for a, b in zip(want, got):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    assert a.shape == b.shape and a.dtype == b.dtype
+                    if a.dtype == FP8:
+                        a, b = a.view(torch.uint8), b.view(torch.uint8)
+                    assert torch.equal(a, b), (M, K, dt)
 
 
 # ---------------------------------------------------------------------------------------------- FP8Linear
