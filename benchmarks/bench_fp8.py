@@ -88,14 +88,14 @@ def _rounds(fns: dict, warmup: int, reps: int, events: bool = True) -> dict:
 
 
 def _with_triton(on: bool, fn):
-    from nanoseek import fp8
+    from nanoseek import fp8_triton
 
     def call():
-        old, fp8.TRITON_QUANTIZE = fp8.TRITON_QUANTIZE, on
+        old, fp8_triton.TRITON_QUANTIZE = fp8_triton.TRITON_QUANTIZE, on
         try:
             return fn()
         finally:
-            fp8.TRITON_QUANTIZE = old
+            fp8_triton.TRITON_QUANTIZE = old
     return call
 
 
@@ -103,19 +103,19 @@ def bench_quant(args, tune: bool) -> dict:
     """The Triton quantisers alone at DeepSeek-V3 shapes, for each launch shape in a small sweep: median time,
     achieved bandwidth (bytes read + written once), and whether the output is bit-identical to the PyTorch ops.
     tune: keep, per kernel, the fastest bit-identical launch shape for the --gemm / --step runs that follow."""
-    from nanoseek import fp8
+    from nanoseek import fp8, fp8_triton
 
     dev = torch.device("cuda")
     info = fp8.fp8_backend_info(dev)
     if not info["triton_quantize"]:
         print(f"Triton quantisers are off on this device: {info}")
         return {}
-    default = dict(fp8.TRITON_LAUNCH)
+    default = dict(fp8_triton.TRITON_LAUNCH)
     sweeps = {"rows": [{"rows_br": br, "rows_warps": nw} for br, nw in ((32, 4), (16, 4), (64, 8))],
               "cols": [{"cols_warps": nw, "cols_tmode": tm} for nw in (8, 16) for tm in (0, 1)],
               "blocks": [{"blocks_warps": nw, "blocks_tmode": tm} for nw in (8, 16) for tm in (0, 1)],
               "all (conversion)": [{"fp32->e4m3": "hardware cvt"}, {"fp32->e4m3": "c10 bit arithmetic"}]}
-    soft0 = dict(fp8._SOFT_CVT)  # what the probe chose: tuning never changes it
+    soft0 = dict(fp8_triton._SOFT_CVT)  # what the probe chose: tuning never changes it
     print(f"\n# Triton quantisers alone, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"defaults {default}, fp32->e4m3 by {info['notes'].get('triton_cvt')}")
     print("| shape | kernel | launch | median us | GB/s | bit-identical |")
@@ -129,26 +129,26 @@ def bench_quant(args, tune: bool) -> dict:
         Mp, Np, Kp = (fp8._round_up(d) for d in (M, N, K))
         qx, sx = fp8._act_operands_torch(x, Mp, Kp)
         jobs = {  # kernel family: [(name, run, torch twin, bytes)]
-            "rows": [("x 1x128 (fprop)", lambda: fp8._act_operands_triton(x, Mp, Kp), (qx, sx), 3 * M * K)],
-            "cols": [("g 1x128 + 128x1 (dgrad, wgrad)", lambda: fp8._cols_operands_triton(gy, Mp, Np, True),
+            "rows": [("x 1x128 (fprop)", lambda: fp8_triton.act_operands(x, Mp, Kp), (qx, sx), 3 * M * K)],
+            "cols": [("g 1x128 + 128x1 (dgrad, wgrad)", lambda: fp8_triton.cols_operands(gy, Mp, Np, True),
                       fp8._cols_operands_torch(gy, Mp, Np, True), 4 * M * N),
-                     ("x 128x1 from its fp8 copy (wgrad)", lambda: fp8._cols_operands_triton(qx, Mp, Kp, False, sx),
+                     ("x 128x1 from its fp8 copy (wgrad)", lambda: fp8_triton.cols_operands(qx, Mp, Kp, False, sx),
                       fp8._cols_operands_torch(qx, Mp, Kp, False, sx), 2 * M * K)],
-            "blocks": [("W 128x128 + W^T (fp32 master)", lambda: fp8._weight_operands_triton(w, Np, Kp),
+            "blocks": [("W 128x128 + W^T (fp32 master)", lambda: fp8_triton.weight_operands(w, Np, Kp),
                         fp8._weight_operands_torch(w, Np, Kp), 6 * N * K)],
         }
         jobs["all (conversion)"] = [j for fam in ("rows", "cols", "blocks") for j in jobs[fam]]
         for fam, cfgs in sweeps.items():
             for cfg in cfgs:
-                fp8.TRITON_LAUNCH.update(default)
+                fp8_triton.TRITON_LAUNCH.update(default)
                 if "fp32->e4m3" in cfg:  # informative only: the hardware conversion vs c10's bit arithmetic
-                    fp8._SOFT_CVT.update(dict.fromkeys(soft0, cfg["fp32->e4m3"] != "hardware cvt"))
+                    fp8_triton._SOFT_CVT.update(dict.fromkeys(soft0, cfg["fp32->e4m3"] != "hardware cvt"))
                 else:
-                    fp8._SOFT_CVT.update(soft0)
-                    fp8.TRITON_LAUNCH.update(cfg)
+                    fp8_triton._SOFT_CVT.update(soft0)
+                    fp8_triton.TRITON_LAUNCH.update(cfg)
                 for name, fn, twin, nbytes in jobs[fam]:
                     got = fn()
-                    same = all((a is None and b is None) or fp8._bit_equal(a, b) for a, b in zip(twin, got))
+                    same = all((a is None and b is None) or fp8_triton._bit_equal(a, b) for a, b in zip(twin, got))
                     ms = _rounds({name: fn}, 3, args.reps)[name]
                     key = (fam, tuple(sorted(cfg.items())))
                     if same:
@@ -159,8 +159,8 @@ def bench_quant(args, tune: bool) -> dict:
                     out.append({"shape": [M, K, N], "kernel": name, "launch": cfg, "ms": ms, "bytes": nbytes,
                                 "bit_identical": same})
         del x, w, gy, qx, sx, jobs
-    fp8.TRITON_LAUNCH.update(default)
-    fp8._SOFT_CVT.update(soft0)
+    fp8_triton.TRITON_LAUNCH.update(default)
+    fp8_triton._SOFT_CVT.update(soft0)
     best = {}
     for fam in ("rows", "cols", "blocks"):
         cands = {k: v for k, v in totals.items() if k[0] == fam}
@@ -168,7 +168,7 @@ def bench_quant(args, tune: bool) -> dict:
         best.update(dict(k[1]))
     print(f"fastest bit-identical launch shapes (summed over both shapes): {best}")
     if tune:
-        fp8.TRITON_LAUNCH.update(best)
+        fp8_triton.TRITON_LAUNCH.update(best)
         if args.launch_out:
             with open(args.launch_out, "w") as f:
                 json.dump(best, f)
@@ -187,12 +187,12 @@ GEMM_SHAPES = {
 
 
 def bench_gemm(args) -> list[dict]:
-    from nanoseek import fp8
+    from nanoseek import fp8, fp8_triton
 
     dev = torch.device("cuda")
     info = fp8.fp8_backend_info(dev)
     print(f"# one Linear forward+backward, M={args.m} tokens, {torch.cuda.get_device_name()}, "
-          f"torch {torch.__version__}; fp8 backend {info}, Triton launch {fp8.TRITON_LAUNCH}")
+          f"torch {torch.__version__}; fp8 backend {info}, Triton launch {fp8_triton.TRITON_LAUNCH}")
     if not info["fast_path"]:
         print("FP8 fast path is OFF on this device: the FP8 numbers below are the reference (numerics) path")
     names = [n for n in GEMM_SHAPES if not args.shapes or any(s in n for s in args.shapes)]
@@ -270,7 +270,7 @@ STEP_MODEL = dict(hidden_size=2048, intermediate_size=5632, moe_intermediate_siz
 
 
 def bench_step(args) -> dict:
-    from nanoseek import DeepSeekModel, ModelConfig, fp8
+    from nanoseek import DeepSeekModel, ModelConfig, fp8, fp8_triton
     from nanoseek.train import common as C
     from nanoseek.train.pretrain import lm_losses, update_expert_bias
 
@@ -289,7 +289,7 @@ def bench_step(args) -> dict:
     n_params = sum(p.numel() for p in base.parameters())
     print(f"\n# training step (fwd + bwd + clip + AdamW), {preset} + {overrides or 'no overrides'}: "
           f"{n_params / 1e6:.0f}M parameters, {len(names)} modules in FP8, {torch.cuda.get_device_name()}, "
-          f"torch {torch.__version__}, fp8 backend {info}, Triton launch {fp8.TRITON_LAUNCH}")
+          f"torch {torch.__version__}, fp8 backend {info}, Triton launch {fp8_triton.TRITON_LAUNCH}")
     results = []
     for B in args.step_batch:
         T = args.step_seq
@@ -329,7 +329,7 @@ def bench_step(args) -> dict:
         results.append({"batch": [B, T], "ms": ms, "peak_gib": peak})
         del batches
         torch.cuda.empty_cache()
-    return {"preset": preset, "overrides": overrides, "params": n_params, "launch": dict(fp8.TRITON_LAUNCH),
+    return {"preset": preset, "overrides": overrides, "params": n_params, "launch": dict(fp8_triton.TRITON_LAUNCH),
             "runs": results}
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek import fp8
+from nanoseek import fp8, fp8_triton
 from nanoseek.fp8 import (
     FP8_MAX,
     FP8Linear,
@@ -302,11 +302,11 @@ def test_hopper_fast_path_under_autocast_and_in_a_module():
     assert rel(ql(xb).float(), F.linear(xb, ql.dequantized_weight(torch.bfloat16), ql.bias.bfloat16()).float()) < 0.05
 
 
-@pytest.mark.skipif(not (CUDA and fp8.triton is not None), reason="needs CUDA and Triton")
+@pytest.mark.skipif(not (CUDA and fp8_triton.triton is not None), reason="needs CUDA and Triton")
 @pytest.mark.parametrize("seed", [0, 1])
 def test_triton_quantisers_are_bit_identical_to_pytorch_on_gpu(seed):
     assert fp8_backend_info()["triton_quantize"], fp8_backend_info()["notes"]
-    assert fp8._triton_mismatches(torch.device("cuda"), seed=seed + 1, verbose=True) == []
+    assert fp8_triton.mismatches(torch.device("cuda"), seed=seed + 1, verbose=True) == []
     torch.manual_seed(seed)
     for (M, K), dt in (((200, 320), torch.bfloat16), ((1024, 2048), torch.float32), ((128, 130), torch.float32),
                        ((3, 7), torch.bfloat16), ((513, 384), torch.float16)):
@@ -316,15 +316,15 @@ def test_triton_quantisers_are_bit_identical_to_pytorch_on_gpu(seed):
             x[:128, 128:256] = 0  # an all-zero tile and block
         Mp, Kp = -(-M // 128) * 128, -(-K // 128) * 128
         pairs = [
-            (fp8._act_operands_torch(x, Mp, Kp), fp8._act_operands_triton(x, Mp, Kp)),
-            (fp8._cols_operands_torch(x, Mp, Kp, True), fp8._cols_operands_triton(x, Mp, Kp, True)),
-            (fp8._weight_operands_torch(x, Mp, Kp), fp8._weight_operands_triton(x, Mp, Kp)),
+            (fp8._act_operands_torch(x, Mp, Kp), fp8_triton.act_operands(x, Mp, Kp)),
+            (fp8._cols_operands_torch(x, Mp, Kp, True), fp8_triton.cols_operands(x, Mp, Kp, True)),
+            (fp8._weight_operands_torch(x, Mp, Kp), fp8_triton.weight_operands(x, Mp, Kp)),
             (fp8._quantize_activation_tiles_torch(x), quantize_activation_tiles(x)),
             (fp8._quantize_weight_blocks_torch(x), quantize_weight_blocks(x)),
         ]
         qa, sa = pairs[0][0]
         pairs.append((fp8._cols_operands_torch(qa, Mp, Kp, False, sa),
-                      fp8._cols_operands_triton(qa, Mp, Kp, False, sa)))
+                      fp8_triton.cols_operands(qa, Mp, Kp, False, sa)))
         for want, got in pairs:
             for a, b in zip(want, got):
                 assert (a is None) == (b is None)
