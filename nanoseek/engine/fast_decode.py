@@ -30,6 +30,7 @@ from torch import nn
 
 from ..model import DeepSeekModel
 
+
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why `FastDecoder` cannot run `model` (None when it can)."""
     if not isinstance(model, DeepSeekModel):
@@ -53,7 +54,7 @@ def _t(w: torch.Tensor) -> torch.Tensor:
 class _Layer:
     """One decoder layer's weights, packed for the step."""
 
-    def __init__(self, layer, cfg):
+    def __init__(self, layer):
         a = layer.self_attn
         H, dn, dv, R = a.H, a.dn, a.dv, a.R
         self.eps_in, self.w_in = layer.input_layernorm.eps, layer.input_layernorm.weight.detach()
@@ -99,8 +100,8 @@ class _Layer:
 class _MTP:
     """MTP module k's extra weights (its decoder block is a _Layer)."""
 
-    def __init__(self, layer, cfg):
-        self.block = _Layer(layer, cfg)
+    def __init__(self, layer):
+        self.block = _Layer(layer)
         self.w_e, self.eps_e = layer.enorm.weight.detach(), layer.enorm.eps
         self.w_h, self.eps_h = layer.hnorm.weight.detach(), layer.hnorm.eps
         self.w_eh = _t(layer.eh_proj.weight)
@@ -151,8 +152,8 @@ class FastDecoder:
             return
         m, cfg = self.model, self.model.config
         with torch.no_grad():
-            self.layers = [_Layer(layer, cfg) for layer in m.model.layers[: cfg.num_hidden_layers]]
-            self.mtp = [_MTP(layer, cfg) for layer in m.mtp_layers]
+            self.layers = [_Layer(layer) for layer in m.model.layers[: cfg.num_hidden_layers]]
+            self.mtp = [_MTP(layer) for layer in m.mtp_layers]
             self.embed = m.model.embed_tokens.weight.detach()
             self.w_norm, self.eps_norm = m.model.norm.weight.detach(), m.model.norm.eps
             self.w_head = _t(m.lm_head.weight)
