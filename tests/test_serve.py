@@ -157,6 +157,53 @@ def test_completion_logprobs_cover_every_token(client):
     assert client.completions.create(model=MODEL, prompt="The cat", max_tokens=4).choices[0].logprobs is None
 
 
+def test_echo_scores_the_prompt_like_a_full_forward(client, loaded):
+    """lm-evaluation-harness's loglikelihood request: echo + logprobs + max_tokens 0 (and 1)."""
+    import torch
+
+    model, tok = loaded
+    ids = tok.encode("The cat sat on the mat")
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    want = logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True, logprobs=3, temperature=0)
+    c = r.choices[0]
+    assert c.text == tok.decode(ids) and r.usage.completion_tokens == 0
+    lp = c.logprobs
+    assert lp.tokens == [tok.decode([t]) for t in ids] and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), want, atol=1e-4)
+    for pos, alts in enumerate(lp.top_logprobs[1:]):  # the 3 best next tokens, best first, as in the forward
+        best = logp[pos].topk(3)
+        assert list(alts.values()) == pytest.approx(best.values.tolist(), abs=1e-4)
+    is_greedy = [max(a, key=a.get) == t for a, t in zip(lp.top_logprobs[1:], lp.tokens[1:])]
+    assert is_greedy == (logp.argmax(-1) == torch.tensor(ids[1:])).tolist()
+    # with generation: the echoed prompt, then the completion, offsets continuing
+    g = client.completions.create(model=MODEL, prompt=ids, max_tokens=3, echo=True, logprobs=2, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    gl = g.choices[0].logprobs
+    assert len(gl.tokens) == len(ids) + 3 and g.choices[0].text.startswith(tok.decode(ids))
+    assert gl.token_logprobs[0] is None and gl.token_logprobs[1: len(ids)] == pytest.approx(lp.token_logprobs[1:], abs=1e-4)
+    assert gl.text_offset == sorted(gl.text_offset) and gl.text_offset[len(ids)] == len(tok.decode(ids))
+    assert all(len(a) == 2 for a in gl.top_logprobs[len(ids):])
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(model=MODEL, prompt=ids, max_tokens=2, echo=True, stream=True)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=ids, max_tokens=0)  # max_tokens 0 only with echo
+
+
+def test_chat_top_logprobs_rank_the_alternatives(client):
+    r = chat(client, logprobs=True, top_logprobs=3, max_tokens=6)
+    content = r.choices[0].logprobs.content
+    assert content and all(len(c.top_logprobs) == 3 for c in content)
+    for c in content:  # greedy: the chosen token is the best alternative, with the same log-prob
+        assert c.top_logprobs[0].token == c.token and c.top_logprobs[0].logprob == pytest.approx(c.logprob)
+        assert [a.logprob for a in c.top_logprobs] == sorted((a.logprob for a in c.top_logprobs), reverse=True)
+    stream = chat(client, logprobs=True, top_logprobs=2, max_tokens=6, stream=True)
+    streamed = [c for ch in stream if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [c.token for c in streamed] == [c.token for c in content]
+    assert all(len(c.top_logprobs) == 2 for c in streamed)
+
+
 def test_chat_with_thinking_returns_reasoning_apart_from_content(client, loaded):
     r = chat(client)  # the server's default: thinking on
     msg = r.choices[0].message

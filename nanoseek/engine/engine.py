@@ -44,6 +44,7 @@ class Completion:
     logprobs: list[float] | None = None
     sampling_masks: torch.Tensor | None = None  # (len, V) bool on CPU: the support each token was drawn from
     routing: torch.Tensor | None = None  # (len, num_moe_layers, K) long on CPU (see the module docstring)
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: the top-N (id, log-prob), best first
 
 
 @dataclass
@@ -62,6 +63,7 @@ class StreamEvent:
     finished: bool
     finish_reason: str | None = None
     logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None  # when params.top_logprobs: the top-N (id, log-prob)
 
 
 class RequestHandle:
@@ -101,6 +103,7 @@ class _Seq:
     logprobs: list[float] = field(default_factory=list)
     masks: list[torch.Tensor] = field(default_factory=list)
     routing: list[torch.Tensor] = field(default_factory=list)
+    tops: list[list[tuple[int, float]]] = field(default_factory=list)
     slot: int | None = None
     text: str = ""
     emitted: int = 0  # characters of text already streamed
@@ -312,8 +315,11 @@ class Engine:
     def _sample_and_append(self, seqs: list[_Seq], logits: torch.Tensor, routing: torch.Tensor | None
                            ) -> list[StreamEvent]:
         want_mask = any(q.params.return_sampling_mask for q in seqs)
-        res = sample(logits, [q.params for q in seqs], [q.generator for q in seqs], return_support=want_mask)
+        top_n = max(q.params.top_logprobs for q in seqs)
+        res = sample(logits, [q.params for q in seqs], [q.generator for q in seqs], return_support=want_mask,
+                     top_n=top_n)
         tokens, lps = res.tokens.tolist(), res.logprobs.tolist()  # the step's host sync
+        tops = list(zip(res.top_ids.tolist(), res.top_logprobs.tolist())) if top_n else None
         support = res.support.cpu() if want_mask else None
         routing = routing.cpu() if routing is not None and any(q.params.return_routing for q in seqs) else None
         events = []
@@ -324,6 +330,9 @@ class Engine:
                 seq.masks.append(support[i])
             if seq.params.return_routing and routing is not None:
                 seq.routing.append(routing[i])
+            if seq.params.top_logprobs:
+                ids, vals = tops[i]
+                seq.tops.append(list(zip(ids, vals))[: seq.params.top_logprobs])
             events.append(self._check_stop(seq, lps[i]))
         return events
 
@@ -346,12 +355,13 @@ class Engine:
             safe = len(text) if reason else _stream_safe(text, p.stop or [])
             if safe > seq.emitted:
                 delta, seq.emitted = text[seq.emitted:safe], safe
+        top = tuple(seq.tops[-1]) if p.top_logprobs else None
         if reason:
-            return self._finish(seq, reason, tok, delta, logprob)
-        return self._emit(seq, StreamEvent(seq.handle.request_id, seq.index, tok, delta, False, None, logprob))
+            return self._finish(seq, reason, tok, delta, logprob, top)
+        return self._emit(seq, StreamEvent(seq.handle.request_id, seq.index, tok, delta, False, None, logprob, top))
 
-    def _finish(self, seq: _Seq, reason: str, tok: int = -1, delta: str = "", logprob: float | None = None
-                ) -> StreamEvent:
+    def _finish(self, seq: _Seq, reason: str, tok: int = -1, delta: str = "", logprob: float | None = None,
+                top: tuple | None = None) -> StreamEvent:
         if seq.slot is not None:
             self.slots[seq.slot] = None
         p, V = seq.params, self.model.config.vocab_size
@@ -360,10 +370,11 @@ class Engine:
             list(seq.tokens), seq.text if self.tokenizer is not None else None, reason,
             logprobs=list(seq.logprobs) if p.logprobs else None,
             sampling_masks=masks if p.return_sampling_mask else None,
-            routing=(torch.stack(seq.routing) if seq.routing else None) if p.return_routing else None)
+            routing=(torch.stack(seq.routing) if seq.routing else None) if p.return_routing else None,
+            top_logprobs=list(seq.tops) if p.top_logprobs else None)
         if all(c is not None for c in seq.handle.completions):
             seq.handle._done.set()  # before the final event, so a consumer reacting to it can take result()
-        return self._emit(seq, StreamEvent(seq.handle.request_id, seq.index, tok, delta, True, reason, logprob))
+        return self._emit(seq, StreamEvent(seq.handle.request_id, seq.index, tok, delta, True, reason, logprob, top))
 
     def _emit(self, seq: _Seq, ev: StreamEvent) -> StreamEvent:
         h = seq.handle
@@ -372,6 +383,24 @@ class Engine:
         if h.callback is not None:
             h.callback(ev)
         return ev
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def prompt_logprobs(self, ids: Sequence[int], top_n: int = 0
+                        ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+        """Log-prob of every prompt token given the ones before it under the model's raw distribution (None
+        for the first), and its top_n alternatives: what `echo` with `logprobs` returns (lm-eval's
+        loglikelihood). One full forward, no cache: safe to call while another thread drives step()."""
+        ids = list(ids)
+        if not ids:
+            return [], []
+        x = torch.tensor([ids], device=self.device)
+        logp = self.model(x, mtp=False).logits[0, :-1].float().log_softmax(dim=-1)  # row i predicts token i+1
+        lps = [None] + logp.gather(1, x[0, 1:].unsqueeze(1)).squeeze(1).tolist()
+        if not top_n:
+            return lps, [None] * len(ids)
+        vals, idx = logp.topk(min(top_n, logp.shape[-1]), dim=-1)
+        return lps, [None] + [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
 
     # ------------------------------------------------------------------ front ends
     def _submit(self, prompts, params) -> list[RequestHandle]:

@@ -21,6 +21,9 @@ from typing import Sequence
 import torch
 
 
+MAX_TOP_LOGPROBS = 20
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -33,6 +36,7 @@ class SamplingParams:
     seed: int | None = None  # per request; sample i of n uses seed + i
     n: int = 1  # samples per prompt
     logprobs: bool = False  # return log pi(token) per generated token (see module docstring)
+    top_logprobs: int = 0  # also return the top-N (token id, log-prob) of each step's distribution (0-20)
     return_sampling_mask: bool = False  # return the (len, V) bool support of each step's distribution
     return_routing: bool = False  # return (len, num_moe_layers, K) expert ids that produced each token
 
@@ -53,6 +57,8 @@ class SamplingParams:
             bad("top_k", "must be an integer >= 0 (0 or None = off)")
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", "must be an integer >= 1")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            bad("top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}]")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", "must be an integer or None")
         if isinstance(self.stop, str):
@@ -123,12 +129,15 @@ class SampleResult:
     tokens: torch.Tensor  # (B,) long
     logprobs: torch.Tensor  # (B,) fp32, see module docstring
     support: torch.Tensor | None = field(default=None)  # (B, V) bool, when asked for
+    top_ids: torch.Tensor | None = field(default=None)  # (B, N) the N most likely tokens, when asked for
+    top_logprobs: torch.Tensor | None = field(default=None)  # (B, N) their log-probs (same distribution as logprobs)
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-           return_support: bool = False) -> SampleResult:
+           return_support: bool = False, top_n: int = 0) -> SampleResult:
     """Sample one token per row. logits (B, V); params and generators one per row (a generator may be None
-    for greedy rows, or to use torch's global RNG)."""
+    for greedy rows, or to use torch's global RNG). top_n > 0 also returns each row's top_n tokens and
+    log-probs under the distribution `logprobs` refers to."""
     B, V = logits.shape
     if len(generators) != B:
         raise ValueError(f"generators must have one entry per row ({B}), got {len(generators)}")
@@ -142,7 +151,10 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
         rows = torch.tensor(sampled, device=logits.device)
         tokens[rows] = (logp[rows] + gumbel).argmax(dim=-1)
     lp = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
-    return SampleResult(tokens, lp, support if return_support else None)
+    res = SampleResult(tokens, lp, support if return_support else None)
+    if top_n > 0:
+        res.top_logprobs, res.top_ids = logp.topk(min(top_n, V), dim=-1)
+    return res
 
 
 def make_generator(seed: int | None, device) -> torch.Generator:

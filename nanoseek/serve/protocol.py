@@ -72,14 +72,12 @@ def _unsupported(body: dict) -> None:
     for name in ("logit_bias", "tools", "functions", "suffix"):
         if body.get(name):
             raise APIError(400, f"{name} is not supported by this server", param=name)
-    if body.get("echo"):
-        raise APIError(400, "echo is not supported by this server", param="echo")
     if body.get("best_of") not in (None, 1, body.get("n", 1)):
         raise APIError(400, "best_of is not supported by this server (use n)", param="best_of")
 
 
-def sampling_params(body: dict, max_tokens_default: int, max_tokens_names=("max_tokens",), logprobs: bool = False
-                    ) -> SamplingParams:
+def sampling_params(body: dict, max_tokens_default: int, max_tokens_names=("max_tokens",), logprobs: bool = False,
+                    top_logprobs: int = 0) -> SamplingParams:
     """SamplingParams from a request (OpenAI fields, plus vLLM's top_k, stop_token_ids and ignore_eos)."""
     _unsupported(body)
     max_tokens = max_tokens_default
@@ -100,7 +98,8 @@ def sampling_params(body: dict, max_tokens_default: int, max_tokens_names=("max_
             max_tokens=max_tokens, temperature=number_field(body, "temperature", 1.0, lo=0.0),
             top_p=number_field(body, "top_p", 1.0, lo=0.0, hi=1.0, lo_open=True), top_k=max(top_k, 0),
             n=integer_field(body, "n", 1, lo=1, hi=MAX_N), seed=integer_field(body, "seed", None), stop=stop or None,
-            stop_token_ids=stop_ids, ignore_eos=bool_field(body, "ignore_eos", False), logprobs=logprobs)
+            stop_token_ids=stop_ids, ignore_eos=bool_field(body, "ignore_eos", False), logprobs=logprobs,
+            top_logprobs=top_logprobs)
     except ValueError as e:  # anything SamplingParams rejects that the checks above let through
         name = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
         raise APIError(400, str(e), param=name) from None
@@ -202,18 +201,34 @@ def completion_prompts(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
     return out
 
 
-def completion_logprobs(token_ids, logprobs, tokenizer) -> dict:
+def completion_logprobs(token_ids, logprobs, tokenizer, tops=None, offset: int = 0) -> dict:
+    """The legacy completions `logprobs` object. tops: per token, [(id, log-prob)] (the `logprobs=N`
+    alternatives) or None (the echoed first prompt token has neither a log-prob nor alternatives)."""
     tokens = [tokenizer.decode([t]) for t in token_ids]
-    offsets, pos = [], 0
+    offsets, pos = [], offset
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}
+    top = None if tops is None else [None if alts is None else {tokenizer.decode([i]): lp for i, lp in alts}
+                                     for alts in tops]
+    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top, "text_offset": offsets}
 
 
-def chat_logprobs(token_ids, logprobs, tokenizer) -> dict:
+def merge_logprobs(a: dict, b: dict) -> dict:
+    """Two completions `logprobs` objects one after the other (echo: the prompt's, then the completion's)."""
+    top = None if a["top_logprobs"] is None and b["top_logprobs"] is None else \
+        (a["top_logprobs"] or [None] * len(a["tokens"])) + (b["top_logprobs"] or [None] * len(b["tokens"]))
+    return {k: a[k] + b[k] for k in ("tokens", "token_logprobs", "text_offset")} | {"top_logprobs": top}
+
+
+def chat_logprobs(token_ids, logprobs, tokenizer, tops=None) -> dict:
+    """The chat `logprobs` object; tops: per token, the `top_logprobs` alternatives [(id, log-prob)]."""
     content = []
-    for t, lp in zip(token_ids, logprobs):
+    for i, (t, lp) in enumerate(zip(token_ids, logprobs)):
         s = tokenizer.decode([t])
-        content.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": []})
+        alts = []
+        for j, alp in (tops[i] if tops is not None else []):
+            a = tokenizer.decode([j])
+            alts.append({"token": a, "logprob": alp, "bytes": list(a.encode("utf-8"))})
+        content.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": alts})
     return {"content": content}

@@ -17,11 +17,16 @@ Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 
 
 Request fields are checked in protocol.py, the reasoning/answer split of a stream in reasoning.py.
 
+Log-probs: `logprobs` (completions: 0-20 alternatives; chat: `logprobs` + `top_logprobs` 0-20) give the
+sampled token's log-prob and the top alternatives; for temperature > 0 under the processed sampling
+distribution (see engine/sampling.py), for greedy under the raw one. Completions take `echo` (the prompt's
+text and, with `logprobs`, its tokens' log-probs under the raw distribution, the first one null), and
+`echo` with `max_tokens: 0` scores the prompt without generating: what lm-evaluation-harness's
+`local-completions` loglikelihood requests send.
+
 Simplifications: a request's max_tokens may run past the context, in which case it ends with
-finish_reason "length" when the cache row is full (OpenAI would refuse it); logprobs give the sampled
-token's log-prob only (no top alternatives; `top_logprobs` is null or empty), and for temperature > 0 it
-is the log-prob under the processed sampling distribution (see engine/sampling.py); no tools, penalties,
-logit_bias, echo or suffix (asking for them is a 400).
+finish_reason "length" when the cache row is full (OpenAI would refuse it); no tools, penalties,
+logit_bias or suffix, and no echo when streaming or in chat (asking for them is a 400).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine, RequestHandle, SamplingParams, StreamEvent
+from ..engine.sampling import MAX_TOP_LOGPROBS
 from .protocol import (
     APIError,
     bool_field,
@@ -51,6 +57,7 @@ from .protocol import (
     completion_logprobs,
     completion_prompts,
     integer_field,
+    merge_logprobs,
     sampling_params,
     split_reasoning,
     sse,
@@ -302,10 +309,18 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
         prompts = completion_prompts(body.get("prompt"), tokenizer, V)
         for ids in prompts:
             check_length(ids, "prompt")
-        k = integer_field(body, "logprobs", None, lo=0, hi=5)
-        params = sampling_params(body, 16, logprobs=k is not None)
+        k = integer_field(body, "logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
+        echo = bool_field(body, "echo", False)
+        if echo and body.get("stream"):
+            raise APIError(400, "echo with stream is not supported by this server", param="echo")
+        score_only = echo and body.get("max_tokens") == 0  # echo + max_tokens 0: score the prompt only
+        params = sampling_params({**body, "max_tokens": 1} if score_only else body, 16, logprobs=k is not None,
+                                 top_logprobs=k or 0)
         include_usage = stream_usage(body)
-        gen = _Generation(runner, prompts, params, "prompt")
+        if score_only:
+            gen = None
+        else:
+            gen = _Generation(runner, prompts, params, "prompt")
         rid, n = f"cmpl-{uuid.uuid4().hex}", params.n
 
         def head(choices):
@@ -319,7 +334,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
                     tokens += ev.token_id >= 0
                     if not (ev.text_delta or ev.finished or k is not None):
                         continue
-                    lp = completion_logprobs([ev.token_id], [ev.logprob], tokenizer) if k is not None \
+                    lp = completion_logprobs([ev.token_id], [ev.logprob], tokenizer,
+                                             [ev.top_logprobs] if k else None) if k is not None \
                         and ev.token_id >= 0 else None
                     yield sse(head([{"index": i * n + ev.sample_index, "text": ev.text_delta, "logprobs": lp,
                                       "finish_reason": ev.finish_reason if ev.finished else None}]))
@@ -328,14 +344,30 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
             return gen.sse_response(chunks())
 
-        await gen.drain()
+        if gen is not None:
+            await gen.drain()
+        echoed = [None] * len(prompts)
+        if echo:  # the prompt's own log-probs: one forward each, off the event loop
+            scored = [await asyncio.to_thread(engine.prompt_logprobs, ids, k or 0) if k is not None else None
+                      for ids in prompts]
+            echoed = [(tokenizer.decode(ids), None if sc is None else
+                       completion_logprobs(ids, sc[0], tokenizer, sc[1] if k else None)) for ids, sc in zip(prompts, scored)]
         choices, tokens = [], 0
-        for i, h in enumerate(gen.handles):
-            for j, c in enumerate(h.completions):
-                tokens += len(c.token_ids)
-                lp = completion_logprobs(c.token_ids, c.logprobs, tokenizer) if k is not None else None
-                choices.append({"index": i * n + j, "text": c.text, "logprobs": lp,
-                                "finish_reason": c.finish_reason})
+        for i in range(len(prompts)):
+            outs = gen.handles[i].completions if gen is not None else [None] * n
+            for j, c in enumerate(outs):
+                ids, lps, tops = (c.token_ids, c.logprobs, c.top_logprobs) if c is not None else ([], [], [])
+                tokens += len(ids)
+                text = c.text if c is not None else ""
+                lp = completion_logprobs(ids, lps, tokenizer, tops if k else None) if k is not None else None
+                if echoed[i] is not None:
+                    prefix, plp = echoed[i]
+                    if lp is not None:
+                        lp = merge_logprobs(plp, completion_logprobs(ids, lps, tokenizer, tops if k else None,
+                                                                      offset=len(prefix)))
+                    text = prefix + text
+                choices.append({"index": i * n + j, "text": text, "logprobs": lp,
+                                "finish_reason": c.finish_reason if c is not None else "length"})
         return {**head(choices), "usage": usage(prompts, tokens)}
 
     # ------------------------------------------------------------------ /v1/chat/completions
@@ -350,12 +382,14 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         check_length(ids, "messages")
+        if body.get("echo"):
+            raise APIError(400, "echo is not supported for chat completions", param="echo")
         want_lp = bool_field(body, "logprobs", False)
-        top = integer_field(body, "top_logprobs", None, lo=0, hi=20)
+        top = integer_field(body, "top_logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
         if top is not None and not want_lp:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         params = sampling_params(body, engine.max_len - len(ids), ("max_tokens", "max_completion_tokens"),
-                                 logprobs=want_lp)
+                                 logprobs=want_lp, top_logprobs=top or 0)
         include_usage = stream_usage(body)
         gen = _Generation(runner, [ids], params, "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -381,7 +415,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
                     if ev.finished:
                         fr, fa = splitters[j].finish()
                         dr, da = dr + fr, da + fa
-                    lp = chat_logprobs([ev.token_id], [ev.logprob], tokenizer) if want_lp \
+                    lp = chat_logprobs([ev.token_id], [ev.logprob], tokenizer,
+                                       [ev.top_logprobs] if ev.top_logprobs else None) if want_lp \
                         and ev.token_id >= 0 else None
                     if dr:
                         yield chunk(j, {"reasoning_content": dr}, lp=None if da else lp)
@@ -405,7 +440,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
             if think:
                 message["reasoning_content"] = reasoning
             choices.append({"index": j, "message": message, "finish_reason": c.finish_reason,
-                            "logprobs": chat_logprobs(c.token_ids, c.logprobs, tokenizer) if want_lp else None})
+                            "logprobs": chat_logprobs(c.token_ids, c.logprobs, tokenizer, c.top_logprobs)
+                            if want_lp else None})
         return {**head(choices), "usage": usage([ids], tokens)}
 
     return app
