@@ -89,3 +89,38 @@ def test_kl_reference_and_resume(micro_base, tmp_path):
 def test_bad_grpo_config_is_named(field, value):
     with pytest.raises(ValueError, match=field):
         GRPOConfig(**{field: value})
+
+
+def test_skipping_zero_advantage_rows_keeps_the_update(micro_base, tmp_path):
+    """Rows with A = 0 (zero-spread groups) are not forwarded, yet the update is the one over all rows."""
+    def half(prompt, completion, problem):  # groups of odd answers all score 0: zero spread, A = 0
+        return len(completion) / 40 if int(problem.answer) % 2 == 0 else 0.0
+
+    kw = dict(init_from=str(micro_base), steps=1, prompts_per_step=6, num_generations=4, max_tokens=12, lr=1e-3,
+              reward_weights={}, eval_every=100, eval_problems=2, tensorboard=False, minibatch_size=5,
+              levels=[1], seed=3)
+    outs, metrics = {}, {}
+    for skip in (True, False):
+        out = grpo(GRPOConfig(out_dir=str(tmp_path / str(skip)), skip_zero_advantage=skip, **kw),
+                   extra_rewards={"half": half})
+        outs[skip] = nanoseek.from_pretrained(out).state_dict()
+        metrics[skip] = [r for r in read_metrics(out.parent) if "reward" in r][-1]
+    assert 0 < metrics[True]["trained_frac"] < 1 and metrics[False]["trained_frac"] == 1
+    init = nanoseek.from_pretrained(micro_base).state_dict()
+    assert any(not torch.equal(outs[True][k], init[k]) for k in init)  # it did train
+    for k in init:
+        torch.testing.assert_close(outs[True][k], outs[False][k], rtol=1e-4, atol=1e-6)
+
+
+def test_grpo_lr_schedule_follows_steps_or_the_time_budget():
+    from nanoseek.train.grpo import grpo_lr
+
+    cfg = GRPOConfig(lr=1e-4, warmup=4, steps=104)
+    assert grpo_lr(cfg, 0) == pytest.approx(2.5e-5) and grpo_lr(cfg, 50) == 1e-4  # constant after warmup
+    cos = GRPOConfig(lr=1e-4, warmup=4, steps=104, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert grpo_lr(cos, 4) == pytest.approx(1e-4)
+    assert grpo_lr(cos, 54) == pytest.approx(5.5e-5)  # half way: (1e-4 + 1e-5) / 2
+    assert grpo_lr(cos, 104) == pytest.approx(1e-5)
+    timed = GRPOConfig(lr=1e-4, warmup=4, steps=1000, lr_schedule="cosine", min_lr_ratio=0.1, time_limit_s=600)
+    assert grpo_lr(timed, 10, elapsed_s=300) == pytest.approx(5.5e-5)  # the clock is further along
+    assert grpo_lr(timed, 10, elapsed_s=900) == pytest.approx(1e-5)

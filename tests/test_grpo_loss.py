@@ -306,3 +306,13 @@ def test_per_sequence_beta_weights_kl_by_domain():
     # k3 at logp - ref = 1: exp(-1) - (-1) - 1 = 0.3679; sequence 0 weight 0 (math), sequence 1 weight 0.5
     loss, _ = grpo_loss(logp, logp, adv, mask, ref_logp=ref, beta=torch.tensor([0.0, 0.5]))
     assert abs(loss.item() - (0.0 + 0.5 * 0.36788) / 2) < 1e-4
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_equal_float_rewards_give_exactly_zero_advantage(scale):
+    # 1.0 * accuracy + 0.2 * format: the float mean of eight 0.2s is not 0.2, yet A must be exactly 0
+    # (the trainer skips such rows, and a ~1e-4 "advantage" is noise anyway)
+    r = torch.tensor([0.2] * 8 + [1.2, 0.2, 0.2, 1.2, 0.2, 0.2, 0.2, 0.2] + [1.2] * 8)
+    a = group_advantages(r, 8, scale=scale)
+    assert torch.equal(a[:8], torch.zeros(8)) and torch.equal(a[16:], torch.zeros(8))
+    assert (a[8:16] != 0).all()

@@ -65,6 +65,9 @@ def group_advantages(
         adv = adv / (r.std(dim=1, keepdim=True, unbiased=unbiased) + eps)
     elif scale == "batch":
         adv = adv / (r.std(unbiased=unbiased) + eps)
+    # Exactly 0 for equal rewards: the float mean of equal values can miss them by an ulp (8 x 0.2 gives
+    # r - mean = -1.5e-8, and the group std is as tiny, so A came out near 1e-4 instead of 0).
+    adv = adv.masked_fill(r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True), 0.0)
     return adv.reshape(-1)
 
 
