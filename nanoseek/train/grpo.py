@@ -10,7 +10,8 @@ V3.2 options (on by default): unbiased KL (k3 reweighted by pi_theta/pi_old), pe
 routing (replay the sampler's experts when computing training log-probs), keep sampling mask
 (renormalise pi_theta over the sampler's top-p/top-k support). DAPO / Dr. GRPO options: clip-higher
 (`eps_high`), token-level (`dapo`) or constant-normaliser (`dr_grpo`) aggregation, mean-only
-advantages (`scale_rewards="none"`), dynamic sampling, truncated-completion masking.
+advantages (`scale_rewards="none"`), dynamic sampling, truncated-completion masking. V3.2-Speciale
+(`speciale=True`, extended thinking): reasoning tasks only, with a relaxed length penalty (`speciale_config`).
 
     grpo(GRPOConfig(init_from="runs/sft/model", out_dir="runs/grpo")) -> Path
 """
@@ -93,6 +94,7 @@ class GRPOConfig:
     stop_after: int | None = None
     time_limit_s: float | None = None  # wall-clock budget: evaluate, checkpoint and finish once it is spent
     tensorboard: bool = True
+    speciale: bool = False  # V3.2-Speciale: reasoning tasks only, relaxed length penalty (see speciale_config)
 
     def __post_init__(self):
         C.validate_fields(self, [
@@ -149,6 +151,31 @@ def grpo_lr(cfg: GRPOConfig, step: int, elapsed_s: float = 0.0) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- rollout
+
+
+SPECIALE_BUDGET = 2.0  # V3.2-Speciale: x2 generation budget and length-penalty window
+SPECIALE_LENGTH_WEIGHT = 0.25  # x0.25 length-penalty weight
+
+
+def speciale_config(cfg: GRPOConfig) -> GRPOConfig:
+    """The V3.2-Speciale variant of `cfg` (extended thinking): RL on reasoning tasks only, with the length
+    penalty relaxed, so answers may grow longer: max_tokens and the penalty window x2, the length weight
+    x0.25. The verifier tasks are not reasoning data and are refused. Returns a new config with
+    speciale=False (applying it twice would relax twice)."""
+    from ..tasks import VERIFICATION_TASKS
+
+    bad = [t for t in cfg.tasks if t in VERIFICATION_TASKS]
+    if bad:
+        raise ValueError(f"GRPOConfig.speciale: RL on reasoning tasks only, but tasks include {bad[0]!r}")
+    weights = dict(cfg.reward_weights)
+    if "length" in weights:
+        weights["length"] *= SPECIALE_LENGTH_WEIGHT
+    window = cfg.length_max or cfg.max_tokens
+    return dataclasses.replace(cfg, speciale=False, reward_weights=weights,
+                               max_tokens=int(cfg.max_tokens * SPECIALE_BUDGET),
+                               length_max=int(window * SPECIALE_BUDGET),
+                               eval_max_tokens=None if cfg.eval_max_tokens is None
+                               else int(cfg.eval_max_tokens * SPECIALE_BUDGET))
 
 
 def draw_problems(cfg: GRPOConfig, step: int, tasks) -> list:
@@ -252,6 +279,9 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
     from .rewards import RewardConfig, combine_rewards
 
     progress = progress or C.Progress()
+    speciale = cfg.speciale
+    if speciale:
+        cfg = speciale_config(cfg)
     for name in ("config.json", "tokenizer.json"):
         if not (Path(cfg.init_from) / name).exists():
             raise ValueError(f"GRPOConfig.init_from: no {name} in {cfg.init_from}")
@@ -279,7 +309,9 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
         step = st["step"]
     logger = C.MetricsLogger(out, tensorboard=cfg.tensorboard, resume_step=step if resume_from else None)
     if resume_from is None:
-        C.atomic_write_text(out / "grpo_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        # the effective settings; "speciale" says they came from speciale_config
+        C.atomic_write_text(out / "grpo_config.json",
+                            json.dumps({**dataclasses.asdict(cfg), "speciale": speciale}, indent=2) + "\n")
     reward_fn = combine_rewards(dict(cfg.reward_weights), extra_rewards,
                                 RewardConfig(weights=dict(cfg.reward_weights), max_len=cfg.length_max or cfg.max_tokens,
                                              length_buffer=cfg.length_buffer, thinking=cfg.thinking))
