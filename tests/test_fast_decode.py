@@ -101,6 +101,16 @@ def test_unsupported_models_fall_back_or_raise():
     assert Engine(mla, max_batch_size=1, max_len=16, fast_decode=False).fast is None
 
 
+def test_large_models_do_not_get_a_second_copy_by_default(monkeypatch):
+    import nanoseek.engine.engine as E
+
+    mla = random_model(tiny_config(), seed=8)
+    assert Engine(mla, max_batch_size=1, max_len=16).fast is not None
+    monkeypatch.setattr(E, "FAST_DECODE_MAX_BYTES", 1000)  # pretend the weights are too big to copy
+    assert Engine(mla, max_batch_size=1, max_len=16).fast is None
+    assert Engine(mla, max_batch_size=1, max_len=16, fast_decode=True).fast is not None
+
+
 def test_position_beyond_cache_is_a_clear_error():
     model = random_model(tiny_config(), seed=9)
     cache = model.new_cache(1, 8, num_layers=model.config.num_hidden_layers)

@@ -36,6 +36,9 @@ from ..model import DeepSeekModel
 from .sampling import SamplingParams, make_generator, sample
 
 
+FAST_DECODE_MAX_BYTES = 2 << 30  # auto fast decode only for models whose weights fit twice in memory comfortably
+
+
 @dataclass
 class Completion:
     token_ids: list[int]
@@ -122,7 +125,8 @@ class Engine:
         tokenizer's eos (eos_token_id or eos_id), else the model config's eos_token_id; [] = none. max_len:
         cache positions per slot, prompt + generated (default min(max_position_embeddings, 4096)).
         fast_decode: decode with `FastDecoder` (same maths, a third of the operator calls, one packed copy of the
-        weights); None = on CPU when the model supports it, True = required (ValueError if unsupported)."""
+        weights); None = on CPU when the model supports it and its weights take at most FAST_DECODE_MAX_BYTES
+        (the copy doubles them), True = required (ValueError if unsupported)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -144,7 +148,8 @@ class Engine:
             eos_token_ids = eos if eos is not None else cfg.eos_token_id
         self.eos_token_ids = set([eos_token_ids] if isinstance(eos_token_ids, int) else (eos_token_ids or []))
         self.fast = None
-        if fast_decode or (fast_decode is None and self.device.type == "cpu"):
+        small = sum(p.numel() * p.element_size() for p in self.model.parameters()) <= FAST_DECODE_MAX_BYTES
+        if fast_decode or (fast_decode is None and self.device.type == "cpu" and small):
             from .fast_decode import FastDecoder, unsupported_reason
 
             reason = unsupported_reason(self.model)
