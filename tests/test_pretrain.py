@@ -1,6 +1,7 @@
 """Pre-training: loss falls, resume is exact, MTP wiring, aux-loss-free balancing, bad config errors."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -155,3 +156,26 @@ def test_cli_pretrain_maps_flags_to_the_config(tmp_path, capsys):
     assert rc == 0 and "model written to" in capsys.readouterr().out
     assert read_metrics(tmp_path / "cli")[-1]["step"] == 2
     assert main(["pretrain", "--steps", "0"]) == 2  # a bad value is a named error, exit code 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_training_takes_the_same_steps(tmp_path, monkeypatch):
+    """PretrainConfig.compile: the torch.compile'd model gives the eager run's losses (about a minute of compiling)."""
+    real, compiled_models = torch.compile, []
+
+    def spy(model, *a, **kw):  # the trainer must really hand its model to torch.compile
+        compiled_models.append(model)
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        pretrain(PretrainConfig(out_dir=str(out), embedded_docs=200, vocab_size=300, seq_len=64, batch_size=2, steps=3,
+                                warmup=1, lr=5e-3, eval_every=3, save_every=3, tensorboard=False,
+                                model_overrides=MICRO, compile=compiled))
+        losses[compiled] = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert len(compiled_models) == 1 and isinstance(compiled_models[0], DeepSeekModel)
+    assert len(losses[True]) >= 2
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
