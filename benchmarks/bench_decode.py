@@ -23,7 +23,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from nanoseek import DeepSeekModel, ModelConfig  # noqa: E402
-from nanoseek.checkpoint import to_hf_state_dict  # noqa: E402
 from nanoseek.engine import Engine, SamplingParams, speculative_generate  # noqa: E402
 
 
@@ -40,27 +39,10 @@ def build_config(name: str, quick: bool) -> ModelConfig:
 
 
 def hf_twin(model: DeepSeekModel):
-    """transformers DeepseekV3ForCausalLM holding exactly `model`'s main-model weights (no MTP layer)."""
-    import transformers
+    """transformers DeepseekV3ForCausalLM holding exactly `model`'s main-model weights, set up for greedy generate."""
+    from bench_train import hf_twin as twin
 
-    cfg = model.config
-    d = cfg.to_hf_dict()
-    for k in ("architectures", "model_type", "rope_scaling", "quantization_config", "torch_dtype", "scoring_func",
-              "topk_method", "moe_layer_freq", "num_nextn_predict_layers"):
-        d.pop(k, None)
-    hf_cfg = transformers.DeepseekV3Config(**d, num_mtp_layers=0)
-    hf_cfg._attn_implementation = "sdpa"
-    ref = transformers.DeepseekV3ForCausalLM(hf_cfg).float().eval()
-    N = cfg.num_hidden_layers
-    sd = {k: v for k, v in to_hf_state_dict(model).items()
-          if not k.startswith(f"model.layers.{N}.") and ".experts." not in k}
-    # transformers fuses experts in memory (gate_up_proj [E, 2I, D], down_proj [E, D, I]) as nanoseek does
-    sd.update({k: v for k, v in model.state_dict().items()
-               if ".experts." in k and not k.startswith(f"model.layers.{N}.")})
-    missing, unexpected = ref.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if "rotary" not in k]
-    if missing or unexpected:
-        raise RuntimeError(f"weight transfer failed: missing {missing}, unexpected {unexpected}")
+    ref = twin(model).eval()
     ref.generation_config.eos_token_id = None
     ref.generation_config.pad_token_id = 0
     return ref

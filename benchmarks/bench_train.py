@@ -32,6 +32,8 @@ CONFIGS = {
 
 
 def hf_twin(model: DeepSeekModel):
+    """transformers DeepseekV3ForCausalLM (fp32) holding exactly `model`'s main-model weights (no MTP layer);
+    the decode benchmark uses it too."""
     import transformers
 
     cfg = model.config
@@ -39,10 +41,16 @@ def hf_twin(model: DeepSeekModel):
         "architectures", "model_type", "rope_scaling", "torch_dtype", "scoring_func", "topk_method", "moe_layer_freq",
         "num_nextn_predict_layers", "quantization_config")}
     hf_cfg = transformers.DeepseekV3Config(**d, num_mtp_layers=0)
+    hf_cfg._attn_implementation = "sdpa"
     ref = transformers.DeepseekV3ForCausalLM(hf_cfg).float()
-    sd = {k: v for k, v in to_hf_state_dict(model).items() if ".experts." not in k}
-    sd.update({k: v for k, v in model.state_dict().items() if ".experts." in k})
-    ref.load_state_dict(sd, strict=False)
+    mtp = f"model.layers.{cfg.num_hidden_layers}."
+    sd = {k: v for k, v in to_hf_state_dict(model).items() if not k.startswith(mtp) and ".experts." not in k}
+    # transformers fuses experts in memory (gate_up_proj [E, 2I, D], down_proj [E, D, I]) as nanoseek does
+    sd.update({k: v for k, v in model.state_dict().items() if ".experts." in k and not k.startswith(mtp)})
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if "rotary" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"weight transfer failed: missing {missing}, unexpected {unexpected}")
     return ref
 
 
