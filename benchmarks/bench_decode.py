@@ -134,6 +134,8 @@ def main() -> None:
                     help="MTP fitting steps (minibatch 8) before the speculative run")
     ap.add_argument("--mtp-seqs", type=int, default=64, help="self-generated sequences the MTP module is fitted on")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="leave out Engine(compile=True) (torch.compile of the decode step; needs a C++ compiler)")
     args = ap.parse_args()
     if args.quick:
         args.new_tokens, args.prompt_len, args.mtp_steps, args.mtp_seqs, args.batches = 16, 8, 30, 16, [1, 4]
@@ -149,32 +151,43 @@ def main() -> None:
           f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts (top-{cfg.num_experts_per_tok}), fp32, "
           f"{args.threads} threads, prompt {args.prompt_len}, {n} new tokens, greedy\n")
 
-    rows = []
+    rows, compile_s = [], {}
     hf_cache = None
     for B in args.batches:
         prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len))
         eng = Engine(model, max_batch_size=B, max_len=args.prompt_len + n + 1, eos_token_ids=[])
         generic = Engine(model, max_batch_size=B, max_len=args.prompt_len + n + 1, eos_token_ids=[], fast_decode=False)
-        ours, plain, theirs = decode_rates([
-            lambda k: eng.generate(prompts.tolist(), SamplingParams(max_tokens=k, temperature=0)),
-            lambda k: generic.generate(prompts.tolist(), SamplingParams(max_tokens=k, temperature=0)),
-            lambda k: hf_generate(ref, prompts, k)], B, n)
+        engines = [eng, generic]
+        if args.compile:
+            engines.insert(0, Engine(model, max_batch_size=B, max_len=args.prompt_len + n + 1, eos_token_ids=[],
+                                     compile=True))
+            t = time.perf_counter()
+            engines[0].generate(prompts.tolist(), SamplingParams(max_tokens=n, temperature=0))
+            compile_s[B] = time.perf_counter() - t
         greedy = SamplingParams(max_tokens=n, temperature=0)
-        same = [o.outputs[0].token_ids for o in eng.generate(prompts.tolist(), greedy)]
+        rates = decode_rates([
+            *[lambda k, e=e: e.generate(prompts.tolist(), SamplingParams(max_tokens=k, temperature=0)) for e in engines],
+            lambda k: hf_generate(ref, prompts, k)], B, n)
         out = hf_generate(ref, prompts, n)
-        agree = sum(a == b for a, b in zip(same, out.sequences[:, args.prompt_len:].tolist()))
-        rows.append((B, ours, plain, theirs, agree))
+        agree = [sum(a == b for a, b in zip([o.outputs[0].token_ids for o in e.generate(prompts.tolist(), greedy)],
+                                            out.sequences[:, args.prompt_len:].tolist())) for e in engines]
+        rows.append((B, rates, agree))
         cache = out.past_key_values
         held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
         hf_cache = held / (B * cache.layers[0].keys.shape[-2])
         our_cache = eng.cache.bytes_per_token()
 
-    print("| batch | nanoseek Engine tok/s | ratio | nanoseek, generic forward (fast_decode=False) | ratio "
-          "| transformers generate tok/s | identical greedy outputs |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for B, ours, plain, theirs, agree in rows:
-        print(f"| {B} | {ours:.1f} | {ours / theirs:.2f}x | {plain:.1f} | {plain / theirs:.2f}x | {theirs:.1f} "
-              f"| {agree}/{B} |")
+    names = (["Engine(compile=True)"] if args.compile else []) + ["Engine (FastDecoder)", "Engine(fast_decode=False)"]
+    print("| batch | " + " | ".join(f"nanoseek {m} tok/s | ratio" for m in names)
+          + " | transformers generate tok/s | identical greedy outputs |")
+    print("|---:|" + "---:|---:|" * len(names) + "---:|---:|")
+    for B, rates, agree in rows:
+        theirs = rates[-1]
+        print(f"| {B} | " + " | ".join(f"{r:.1f} | {r / theirs:.2f}x" for r in rates[:-1])
+              + f" | {theirs:.1f} | {'/'.join(map(str, agree))} of {B} |")
+    if args.compile:
+        print("\nfirst generate with Engine(compile=True), compiling included: "
+              + ", ".join(f"batch {B}: {s:.0f} s" for B, s in compile_s.items()))
     print("\n| cache | bytes per token (all layers) | ratio |")
     print("|---|---:|---:|")
     print(f"| nanoseek LatentCache (latent {cfg.kv_lora_rank} + rope key {cfg.qk_rope_head_dim}) "

@@ -3,6 +3,8 @@ follows weight updates, and is refused (or skipped) where it does not apply."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -99,6 +101,10 @@ def test_unsupported_models_fall_back_or_raise():
     assert "FP8" in unsupported_reason(fp8)
     mla = random_model(tiny_config(), seed=8)
     assert Engine(mla, max_batch_size=1, max_len=16, fast_decode=False).fast is None
+    with pytest.raises(ValueError, match="compile=True but .*DSA"):
+        Engine(dsa, max_batch_size=1, max_len=16, compile=True)
+    with pytest.raises(ValueError, match="needs fast_decode"):
+        Engine(mla, max_batch_size=1, max_len=16, fast_decode=False, compile=True)
 
 
 def test_large_models_do_not_get_a_second_copy_by_default(monkeypatch):
@@ -156,3 +162,58 @@ def test_speculative_decoding_is_the_same_with_the_fast_step():
     b = speculative_generate(model, prompt, 12, fast_decode=False)
     assert a.token_ids == b.token_ids
     assert (a.num_accepted, a.num_rounds) == (b.num_accepted, b.num_rounds)
+
+
+needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                               reason="torch.compile on CPU needs a C++ compiler")
+
+
+@needs_cxx
+@pytest.mark.slow
+def test_compiled_step_matches_eager_across_shapes_and_weight_updates():
+    """FastDecoder(compile=True) (about 40 s of compiling): logits, routing and cache writes equal the eager step for
+    one row (the gather path for few token-expert pairs) and three rows (the routed-experts op), at new key lengths
+    (a dynamic-shape graph), and after an optimizer step (the compiled graph reads the repacked weights)."""
+    model = random_model(tiny_config(), seed=10)
+    eager, comp = FastDecoder(model), FastDecoder(model, compile=True)
+    assert comp.compile and not eager.compile
+
+    def check(ids, lengths):
+        a_cache, b_cache = _prefilled(model, lengths), _prefilled(model, lengths)
+        with torch.no_grad():
+            a_logits, a_routing = comp(ids, lengths, a_cache)
+            b_logits, b_routing = eager(ids, lengths, b_cache)
+        torch.testing.assert_close(a_logits, b_logits, rtol=1e-4, atol=1e-4)
+        assert [r.tolist() for r in a_routing] == [r.tolist() for r in b_routing]
+        torch.testing.assert_close(a_cache.latent, b_cache.latent, rtol=1e-5, atol=1e-5)
+        return a_logits
+
+    one, three = torch.tensor([[7]]), torch.tensor([[7], [3], [50]])
+    before = check(one, [5])
+    check(one, [9])
+    check(three, [5, 1, 12])
+    check(three, [6, 2, 20])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(torch.randint(0, 97, (2, 8))).logits.square().mean().backward()
+    opt.step()
+    after = check(one, [5])
+    assert (after - before).abs().max() > 1e-3  # the step really changed the weights the graph reads
+
+
+@needs_cxx
+@pytest.mark.slow
+def test_engine_with_compiled_decode_matches_the_generic_forward():
+    model = random_model(tiny_config(), seed=11)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (3, 9, 1, 6)]
+    params = SamplingParams(max_tokens=8, temperature=0, return_routing=True, logprobs=True)
+    runs = {}
+    for compile in (True, False):
+        eng = Engine(model, max_batch_size=3, max_len=32, eos_token_ids=[], compile=compile,
+                     fast_decode=None if compile else False)
+        assert (eng.fast is not None) == compile and eng.compile == compile
+        runs[compile] = [o.outputs[0] for o in eng.generate(prompts, params)]
+    for a, b in zip(runs[True], runs[False]):
+        assert a.token_ids == b.token_ids
+        assert torch.equal(a.routing, b.routing)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-4, atol=1e-4)

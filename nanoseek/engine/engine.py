@@ -119,14 +119,17 @@ class _Seq:
 class Engine:
     def __init__(self, model: DeepSeekModel, tokenizer=None, max_batch_size: int = 16, max_len: int | None = None,
                  device=None, dtype: torch.dtype | None = None, prefill_chunk: int | None = 512,
-                 eos_token_ids: int | Sequence[int] | None = None, fast_decode: bool | None = None):
+                 eos_token_ids: int | Sequence[int] | None = None, fast_decode: bool | None = None,
+                 compile: bool = False):
         """The model is used in place: moved to device/dtype when given and put in eval mode (a trainer sharing
         it calls model.train() again). eos_token_ids: ids ending a sample unless params.ignore_eos; None = the
         tokenizer's eos (eos_token_id or eos_id), else the model config's eos_token_id; [] = none. max_len:
         cache positions per slot, prompt + generated (default min(max_position_embeddings, 4096)).
         fast_decode: decode with `FastDecoder` (same maths, a third of the operator calls, one packed copy of the
         weights); None = on CPU when the model supports it and its weights take at most FAST_DECODE_MAX_BYTES
-        (the copy doubles them), True = required (ValueError if unsupported)."""
+        (the copy doubles them), True = required (ValueError if unsupported). compile: run the fast decode step
+        through `torch.compile` (`FastDecoder.compiled_run`: the first steps compile, 10-30 s on a CPU, then a
+        step takes about half the time); implies fast_decode=True."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -147,16 +150,18 @@ class Engine:
                 eos = getattr(tokenizer, "eos_id", None)
             eos_token_ids = eos if eos is not None else cfg.eos_token_id
         self.eos_token_ids = set([eos_token_ids] if isinstance(eos_token_ids, int) else (eos_token_ids or []))
-        self.fast = None
+        self.fast, self.compile = None, compile
         small = sum(p.numel() * p.element_size() for p in self.model.parameters()) <= FAST_DECODE_MAX_BYTES
-        if fast_decode or (fast_decode is None and self.device.type == "cpu" and small):
+        if compile and fast_decode is False:
+            raise ValueError("compile=True compiles the fast decode step: it needs fast_decode True or None")
+        if compile or fast_decode or (fast_decode is None and self.device.type == "cpu" and small):
             from .fast_decode import FastDecoder, unsupported_reason
 
             reason = unsupported_reason(self.model)
             if reason is None:
                 self.fast = FastDecoder.for_model(self.model)
-            elif fast_decode:
-                raise ValueError(f"fast_decode=True but {reason}")
+            elif fast_decode or compile:
+                raise ValueError(f"{'compile' if compile else 'fast_decode'}=True but {reason}")
         self.cache = model.new_cache(max_batch_size, max_len, self.dtype, self.device, num_layers=cfg.num_hidden_layers)
         self.slots: list[_Seq | None] = [None] * max_batch_size
         self.kept: list[list[int]] = [[] for _ in range(max_batch_size)]  # tokens whose latents each row holds
@@ -303,7 +308,7 @@ class Engine:
                 live.append(s)
         x = torch.tensor(ids, device=self.device).unsqueeze(1)  # (nb, 1)
         if self.fast is not None:
-            logits, expert_ids = self.fast(x, pos, self.cache)
+            logits, expert_ids = self.fast(x, pos, self.cache, compiled=self.compile)
         else:
             out = self.model(x, positions=torch.tensor(pos, device=self.device).unsqueeze(1), cache=self.cache,
                              absorb=True)

@@ -13,6 +13,11 @@ while the generic forward takes ~5 ms). What this step does differently:
   - W_UK and W_UV are applied per head with bmm (no einsum), the residual adds ride on addmm;
   - routed experts: only the experts that received tokens run, on views of their packed weights.
 
+`FastDecoder(model, compile=True)` runs the step through `torch.compile` (inductor's C++ backend on CPU):
+elementwise chains fuse into single loops and the Python per-operator cost goes. The tensor maths is the
+same code (`_run`); only the routed experts differ in form: a few token-expert pairs gather their experts'
+weights and run one bmm, more go through the `nanoseek::routed_experts` op (the eager loop), opaque to the compiler because it decides on the host which experts run.
+
 Packed weights are rebuilt whenever a parameter changes (optimizer steps and load_state_dict bump the
 tensors' version counters, moves change their storage), so a trainer sharing the model (GRPO) never
 decodes with stale weights. The packed copy costs one extra copy of the weights in memory, which is
@@ -111,8 +116,9 @@ class _MTP:
 class _Step:
     """What every layer of one step shares: RoPE rotations, the causal bias, the cache slots."""
 
-    def __init__(self, cache, rot, bias, slot, B, S):
-        self.cache, self.rot, self.bias, self.slot, self.B, self.S = cache, rot, bias, slot, B, S
+    def __init__(self, latent, rot, bias, rows, cols, B, S):
+        self.latent, self.rot, self.bias, self.B, self.S = latent, rot, bias, B, S
+        self.rows, self.cols = rows, cols  # cache row and position of each query token (B*T,)
 
 
 class FastDecoder:
@@ -120,9 +126,10 @@ class FastDecoder:
 
     ids: (B, 1) long, the token fed to each cache row; positions: list of B ints, where each row's token
     sits (its latent is written there; keys 0..position are read). Rows are independent, as in the engine.
-    `forward` takes T tokens per row (speculative verification), `mtp_step` runs an MTP module."""
+    `forward` takes T tokens per row (speculative verification), `mtp_step` runs an MTP module.
+    compile: run the main-model step through `torch.compile` by default (see `compiled_run`)."""
 
-    def __init__(self, model: DeepSeekModel):
+    def __init__(self, model: DeepSeekModel, compile: bool = False):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"FastDecoder cannot run this model: {reason}")
@@ -132,6 +139,21 @@ class FastDecoder:
         self.layers: list[_Layer] = []
         self.mtp: list[_MTP] = []
         self.num_packs = 0  # how many times the weights were (re)packed
+        self.compile = compile  # the default of forward(compiled=...)
+        self._compiled = None
+
+    def compiled_run(self):
+        """`_run` through `torch.compile` (inductor; on CPU it needs a C++ compiler), built on first use. The
+        first calls compile: 10-30 s on a laptop-class CPU, once for the first shape and once more when the batch
+        or the key length first changes (later shapes reuse a dynamic-shape graph; inductor's on-disk cache makes
+        the next process faster). Weights are graph inputs, so repacked weights (optimizer steps) are read
+        without recompiling."""
+        if self._compiled is None:
+            # cpp_wrapper: the graph's kernel calls are made from C++, not Python; size_asserts off: the inputs
+            # are this object's own packed weights and cache, shapes checked by construction
+            self._compiled = torch.compile(self._run, fullgraph=True,
+                                           options={"cpp_wrapper": True, "size_asserts": False})
+        return self._compiled
 
     @classmethod
     def for_model(cls, model: DeepSeekModel) -> "FastDecoder":
@@ -143,7 +165,7 @@ class FastDecoder:
         return fast
 
     def _state_key(self) -> tuple:
-        return tuple((p._version, p.data_ptr(), p.dtype) for p in self._params)
+        return [p._version for p in self._params], [p.data_ptr() for p in self._params]  # data_ptr: moves, casts
 
     def refresh(self) -> None:
         """Repack the weights if any parameter changed since the last pack."""
@@ -174,12 +196,9 @@ class FastDecoder:
         cols = torch.cat([i, i, h + i, h + i])
         return (rows * r + cols).to(device)
 
-    def _step(self, positions: torch.Tensor, cache, dtype) -> _Step:
-        """positions (B, T) -> the per-step tensors every layer shares."""
+    def _step(self, positions: torch.Tensor, latent: torch.Tensor, S: int, dtype) -> _Step:
+        """positions (B, T) -> the per-step tensors every layer shares; S = max(positions) + 1 keys are read."""
         B, T = positions.shape
-        S = int(positions.max()) + 1
-        if S > cache.max_len:
-            raise ValueError(f"position {S - 1} is beyond the cache length {cache.max_len}")
         flat = positions.reshape(-1)
         cos, sin = self.model.model.rotary(flat.view(-1, 1), dtype)  # (B*T, 1, r/2), YaRN included
         cos, sin = cos.flatten(1), sin.flatten(1)
@@ -193,25 +212,35 @@ class FastDecoder:
             bias = bias.expand(B, T, self.model.config.num_attention_heads, S).reshape(B, -1, S)
         else:
             bias = bias.view(B, 1, S)  # broadcast over heads
-        slot = (torch.arange(B, device=positions.device).unsqueeze(1) * cache.max_len + positions).reshape(-1)
-        return _Step(cache, rot, bias, slot, B, S)
+        rows = torch.arange(B, device=positions.device).repeat_interleave(T)
+        return _Step(latent, rot, bias, rows, flat, B, S)
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor, positions: list[int], cache) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def __call__(self, ids: torch.Tensor, positions: list[int], cache, compiled: bool | None = None
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         pos = torch.tensor(positions, device=self.model.lm_head.weight.device).view(-1, 1)
-        logits, _, routing = self.forward(ids.view(-1, 1), pos, cache)
+        logits, _, routing = self.forward(ids.view(-1, 1), pos, cache, kv_len=max(positions) + 1, compiled=compiled)
         return logits[:, 0], [r[:, 0] for r in routing]
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache
-                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache, kv_len: int | None = None,
+                compiled: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """ids, positions (B, T) -> logits (B, T, V), final normalised hidden (B, T, D), expert ids per MoE
-        layer [(B, T, K)]: `DeepSeekModel(ids, positions, cache, absorb=True)`."""
+        layer [(B, T, K)]: `DeepSeekModel(ids, positions, cache, absorb=True)`. kv_len: max(positions) + 1 when
+        the caller knows it (saves a host sync). compiled: use the compiled step (None = self.compile)."""
         self.refresh()
+        S = int(positions.max()) + 1 if kv_len is None else kv_len
+        if S > cache.max_len:
+            raise ValueError(f"position {S - 1} is beyond the cache length {cache.max_len}")
+        run = self.compiled_run() if (self.compile if compiled is None else compiled) else self._run
+        return run(ids, positions, cache.latent, S)
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor, S: int):
+        """The step's tensor maths (no host syncs outside the routed experts): what `compile=True` compiles."""
         B, T = ids.shape
         h = F.embedding(ids.reshape(-1), self.embed)  # (B*T, D)
         D = h.shape[-1]
-        st = self._step(positions, cache, h.dtype)
+        st = self._step(positions, latent, S, h.dtype)
         routing = []
         for li, L in enumerate(self.layers):
             h = self._attention(L, li, h, st, D)
@@ -231,7 +260,10 @@ class FastDecoder:
         B, T, D = h_prev.shape
         e = F.rms_norm(F.embedding(next_ids.reshape(-1), self.embed), (D,), M.w_e, M.eps_e)
         h = torch.cat([e, F.rms_norm(h_prev.reshape(-1, D), (D,), M.w_h, M.eps_h)], dim=-1) @ M.w_eh
-        st = self._step(positions, cache, h.dtype)
+        S = int(positions.max()) + 1
+        if S > cache.max_len:
+            raise ValueError(f"position {S - 1} is beyond the cache length {cache.max_len}")
+        st = self._step(positions, cache.latent, S, h.dtype)
         h = self._attention(M.block, self.model.config.num_hidden_layers + k - 1, h, st, D)
         h, _ = self._mlp(M.block, h, D)
         h = F.rms_norm(h, (D,), M.w_out, M.eps_out)
@@ -253,35 +285,73 @@ class FastDecoder:
         qq = torch.cat([q_lat.transpose(0, 1), q_pe], dim=-1).view(st.B, -1, R + r)  # (B, T*H, R + r)
         c = F.rms_norm(kv[:, :R], (R,), L.w_kv, L.eps_kv)
         k_pe = torch.bmm(kv[:, R:].unsqueeze(1), st.rot).squeeze(1)  # (N, r)
-        buf = st.cache.latent[li]  # (rows, max_len, R + r)
-        buf.view(-1, R + r).index_copy_(0, st.slot, torch.cat([c, k_pe], dim=-1).to(buf.dtype))
-        lat = buf[: st.B, : st.S]  # (B, S, R + r), this step's entries included
+        # an index_put_ on the whole cache, (layer, row, position) indices: written through a per-layer view
+        # the compiled graph would copy the whole cache twice per step
+        cache = st.latent  # (layers, rows, max_len, R + r)
+        cache.index_put_((torch.full_like(st.rows, li), st.rows, st.cols), torch.cat([c, k_pe], dim=-1).to(cache.dtype))
+        lat = cache[li, : st.B, : st.S]  # (B, S, R + r), this step's entries included
         scores = torch.baddbmm(st.bias, qq, lat.transpose(1, 2), alpha=L.scale)  # (B, T*H, S), causal bias added
         o = torch.bmm(scores.softmax(dim=-1), lat[..., :R]).view(N, H, R)
         o = torch.bmm(o.transpose(0, 1), L.w_uv).transpose(0, 1).reshape(N, H * L.dv)  # W_UV after attention
         h = torch.addmm(h, o, L.wo)
         return h if L.bo is None else h + L.bo
+
     def _mlp(self, L: _Layer, h, D):
         x = F.rms_norm(h, (D,), L.w_post, L.eps_post)
         if not L.is_moe:
             g = x @ L.w_gu
             return torch.addmm(h, F.silu(g[:, : L.I]) * g[:, L.I:], L.w_down), None
-        ids, w, _ = L.gate(x)  # (B, K) ids, fp32 weights
-        N, K = ids.shape
-        flat = ids.view(-1)
-        order = flat.argsort(stable=True)
-        token = order // K
-        xs = x[token]  # (N*K, D) sorted by expert
-        counts = torch.bincount(flat, minlength=L.w_gu.shape[0]).tolist()  # the layer's one host sync
-        experts = [e for e, n in enumerate(counts) if n]
-        sizes = [counts[e] for e in experts]
-        # only the experts that received tokens run, each on views of its packed (in, out) weights
-        g = torch.cat([xe @ L.w_gu[e] for e, xe in zip(experts, xs.split(sizes))])
-        a = (F.silu(g[:, : L.I]) * g[:, L.I:]).split(sizes)
-        y = torch.cat([ae @ L.w_down[e] for e, ae in zip(experts, a)])
-        y = y * w.view(-1)[order].unsqueeze(-1).to(y.dtype)
-        h = h.index_add(0, token, y)
+        ids, w, _ = L.gate(x)  # (N, K) ids, fp32 weights
+        if not torch.compiler.is_compiling():
+            y = routed_experts(x, ids, w, L.w_gu, L.w_down)
+        elif ids.numel() * _GATHER_SHARE <= L.w_gu.shape[0]:
+            # few (token, expert) pairs: gather their experts' weights, one bmm each way (no host sync)
+            flat = ids.reshape(-1)
+            g = torch.bmm(x.repeat_interleave(ids.shape[1], 0).unsqueeze(1), L.w_gu[flat]).squeeze(1)
+            a = F.silu(g[:, : L.I]) * g[:, L.I:]
+            y = torch.bmm(a.unsqueeze(1), L.w_down[flat]).squeeze(1)  # (N*K, D)
+            y = (y.view(*ids.shape, -1) * w.unsqueeze(-1).to(y.dtype)).sum(1)
+        else:
+            y = torch.ops.nanoseek.routed_experts(x, ids, w, L.w_gu, L.w_down)
+        h = h + y
         if L.shared:
             s = x @ L.ws_gu
             h = torch.addmm(h, F.silu(s[:, : L.Is]) * s[:, L.Is:], L.ws_down)
         return h, ids
+
+
+# under compile, (token, expert) pairs up to E / _GATHER_SHARE take the gather path: copying K experts' weights
+# costs less than the opaque op's host round trip for a handful of pairs (batch 1-2 at E = 16, K = 2)
+_GATHER_SHARE = 4
+
+
+def routed_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_gu: torch.Tensor, w_down: torch.Tensor
+                   ) -> torch.Tensor:
+    """sum_k w[n, k] * expert_{ids[n, k]}(x[n]) for packed experts w_gu (E, D, 2I), w_down (E, I, D): only the
+    experts that received tokens run (one host sync for the counts)."""
+    N, K = ids.shape
+    E, I = w_gu.shape[0], w_down.shape[1]
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    token = order // K
+    xs = x[token]  # (N*K, D) sorted by expert
+    counts = torch.bincount(flat, minlength=E).tolist()  # the host sync
+    experts = [e for e, n in enumerate(counts) if n]
+    sizes = [counts[e] for e in experts]
+    g = torch.cat([xe @ w_gu[e] for e, xe in zip(experts, xs.split(sizes))])
+    a = (F.silu(g[:, :I]) * g[:, I:]).split(sizes)
+    y = torch.cat([ae @ w_down[e] for e, ae in zip(experts, a)])
+    y = y * w.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, token, y)
+
+
+@torch.library.custom_op("nanoseek::routed_experts", mutates_args=())
+def _routed_experts_op(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_gu: torch.Tensor,
+                       w_down: torch.Tensor) -> torch.Tensor:
+    return routed_experts(x, ids, w, w_gu, w_down)
+
+
+@_routed_experts_op.register_fake
+def _(x, ids, w, w_gu, w_down):
+    return torch.empty_like(x)
+

@@ -78,19 +78,23 @@ def _filtered_rows(params: Sequence[SamplingParams], V: int) -> list[int]:
     return [i for i, p in enumerate(params) if not p.greedy and ((p.top_k and p.top_k < V) or p.top_p < 1)]
 
 
-def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], want_support: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits (B, V) -> (log-probs (B, V) fp32 of the final sampling distribution, -inf outside the support;
-    support mask (B, V) bool). Greedy rows get the plain log_softmax of the raw logits and a one-hot
-    support at the argmax."""
+    support mask (B, V) bool, None unless want_support). Greedy rows get the plain log_softmax of the raw
+    logits and a one-hot support at the argmax."""
     B, V = logits.shape
     if len(params) != B:
         raise ValueError(f"params must have one entry per row ({B}), got {len(params)}")
     dev = logits.device
     logits = logits.float()
-    temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
-    scaled = logits / temp.unsqueeze(1)  # greedy rows: temperature 1, i.e. the raw logits
+    if any(p.temperature not in (0, 1) for p in params):
+        temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+        scaled = logits / temp.unsqueeze(1)  # greedy rows: temperature 1, i.e. the raw logits
+    else:
+        scaled = logits  # every row at temperature 1 or greedy: nothing to scale
     logp = scaled.log_softmax(dim=-1)
-    support = torch.ones(B, V, dtype=torch.bool, device=dev)
+    support = torch.ones(B, V, dtype=torch.bool, device=dev) if want_support else None
     rows = _filtered_rows(params, V)
     if rows:
         sub = scaled[rows]  # (b, V)
@@ -104,13 +108,14 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tu
         keep[:, 0] = True  # always at least one token
         kept = torch.zeros_like(keep).scatter_(1, idx, keep)
         r = torch.tensor(rows, device=dev)
-        support[r] = kept
+        if want_support:
+            support[r] = kept
         logp[r] = sub.masked_fill(~kept, float("-inf")).log_softmax(dim=-1)
     greedy = [i for i, p in enumerate(params) if p.greedy]
-    if greedy:
+    if greedy and want_support:
         g = torch.tensor(greedy, device=dev)
         support[g] = torch.zeros(len(greedy), V, dtype=torch.bool, device=dev).scatter_(
-            1, logits[g].argmax(dim=-1, keepdim=True), True)
+            1, logits[g].max(dim=-1, keepdim=True).indices, True)
     return logp, support
 
 
@@ -120,7 +125,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: SamplingP
     returns for those tokens. One SamplingParams applies to every row (e.g. a whole sequence's positions)."""
     if isinstance(params, SamplingParams):
         params = [params] * logits.shape[0]
-    logp, _ = process_logits(logits, params)
+    logp, _ = process_logits(logits, params, want_support=False)
     return logp.gather(1, tokens.long().view(-1, 1)).squeeze(1)
 
 
@@ -141,8 +146,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     B, V = logits.shape
     if len(generators) != B:
         raise ValueError(f"generators must have one entry per row ({B}), got {len(generators)}")
-    logp, support = process_logits(logits, params)
-    tokens = logits.argmax(dim=-1)
+    logp, support = process_logits(logits, params, want_support=return_support)
+    tokens = logits.max(dim=-1).indices  # the greedy rows' tokens (argmax: first of ties; max(dim) is ~3x faster)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         # Gumbel-max: argmax(log pi + G) ~ pi; V uniforms per row from the row's own generator
@@ -151,7 +156,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
         rows = torch.tensor(sampled, device=logits.device)
         tokens[rows] = (logp[rows] + gumbel).argmax(dim=-1)
     lp = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
-    res = SampleResult(tokens, lp, support if return_support else None)
+    res = SampleResult(tokens, lp, support)
     if top_n > 0:
         res.top_logprobs, res.top_ids = logp.topk(min(top_n, V), dim=-1)
     return res
