@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import queue
+import shutil
 import sys
 from pathlib import Path
 
@@ -194,3 +195,24 @@ def test_serve_builds_the_app_on_localhost_with_the_env_api_key(run, model_dir, 
         assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == (REASON, ANSWER)
     finally:
         srv.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_generate_with_compile_gives_the_same_greedy_text(run, model_dir):
+    argv = ("generate", "--model", model_dir, "--prompt", USERS[0], USERS[1], "--temperature", 0, "--max-tokens", 40,
+            "--json")
+    code, out, _ = run(*argv)
+    code_c, out_c, _ = run(*argv, "--compile")
+    assert code == code_c == 0 and out_c == out
+
+
+def test_serve_and_chat_take_compile(run, model_dir, monkeypatch):
+    import uvicorn
+    pytest.importorskip("fastapi")
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app))
+    for flags, want in (([], False), (["--compile"], True)):
+        assert run("serve", "--model", model_dir, "--max-len", 64, *flags)[0] == 0
+        assert seen["app"].state.engine.compile is want and seen["app"].state.engine.fast is not None

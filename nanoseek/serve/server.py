@@ -216,10 +216,11 @@ class _Generation:
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch_size: int = 16,
-               max_len: int | None = None, thinking: bool = True) -> FastAPI:
+               max_len: int | None = None, thinking: bool = True, compile: bool = False) -> FastAPI:
     """The FastAPI app serving `model` under `model_name`. thinking: the chat default when a request says
-    nothing. The engine thread starts with the app (lifespan) or at the first request, and stops with it."""
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_len=max_len)
+    nothing; compile: Engine(compile=True). The engine thread starts with the app (lifespan) or at the first
+    request, and stops with it."""
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_len=max_len, compile=compile)
     runner = EngineRunner(engine)
     created = int(time.time())
     V = model.config.vocab_size
