@@ -102,6 +102,35 @@ class _Layer:
             self.w_gu, self.w_down = _t(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])), _t(mlp.down_proj.weight)
 
 
+    def rebased(self, flat: torch.Tensor) -> "_Layer":
+        """A copy whose packed tensors are views of `flat` at the offsets `_flatten` recorded: inside the
+        compiled step the weights arrive as one graph input, not ~15 per layer (each input costs a guard
+        and wrapper time on every call)."""
+        new = object.__new__(_Layer)
+        new.__dict__.update(self.__dict__)
+        for k, (off, shape) in self.spec.items():
+            n = 1
+            for d in shape:
+                n *= d
+            setattr(new, k, flat[off: off + n].view(shape))
+        return new
+
+
+def _flatten(layers: list[_Layer]) -> torch.Tensor | None:
+    """Move every packed tensor of `layers` into one flat buffer (each becomes a view of it, `spec` records
+    where); None, leaving the layers as they are, when the tensors do not share one dtype and device."""
+    items = [(L, k, v) for L in layers for k, v in vars(L).items() if isinstance(v, torch.Tensor)]
+    if len({(v.dtype, v.device) for _, _, v in items}) != 1:
+        return None
+    flat = torch.cat([v.reshape(-1) for _, _, v in items])
+    off = 0
+    for L, k, v in items:
+        L.__dict__.setdefault("spec", {})[k] = (off, tuple(v.shape))
+        setattr(L, k, flat[off: off + v.numel()].view(v.shape))
+        off += v.numel()
+    return flat
+
+
 class _MTP:
     """MTP module k's extra weights (its decoder block is a _Layer)."""
 
@@ -151,7 +180,7 @@ class FastDecoder:
         if self._compiled is None:
             # cpp_wrapper: the graph's kernel calls are made from C++, not Python; size_asserts off: the inputs
             # are this object's own packed weights and cache, shapes checked by construction
-            self._compiled = torch.compile(self._run, fullgraph=True,
+            self._compiled = torch.compile(self._run_flat, fullgraph=True,
                                            options={"cpp_wrapper": True, "size_asserts": False})
         return self._compiled
 
@@ -175,6 +204,7 @@ class FastDecoder:
         m, cfg = self.model, self.model.config
         with torch.no_grad():
             self.layers = [_Layer(layer) for layer in m.model.layers[: cfg.num_hidden_layers]]
+            self._flat = _flatten(self.layers)
             self.mtp = [_MTP(layer) for layer in m.mtp_layers]
             self.embed = m.model.embed_tokens.weight.detach()
             self.w_norm, self.eps_norm = m.model.norm.weight.detach(), m.model.norm.eps
@@ -232,17 +262,25 @@ class FastDecoder:
         S = int(positions.max()) + 1 if kv_len is None else kv_len
         if S > cache.max_len:
             raise ValueError(f"position {S - 1} is beyond the cache length {cache.max_len}")
-        run = self.compiled_run() if (self.compile if compiled is None else compiled) else self._run
-        return run(ids, positions, cache.latent, S)
+        if self.compile if compiled is None else compiled:
+            return self.compiled_run()(self._flat, ids, positions, cache.latent, S)
+        return self._run(ids, positions, cache.latent, S)
 
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor, S: int):
-        """The step's tensor maths (no host syncs outside the routed experts): what `compile=True` compiles."""
+    def _run_flat(self, flat: torch.Tensor | None, ids: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor,
+                  S: int):
+        """`_run` with the layers' packed weights taken from `flat` (what `compile=True` compiles); flat None:
+        from the layers themselves."""
+        return self._run(ids, positions, latent, S, None if flat is None else [L.rebased(flat) for L in self.layers])
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor, S: int,
+             layers: list[_Layer] | None = None):
+        """The step's tensor maths (no host syncs outside the routed experts)."""
         B, T = ids.shape
         h = F.embedding(ids.reshape(-1), self.embed)  # (B*T, D)
         D = h.shape[-1]
         st = self._step(positions, latent, S, h.dtype)
         routing = []
-        for li, L in enumerate(self.layers):
+        for li, L in enumerate(self.layers if layers is None else layers):
             h = self._attention(L, li, h, st, D)
             h, ids_l = self._mlp(L, h, D)
             if ids_l is not None:
