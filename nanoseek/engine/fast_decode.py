@@ -16,7 +16,9 @@ while the generic forward takes ~5 ms). What this step does differently:
 `FastDecoder(model, compile=True)` runs the step through `torch.compile` (inductor's C++ backend on CPU):
 elementwise chains fuse into single loops and the Python per-operator cost goes. The tensor maths is the
 same code (`_run`); only the routed experts differ in form: a few token-expert pairs gather their experts'
-weights and run one bmm, more go through the `nanoseek::routed_experts` op (the eager loop), opaque to the compiler because it decides on the host which experts run.
+weights and run one bmm, more go through the `nanoseek::routed_experts` op (the eager loop), opaque to the
+compiler because it decides on the host which experts run. The layers' packed weights are views of one
+flat buffer, so the compiled graph takes them as one input (each input costs a guard on every call).
 
 Packed weights are rebuilt whenever a parameter changes (optimizer steps and load_state_dict bump the
 tensors' version counters, moves change their storage), so a trainer sharing the model (GRPO) never
@@ -172,7 +174,7 @@ class FastDecoder:
         self._compiled = None
 
     def compiled_run(self):
-        """`_run` through `torch.compile` (inductor; on CPU it needs a C++ compiler), built on first use. The
+        """`_run_flat` through `torch.compile` (inductor; on CPU it needs a C++ compiler), built on first use. The
         first calls compile: 10-30 s on a laptop-class CPU, once for the first shape and once more when the batch
         or the key length first changes (later shapes reuse a dynamic-shape graph; inductor's on-disk cache makes
         the next process faster). Weights are graph inputs, so repacked weights (optimizer steps) are read
@@ -193,7 +195,7 @@ class FastDecoder:
             model.__dict__["_fast_decoder"] = fast  # a plain attribute: not a submodule, not in the state dict
         return fast
 
-    def _state_key(self) -> tuple:
+    def _state_key(self) -> tuple[list[int], list[int]]:
         return [p._version for p in self._params], [p.data_ptr() for p in self._params]  # data_ptr: moves, casts
 
     def refresh(self) -> None:
