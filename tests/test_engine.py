@@ -340,3 +340,41 @@ def test_speculative_stops_at_stop_token(mla):
     want = recompute_greedy(mla, p, 10)
     out = speculative_generate(mla, p, 10, stop_token_ids=[want[6]])
     assert out.finish_reason == "stop" and out.token_ids == want[:want.index(want[6]) + 1]
+
+
+def test_incremental_detokenisation_equals_the_full_decode_at_every_step():
+    """The engine decodes only the tokens since the last whole character (plus context), not the whole text at
+    every step: at each length the result must equal decode(tokens), also when tokens split multi-byte
+    characters (Chinese, emoji) or form invalid UTF-8."""
+    import types
+
+    from nanoseek.engine.engine import _Seq
+    from nanoseek.tokenizer import train_tokenizer
+
+    corpus = ["3 加 4 等于 7。", "The answer is 42. 答案是四十二！", "emoji 🙂 and ñ, ü, 中文 mixed"] * 20
+    tok = train_tokenizer(corpus, vocab_size=320)
+    eng = types.SimpleNamespace(tokenizer=tok)
+    g = torch.Generator().manual_seed(0)
+    for text in corpus[:3] + [None, None]:
+        ids = tok.encode(text) if text else torch.randint(7, 320, (60,), generator=g).tolist()  # random: bad UTF-8
+        seq = _Seq(handle=None, index=0, generator=None)
+        for n in range(1, len(ids) + 1):
+            seq.tokens.append(ids[n - 1])
+            assert Engine._decode_text(eng, seq, n) == tok.decode(ids[:n]), (text, n)
+        assert seq.dec_done > 0 and seq.dec_ctx > 0  # the stable point really advanced
+
+
+def test_incremental_detokenisation_keeps_context_for_decoders_that_strip_a_leading_space():
+    """SentencePiece-style decoders drop the first piece's leading space: decoding only the new tokens would
+    glue words together, so the new tokens are decoded after the previous ones."""
+    import types
+
+    from nanoseek.engine.engine import _Seq
+
+    pieces = [" Hello", " world", ",", " again"]
+    tok = types.SimpleNamespace(decode=lambda ids: "".join(pieces[i] for i in ids).lstrip(" "))
+    eng, seq = types.SimpleNamespace(tokenizer=tok), _Seq(handle=None, index=0, generator=None)
+    for n, i in enumerate([0, 1, 2, 3, 1], start=1):
+        seq.tokens.append(i)
+        assert Engine._decode_text(eng, seq, n) == tok.decode(seq.tokens)
+    assert seq.dec_text == "Hello world, again world"

@@ -110,6 +110,11 @@ class _Seq:
     slot: int | None = None
     text: str = ""
     emitted: int = 0  # characters of text already streamed
+    # incremental detokenisation: tokens[:dec_done] decode to dec_text and end on a whole character;
+    # tokens[dec_ctx:dec_done] are decoded again with each new token as context (see Engine._decode_text)
+    dec_text: str = ""
+    dec_done: int = 0
+    dec_ctx: int = 0
 
     @property
     def params(self) -> SamplingParams:
@@ -357,7 +362,9 @@ class Engine:
             reason = "length"  # the next token would need a position beyond the cache
         delta = ""
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.tokens[:-1] if reason == "stop" else seq.tokens)
+            n = len(seq.tokens) - 1 if reason == "stop" else len(seq.tokens)
+            # finished: one full decode (the final text is exactly decode(tokens)); running: incremental
+            text = self.tokenizer.decode(seq.tokens[:n]) if reason else self._decode_text(seq, n)
             hits = [text.find(s) for s in (p.stop or []) if s in text]
             if hits:
                 text, reason = text[: min(hits)], "stop"
@@ -369,6 +376,20 @@ class Engine:
         if reason:
             return self._finish(seq, reason, tok, delta, logprob, top)
         return self._emit(seq, StreamEvent(seq.handle.request_id, seq.index, tok, delta, False, None, logprob, top))
+
+    def _decode_text(self, seq: _Seq, n: int) -> str:
+        """decode(seq.tokens[:n]) without decoding the whole sequence at every step: only the tokens since the
+        last point where the text ended on a whole character are decoded, after the tokens before that point
+        as context (merges and leading-space rules then match the full decode)."""
+        toks, ctx, done = seq.tokens, seq.dec_ctx, seq.dec_done
+        head = self.tokenizer.decode(toks[ctx:done])
+        tail = self.tokenizer.decode(toks[ctx:n])
+        if not tail.startswith(head):  # a decoder whose output is not prefix-stable: decode everything
+            return self.tokenizer.decode(toks[:n])
+        text = seq.dec_text + tail[len(head):]
+        if not tail.endswith("\ufffd"):  # ends on a whole character: a new stable point
+            seq.dec_text, seq.dec_ctx, seq.dec_done = text, done, n
+        return text
 
     def _finish(self, seq: _Seq, reason: str, tok: int = -1, delta: str = "", logprob: float | None = None,
                 top: tuple | None = None) -> StreamEvent:
