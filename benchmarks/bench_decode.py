@@ -109,14 +109,19 @@ def fit_mtp(model: DeepSeekModel, prompts: list[list[int]], new: int, steps: int
     return losses, seqs.tolist()
 
 
-def spec_vs_plain(model: DeepSeekModel, prompts: list[list[int]], n: int) -> tuple[float, float, list]:
+def spec_vs_plain(model: DeepSeekModel, prompts: list[list[int]], n: int, compile: bool = False
+                  ) -> tuple[float, float, list]:
     """Seconds for plain greedy (Engine, batch 1) and MTP speculative decoding over the prompts, and the
-    speculative outputs (checked identical to plain greedy)."""
-    eng = Engine(model, max_batch_size=1, max_len=len(prompts[0]) + n + 1, eos_token_ids=[])
+    speculative outputs (checked identical to plain greedy). compile: both with the compiled steps (a first
+    untimed pass compiles)."""
+    eng = Engine(model, max_batch_size=1, max_len=len(prompts[0]) + n + 1, eos_token_ids=[], compile=compile)
     greedy = SamplingParams(max_tokens=n, temperature=0)
+    if compile:
+        [(eng.generate([p], greedy), speculative_generate(model, p, n, compile=True)) for p in prompts]
     plain_s = timed(lambda: [eng.generate([p], greedy) for p in prompts], 2)
     spec: list = []
-    spec_s = timed(lambda: spec.__setitem__(slice(None), [speculative_generate(model, p, n) for p in prompts]), 2)
+    spec_s = timed(lambda: spec.__setitem__(slice(None), [speculative_generate(model, p, n, compile=compile)
+                                                           for p in prompts]), 2)
     want = [eng.generate([p], greedy)[0].outputs[0].token_ids for p in prompts]
     if [s.token_ids for s in spec] != want:
         raise RuntimeError("speculative decoding diverged from plain greedy decoding")
@@ -205,15 +210,17 @@ def main() -> None:
     held_out = torch.randint(0, cfg.vocab_size, (4, args.prompt_len)).tolist()
     print(f"\nMTP fit: {args.mtp_steps} steps on {args.mtp_seqs} self-generated sequences in {fit_s:.0f} s, "
           f"loss {sum(losses[:5]) / 5:.2f} -> {sum(losses[-5:]) / 5:.2f} (main model frozen)\n")
-    print("| batch 1, greedy, 4 prompts | plain tok/s | speculative tok/s | speed-up | acceptance "
+    print("| batch 1, greedy, 4 prompts | steps | plain tok/s | speculative tok/s | speed-up | acceptance "
           "| main forwards (plain -> spec) | outputs identical |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, prompts in (("held-out prompts", held_out), ("training prompts", train_prompts[:4])):
-        plain_s, spec_s, spec = spec_vs_plain(model, prompts, n)
-        drafted, accepted = sum(s.num_drafted for s in spec), sum(s.num_accepted for s in spec)
-        tokens = len(prompts) * n
-        print(f"| {name} | {tokens / plain_s:.1f} | {tokens / spec_s:.1f} | {plain_s / spec_s:.2f}x | "
-              f"{accepted / max(1, drafted):.2f} | {tokens} -> {sum(s.num_main_forwards for s in spec)} | yes |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for compile in (False, True) if args.compile else (False,):
+        for name, prompts in (("held-out prompts", held_out), ("training prompts", train_prompts[:4])):
+            plain_s, spec_s, spec = spec_vs_plain(model, prompts, n, compile)
+            drafted, accepted = sum(s.num_drafted for s in spec), sum(s.num_accepted for s in spec)
+            tokens = len(prompts) * n
+            print(f"| {name} | {'compiled' if compile else 'eager'} | {tokens / plain_s:.1f} | {tokens / spec_s:.1f} "
+                  f"| {plain_s / spec_s:.2f}x | {accepted / max(1, drafted):.2f} "
+                  f"| {tokens} -> {sum(s.num_main_forwards for s in spec)} | yes |")
 
 
 if __name__ == "__main__":

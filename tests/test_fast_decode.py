@@ -217,3 +217,19 @@ def test_engine_with_compiled_decode_matches_the_generic_forward():
         assert a.token_ids == b.token_ids
         assert torch.equal(a.routing, b.routing)
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-4, atol=1e-4)
+
+
+@needs_cxx
+@pytest.mark.slow
+def test_speculative_decoding_with_compiled_steps_is_plain_greedy():
+    from nanoseek.engine import speculative_generate
+
+    model = random_model(tiny_config(), seed=12)
+    prompt = [5, 17, 3, 60, 2]
+    want = Engine(model, max_batch_size=1, max_len=40, eos_token_ids=[]).generate(
+        [prompt], SamplingParams(max_tokens=12, temperature=0))[0].outputs[0].token_ids
+    out = speculative_generate(model, prompt, 12, compile=True)
+    assert out.token_ids == want and out.num_rounds > 0
+    assert FastDecoder.for_model(model)._compiled_mtp is not None  # the drafts really ran compiled
+    with pytest.raises(ValueError, match="needs fast_decode"):
+        speculative_generate(model, prompt, 4, compile=True, fast_decode=False)

@@ -170,8 +170,8 @@ class FastDecoder:
         self.layers: list[_Layer] = []
         self.mtp: list[_MTP] = []
         self.num_packs = 0  # how many times the weights were (re)packed
-        self.compile = compile  # the default of forward(compiled=...)
-        self._compiled = None
+        self.compile = compile  # the default of forward(compiled=...) and mtp_step(compiled=...)
+        self._compiled = self._compiled_mtp = None
 
     def compiled_run(self):
         """`_run_flat` through `torch.compile` (inductor; on CPU it needs a C++ compiler), built on first use. The
@@ -291,19 +291,28 @@ class FastDecoder:
         return (h @ self.w_head).view(B, T, -1), h.view(B, T, D), routing
 
     @torch.no_grad()
-    def mtp_step(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_step(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache,
+                 compiled: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP module k on (B, T) positions: `DeepSeekModel.mtp_step(k, h_prev, next_ids, positions, cache,
-        absorb=True)`; the module's cache layer is num_hidden_layers + k - 1."""
+        absorb=True)`; the module's cache layer is num_hidden_layers + k - 1. compiled: as in `forward`."""
         self.refresh()
+        S = int(positions.max()) + 1
+        if S > cache.max_len:
+            raise ValueError(f"position {S - 1} is beyond the cache length {cache.max_len}")
+        if self.compile if compiled is None else compiled:
+            if self._compiled_mtp is None:  # its own graph (the MTP block's weights are not in the flat buffer)
+                self._compiled_mtp = torch.compile(self._mtp_run, fullgraph=True,
+                                                   options={"cpp_wrapper": True, "size_asserts": False})
+            return self._compiled_mtp(k, h_prev, next_ids, positions, cache.latent, S)
+        return self._mtp_run(k, h_prev, next_ids, positions, cache.latent, S)
+
+    def _mtp_run(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+                 latent: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
         M = self.mtp[k - 1]
         B, T, D = h_prev.shape
         e = F.rms_norm(F.embedding(next_ids.reshape(-1), self.embed), (D,), M.w_e, M.eps_e)
         h = torch.cat([e, F.rms_norm(h_prev.reshape(-1, D), (D,), M.w_h, M.eps_h)], dim=-1) @ M.w_eh
-        S = int(positions.max()) + 1
-        if S > cache.max_len:
-            raise ValueError(f"position {S - 1} is beyond the cache length {cache.max_len}")
-        st = self._step(positions, cache.latent, S, h.dtype)
+        st = self._step(positions, latent, S, h.dtype)
         h = self._attention(M.block, self.model.config.num_hidden_layers + k - 1, h, st, D)
         h, _ = self._mlp(M.block, h, D)
         h = F.rms_norm(h, (D,), M.w_out, M.eps_out)

@@ -48,12 +48,12 @@ def speculative_generate(model: DeepSeekModel, prompt_ids: Sequence[int], max_to
                          stop_token_ids: Sequence[int] = (), num_draft: int | None = None,
                          max_len: int | None = None, prefill_chunk: int | None = None,
                          callback: Callable[[int], None] | None = None,
-                         fast_decode: bool | None = None) -> SpeculativeOutput:
+                         fast_decode: bool | None = None, compile: bool = False) -> SpeculativeOutput:
     """Greedy generation of up to max_tokens tokens after prompt_ids (batch size 1), drafting with the MTP
     modules. num_draft: drafts per round (default and maximum: num_nextn_predict_layers). A stop token is
     kept in token_ids and ends generation (finish_reason "stop"). callback(token) gets each token in order.
     fast_decode: draft and verify with `FastDecoder` (as `Engine(fast_decode=...)`: None = on CPU when the model
-    supports it)."""
+    supports it). compile: draft and verify with its compiled steps (as `Engine(compile=True)`)."""
     cfg = model.config
     D = cfg.num_nextn_predict_layers if num_draft is None else num_draft
     if cfg.num_nextn_predict_layers < 1:
@@ -75,14 +75,16 @@ def speculative_generate(model: DeepSeekModel, prompt_ids: Sequence[int], max_to
     dev, dtype = p0.device, p0.dtype
     cache = LatentCache(cfg, 1, max_len, dtype, dev)
     fast = None
-    if fast_decode or (fast_decode is None and dev.type == "cpu"):
+    if compile and fast_decode is False:
+        raise ValueError("compile=True compiles the fast decode steps: it needs fast_decode True or None")
+    if compile or fast_decode or (fast_decode is None and dev.type == "cpu"):
         from .fast_decode import FastDecoder, unsupported_reason
 
         reason = unsupported_reason(model)
         if reason is None:
             fast = FastDecoder.for_model(model)
-        elif fast_decode:
-            raise ValueError(f"fast_decode=True but {reason}")
+        elif fast_decode or compile:
+            raise ValueError(f"{'compile' if compile else 'fast_decode'}=True but {reason}")
     stops = set(int(t) for t in stop_token_ids)
 
     def row(ids: Sequence[int]) -> torch.Tensor:
@@ -130,7 +132,7 @@ def speculative_generate(model: DeepSeekModel, prompt_ids: Sequence[int], max_to
             ext = toks + drafts  # token at position i (drafts beyond q)
             h_prev = torch.cat([hist[k - 1][p] for p in range(a, q)], dim=1)  # (1, q-a, Dh)
             if fast is not None and q - a <= 4:
-                logits, h = fast.mtp_step(k, h_prev, row(ext[a + k:q + k]), span(a, q), cache)
+                logits, h = fast.mtp_step(k, h_prev, row(ext[a + k:q + k]), span(a, q), cache, compiled=compile)
             else:
                 logits, h = model.mtp_step(k, h_prev, row(ext[a + k:q + k]), span(a, q), cache=cache,
                                            absorb=q - a <= 4)
@@ -140,7 +142,8 @@ def speculative_generate(model: DeepSeekModel, prompt_ids: Sequence[int], max_to
             filled[k] = q - k + 1  # entries at p <= q-k were built from accepted tokens only
         # verify all drafts in one main forward over positions q..q+D
         if fast is not None:
-            v_logits, v_hidden, _ = fast.forward(row([toks[q]] + drafts), span(q, q + D + 1), cache)
+            v_logits, v_hidden, _ = fast.forward(row([toks[q]] + drafts), span(q, q + D + 1), cache,
+                                                 compiled=compile)
         else:
             out = model(row([toks[q]] + drafts), positions=span(q, q + D + 1), cache=cache, absorb=True)
             v_logits, v_hidden = out.logits, out.hidden

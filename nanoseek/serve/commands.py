@@ -111,7 +111,7 @@ def cmd_generate(args) -> None:
         drafted = accepted = rounds = 0
         for i, x in enumerate(ids):
             out = speculative_generate(model, x, args.max_tokens, stop_token_ids=[tokenizer.eos_id],
-                                       max_len=args.max_len)
+                                       max_len=args.max_len, compile=args.compile)
             toks = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
             text = tokenizer.decode(toks)
             cut = _cut_at_stop(text, args.stop)
