@@ -155,18 +155,11 @@ class Engine:
                 eos = getattr(tokenizer, "eos_id", None)
             eos_token_ids = eos if eos is not None else cfg.eos_token_id
         self.eos_token_ids = set([eos_token_ids] if isinstance(eos_token_ids, int) else (eos_token_ids or []))
-        self.fast, self.compile = None, compile
+        self.compile = compile
         small = sum(p.numel() * p.element_size() for p in self.model.parameters()) <= FAST_DECODE_MAX_BYTES
-        if compile and fast_decode is False:
-            raise ValueError("compile=True compiles the fast decode step: it needs fast_decode True or None")
-        if compile or fast_decode or (fast_decode is None and self.device.type == "cpu" and small):
-            from .fast_decode import FastDecoder, unsupported_reason
+        from .fast_decode import select
 
-            reason = unsupported_reason(self.model)
-            if reason is None:
-                self.fast = FastDecoder.for_model(self.model)
-            elif fast_decode or compile:
-                raise ValueError(f"{'compile' if compile else 'fast_decode'}=True but {reason}")
+        self.fast = select(self.model, fast_decode, compile, auto=self.device.type == "cpu" and small)
         self.cache = model.new_cache(max_batch_size, max_len, self.dtype, self.device, num_layers=cfg.num_hidden_layers)
         self.slots: list[_Seq | None] = [None] * max_batch_size
         self.kept: list[list[int]] = [[] for _ in range(max_batch_size)]  # tokens whose latents each row holds

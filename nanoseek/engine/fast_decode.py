@@ -31,6 +31,8 @@ head dims, S = keys read this step, E = routed experts, K = experts per token, V
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +54,26 @@ def unsupported_reason(model: nn.Module) -> str | None:
         if getattr(m, "fp8", False):
             return f"{name} runs FP8 GEMMs (the generic forward does them)"
     return None
+
+
+def select(model: nn.Module, fast_decode: bool | None, compile: bool, auto: bool) -> "FastDecoder | None":
+    """The model's shared FastDecoder or None, as Engine and speculative_generate choose it: fast_decode True =
+    required, False = never, None = when `auto` and the model is supported; compile=True needs it."""
+    if compile and fast_decode is False:
+        raise ValueError("compile=True compiles the fast decode step: it needs fast_decode True or None")
+    if not (compile or fast_decode or (fast_decode is None and auto)):
+        return None
+    reason = unsupported_reason(model)
+    if reason is None:
+        return FastDecoder.for_model(model)
+    if fast_decode or compile:
+        raise ValueError(f"{'compile' if compile else 'fast_decode'}=True but {reason}")
+    return None
+
+
+# cpp_wrapper: the graph's kernel calls are made from C++, not Python; size_asserts off: the inputs are the
+# decoder's own packed weights and cache, shapes checked by construction
+_COMPILE_OPTIONS = {"cpp_wrapper": True, "size_asserts": False}
 
 
 def _t(w: torch.Tensor) -> torch.Tensor:
@@ -111,10 +133,7 @@ class _Layer:
         new = object.__new__(_Layer)
         new.__dict__.update(self.__dict__)
         for k, (off, shape) in self.spec.items():
-            n = 1
-            for d in shape:
-                n *= d
-            setattr(new, k, flat[off: off + n].view(shape))
+            setattr(new, k, flat[off: off + math.prod(shape)].view(shape))
         return new
 
 
@@ -180,10 +199,7 @@ class FastDecoder:
         the next process faster). Weights are graph inputs, so repacked weights (optimizer steps) are read
         without recompiling."""
         if self._compiled is None:
-            # cpp_wrapper: the graph's kernel calls are made from C++, not Python; size_asserts off: the inputs
-            # are this object's own packed weights and cache, shapes checked by construction
-            self._compiled = torch.compile(self._run_flat, fullgraph=True,
-                                           options={"cpp_wrapper": True, "size_asserts": False})
+            self._compiled = torch.compile(self._run_flat, fullgraph=True, options=_COMPILE_OPTIONS)
         return self._compiled
 
     @classmethod
@@ -301,8 +317,7 @@ class FastDecoder:
             raise ValueError(f"position {S - 1} is beyond the cache length {cache.max_len}")
         if self.compile if compiled is None else compiled:
             if self._compiled_mtp is None:  # its own graph (the MTP block's weights are not in the flat buffer)
-                self._compiled_mtp = torch.compile(self._mtp_run, fullgraph=True,
-                                                   options={"cpp_wrapper": True, "size_asserts": False})
+                self._compiled_mtp = torch.compile(self._mtp_run, fullgraph=True, options=_COMPILE_OPTIONS)
             return self._compiled_mtp(k, h_prev, next_ids, positions, cache.latent, S)
         return self._mtp_run(k, h_prev, next_ids, positions, cache.latent, S)
 
@@ -352,7 +367,7 @@ class FastDecoder:
             return torch.addmm(h, F.silu(g[:, : L.I]) * g[:, L.I:], L.w_down), None
         ids, w, _ = L.gate(x)  # (N, K) ids, fp32 weights
         if not torch.compiler.is_compiling():
-            y = routed_experts(x, ids, w, L.w_gu, L.w_down)
+            h = routed_experts(x, ids, w, L.w_gu, L.w_down, base=h)  # adds into h: no zeros, no extra add
         elif ids.numel() * _GATHER_SHARE <= L.w_gu.shape[0]:
             # few (token, expert) pairs: gather their experts' weights, one bmm each way (no host sync)
             flat = ids.reshape(-1)
@@ -360,9 +375,9 @@ class FastDecoder:
             a = F.silu(g[:, : L.I]) * g[:, L.I:]
             y = torch.bmm(a.unsqueeze(1), L.w_down[flat]).squeeze(1)  # (N*K, D)
             y = (y.view(*ids.shape, -1) * w.unsqueeze(-1).to(y.dtype)).sum(1)
+            h = h + y
         else:
-            y = torch.ops.nanoseek.routed_experts(x, ids, w, L.w_gu, L.w_down)
-        h = h + y
+            h = h + torch.ops.nanoseek.routed_experts(x, ids, w, L.w_gu, L.w_down)
         if L.shared:
             s = x @ L.ws_gu
             h = torch.addmm(h, F.silu(s[:, : L.Is]) * s[:, L.Is:], L.ws_down)
@@ -374,10 +389,10 @@ class FastDecoder:
 _GATHER_SHARE = 4
 
 
-def routed_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_gu: torch.Tensor, w_down: torch.Tensor
-                   ) -> torch.Tensor:
-    """sum_k w[n, k] * expert_{ids[n, k]}(x[n]) for packed experts w_gu (E, D, 2I), w_down (E, I, D): only the
-    experts that received tokens run (one host sync for the counts)."""
+def routed_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_gu: torch.Tensor, w_down: torch.Tensor,
+                   base: torch.Tensor | None = None) -> torch.Tensor:
+    """base (zeros if None) + sum_k w[n, k] * expert_{ids[n, k]}(x[n]) for packed experts w_gu (E, D, 2I),
+    w_down (E, I, D): only the experts that received tokens run (one host sync for the counts)."""
     N, K = ids.shape
     E, I = w_gu.shape[0], w_down.shape[1]
     flat = ids.reshape(-1)
@@ -391,7 +406,7 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_gu: to
     a = (F.silu(g[:, :I]) * g[:, I:]).split(sizes)
     y = torch.cat([ae @ w_down[e] for e, ae in zip(experts, a)])
     y = y * w.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
-    return torch.zeros_like(x).index_add_(0, token, y)
+    return (torch.zeros_like(x) if base is None else base).index_add(0, token, y)
 
 
 @torch.library.custom_op("nanoseek::routed_experts", mutates_args=())

@@ -74,17 +74,9 @@ def speculative_generate(model: DeepSeekModel, prompt_ids: Sequence[int], max_to
     p0 = next(model.parameters())
     dev, dtype = p0.device, p0.dtype
     cache = LatentCache(cfg, 1, max_len, dtype, dev)
-    fast = None
-    if compile and fast_decode is False:
-        raise ValueError("compile=True compiles the fast decode steps: it needs fast_decode True or None")
-    if compile or fast_decode or (fast_decode is None and dev.type == "cpu"):
-        from .fast_decode import FastDecoder, unsupported_reason
+    from .fast_decode import select
 
-        reason = unsupported_reason(model)
-        if reason is None:
-            fast = FastDecoder.for_model(model)
-        elif fast_decode or compile:
-            raise ValueError(f"{'compile' if compile else 'fast_decode'}=True but {reason}")
+    fast = select(model, fast_decode, compile, auto=dev.type == "cpu")
     stops = set(int(t) for t in stop_token_ids)
 
     def row(ids: Sequence[int]) -> torch.Tensor:
