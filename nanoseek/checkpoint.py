@@ -24,8 +24,10 @@ from .model import DeepSeekModel
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|weight_scale_inv)$")
-# weights stored in FP8 in published checkpoints: every Linear but embeddings, heads and the router
-_NOT_QUANTISED = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate\.weight|norm|e_score_correction_bias|weights_proj|bias$)")
+# weights stored in FP8 in published checkpoints: every Linear but embeddings, heads, the router, the V3.2
+# indexer's weights_proj and the MTP block's eh_proj (published V3/R1/V3.2 keep model.layers.61.eh_proj.weight in
+# bf16 with no weight_scale_inv; vLLM and SGLang build it as a plain nn.Linear); norms and biases are not Linears
+_NOT_QUANTISED = re.compile(r"(embed_tokens|lm_head|shared_head\.head|mlp\.gate\.weight|norm|e_score_correction_bias|weights_proj|eh_proj|bias$)")
 
 
 class CheckpointError(ValueError):
@@ -311,8 +313,10 @@ def save_pretrained(model: DeepSeekModel, path, max_shard_bytes: int = 5 * 1024 
                     fp8: bool = False, tokenizer=None) -> Path:
     """Write config.json and safetensors shards (plus index when sharded) atomically into `path`.
 
-    fp8=True quantises every Linear weight (not embeddings, heads, router, norms) to float8_e4m3fn with
-    128x128 weight_scale_inv blocks, as the published checkpoints are stored."""
+    fp8=True quantises every Linear weight (not embeddings, heads, router, norms, the indexer's weights_proj, the
+    MTP eh_proj) to float8_e4m3fn with 128x128 weight_scale_inv blocks, as the published checkpoints are stored, and
+    writes their quantization_config unchanged (no skip list: loaders tell FP8 weights by their module classes or
+    by the weight_scale_inv beside them; docs/model.md, FP8)."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_state_dict(model)

@@ -167,7 +167,8 @@ class ModelConfig(HFConfigFile):
             if self.n_group > 1 and self.topk_method == "noaux_tc":
                 need(per_group >= 2, "n_group", self.n_group, "must leave >= 2 experts per group (group score = top-2 sum)")
             need(self.moe_intermediate_size > 0, "moe_intermediate_size", self.moe_intermediate_size, "must be > 0")
-            need(self.n_shared_experts >= 0, "n_shared_experts", self.n_shared_experts, "must be >= 0")
+            need(isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0, "n_shared_experts",
+                 self.n_shared_experts, "must be an integer >= 0 (0: no shared expert)")
             need(self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
         if self.rope_scaling is not None:
             need(isinstance(self.rope_scaling, dict), "rope_scaling", self.rope_scaling, "must be a dict or null")
@@ -271,6 +272,8 @@ class ModelConfig(HFConfigFile):
             d["rope_scaling"] = rs
         if d.get("n_routed_experts") is None:
             d["n_routed_experts"] = 0
+        if "n_shared_experts" in d and d["n_shared_experts"] is None:
+            d["n_shared_experts"] = 0  # DeepSeek-V2's config: None = no shared expert (transformers takes only ints)
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
             d["num_nextn_predict_layers"] = d["num_mtp_layers"]
         d.setdefault("num_nextn_predict_layers", 0)  # a config that does not mention MTP has none

@@ -435,8 +435,9 @@ def default_skip(name: str, module: nn.Module) -> bool:
 
 
 def default_inference_skip(name: str, module: nn.Module) -> bool:
-    """default_skip plus `kv_a_layernorm` (only nn.Linear modules are ever touched anyway)."""
-    return default_skip(name, module) or name.endswith("kv_a_layernorm")
+    """default_skip plus the MTP block's `eh_proj`, which published FP8 checkpoints keep in bf16 (as
+    save_pretrained(fp8=True) writes it), and `kv_a_layernorm` (only nn.Linear modules are ever touched anyway)."""
+    return default_skip(name, module) or name.endswith(("kv_a_layernorm", "eh_proj"))
 
 
 def _swap_linears(model: nn.Module, skip, types, make: Callable[[nn.Linear], nn.Module]) -> list[str]:

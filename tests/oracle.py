@@ -39,6 +39,12 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> DeepSeekModel:
     return m.eval()
 
 
+def _is_mtp(key: str, cfg: ModelConfig) -> bool:
+    """A tensor of an MTP module: model.layers.{i}. with i >= num_hidden_layers (every depth)."""
+    parts = key.split(".")
+    return key.startswith("model.layers.") and int(parts[2]) >= cfg.num_hidden_layers
+
+
 def hf_model(model: DeepSeekModel):
     """transformers DeepseekV3ForCausalLM / DeepseekV32ForCausalLM holding exactly `model`'s weights."""
     import transformers
@@ -58,14 +64,16 @@ def hf_model(model: DeepSeekModel):
     torch.manual_seed(0)
     ref = cls(hf_cfg).float().eval()
     sd = {k: v for k, v in to_hf_state_dict(model).items()
-          if not k.startswith(f"model.layers.{cfg.num_hidden_layers}.")}  # transformers has no MTP layer
+          if not _is_mtp(k, cfg)}  # transformers has no MTP layer
     # transformers fuses experts in memory: gate_up_proj [E, 2I, D], down_proj [E, D, I], like nanoseek
     own = model.state_dict()
     fused = {k: v for k, v in own.items() if ".experts." in k
-             and not k.startswith(f"model.layers.{cfg.num_hidden_layers}.")}
+             and not _is_mtp(k, cfg)}
     sd = {k: v for k, v in sd.items() if ".experts." not in k}
     sd.update(fused)
     missing, unexpected = ref.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if "rotary" not in k]
+    # n_shared_experts=0: transformers builds a zero-width shared MLP (output 0) where nanoseek builds none
+    empty = {k for k, v in ref.state_dict().items() if v.numel() == 0}
+    missing = [k for k in missing if "rotary" not in k and k not in empty]
     assert not missing and not unexpected, (missing, unexpected)
     return ref

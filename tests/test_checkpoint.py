@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -103,7 +104,7 @@ def test_published_fp8_checkpoint_loads_dequantised(tmp_path):
     on_disk, deq_sd = {}, {}
     for k, v in tensors.items():
         quantised = (k.endswith(".weight") and v.dim() == 2 and "embed_tokens" not in k and "lm_head" not in k
-                     and "shared_head.head" not in k and not k.endswith("mlp.gate.weight"))
+                     and "shared_head.head" not in k and not k.endswith("mlp.gate.weight") and "eh_proj" not in k)
         if quantised:
             q, s, deq = _quantise_like_published(v.float())
             on_disk[k], on_disk[k[:-6] + "weight_scale_inv"] = q, s
@@ -154,11 +155,70 @@ def test_fp8_save_round_trip(tmp_path):
     back = nanoseek.from_pretrained(tmp_path, dtype=torch.float32)
     orig, loaded = model.state_dict(), back.state_dict()
     for name in ("model.layers.1.self_attn.q_b_proj.weight", "model.layers.2.mlp.experts.gate_up_proj",
-                 "model.layers.3.eh_proj.weight"):
+                 "model.layers.3.self_attn.kv_b_proj.weight"):
         err = (loaded[name] - orig[name]).abs()
         assert err.max() > 0 and (err <= orig[name].abs() / 16 + 1e-3).all(), name  # e4m3: 3 mantissa bits
-    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.2.mlp.gate.weight", "model.norm.weight"):
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.2.mlp.gate.weight", "model.norm.weight",
+                 "model.layers.3.eh_proj.weight"):
         assert torch.equal(loaded[name], orig[name]), name
+
+
+# The published FP8 layout (DeepSeek-V3 / R1 / V3.2 on the Hub): the weights of these Linears are float8_e4m3fn
+# with a weight_scale_inv, in the main layers and in the MTP block's decoder layer alike. Everything else stays in
+# the model dtype: embeddings, lm_head, norms, the router (mlp.gate), e_score_correction_bias, the indexer's
+# weights_proj, and the MTP module's embed_tokens, enorm, hnorm, eh_proj and shared_head.
+_PUBLISHED_FP8 = re.compile(r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|indexer\.wq_b"
+                            r"|indexer\.wk)|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj))\.weight$")
+
+
+@pytest.mark.parametrize("over", [dict(), dict(index_topk=5, index_n_heads=4, index_head_dim=32)])
+def test_fp8_save_quantises_exactly_the_published_set_and_loads_in_transformers(tmp_path, over):
+    import transformers
+
+    # every dim a multiple of 128 or at most 128: transformers' CPU dequantisation derives the block size from the
+    # scale grid (rows // scale_rows), which is wrong for ragged edge blocks (nanoseek's own tests cover those)
+    cfg = tiny_config(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, q_lora_rank=128,
+                      kv_lora_rank=96, num_attention_heads=2, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32,
+                      num_nextn_predict_layers=1, **over)
+    model = random_model(cfg, seed=18)
+    model.save_pretrained(tmp_path, fp8=True)
+    on_disk = load_file(tmp_path / "model.safetensors")
+    weights = {k for k in on_disk if not k.endswith("weight_scale_inv")}
+    expected = {k for k in weights if _PUBLISHED_FP8.search(k)}
+    assert {k for k in weights if on_disk[k].dtype == torch.float8_e4m3fn} == expected
+    assert {k for k in on_disk if k.endswith("weight_scale_inv")} == {k[: -len("weight")] + "weight_scale_inv" for k in expected}
+    n = model.config.num_hidden_layers
+    for k in ("eh_proj", "enorm", "hnorm", "shared_head.norm", "shared_head.head", "embed_tokens"):
+        assert on_disk[f"model.layers.{n}.{k}.weight"].dtype == torch.float32, k
+    assert f"model.layers.{n}.self_attn.kv_b_proj.weight" in expected  # the MTP block's decoder layer is FP8
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    # README_WEIGHTS.md's config, no skip list: loaders tell FP8 weights by their module classes or by the
+    # weight_scale_inv beside them
+    assert qc == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    from nanoseek.fp8 import quantize_model_for_inference  # in-memory FP8 inference swaps the same Linears
+
+    swapped = {name + ".weight" for name in quantize_model_for_inference(random_model(cfg, seed=18))}
+    assert swapped == {k for k in expected if ".experts." not in k}  # fused routed experts are not nn.Linear
+
+    back = nanoseek.from_pretrained(tmp_path, dtype=torch.float32)
+    eh = f"model.layers.{n}.eh_proj.weight"
+    assert torch.equal(back.state_dict()[eh], model.state_dict()[eh])
+    kept = nanoseek.from_pretrained(tmp_path, dtype=torch.float32, keep_fp8=True)
+    assert type(kept.mtp_layers[0].eh_proj) is torch.nn.Linear
+    assert kept.mtp_layers[0].self_attn.kv_b_proj.weight.dtype == torch.float8_e4m3fn
+    x = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        a, b = back(x, mtp=True), kept(x, mtp=True)
+    assert (a.logits - b.logits).abs().max() < 1e-4 and (a.mtp_logits[0] - b.mtp_logits[0]).abs().max() < 1e-4
+    # transformers (no MTP) loads the main model of the same folder, dequantising on CPU, to the same weights
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    own = back.state_dict()
+    for k, v in ref.state_dict().items():
+        if "rotary" not in k:
+            torch.testing.assert_close(v, own[k], rtol=0, atol=1e-7, msg=k)
+    # 5 tokens: no more than index_topk keys, so DSA selects them all (selection ties are tested in test_dsa.py)
+    with torch.no_grad():
+        assert (ref(x[:, :5]).logits - back(x[:, :5]).logits).abs().max() < 1e-4
 
 
 def _saved(tmp_path, **over):

@@ -17,6 +17,15 @@ PARITY_CASES = {
     "all_moe_no_norm_topk": dict(first_k_dense_replace=0, norm_topk_prob=False, n_group=2, topk_group=1),
     "dsa_topk_below_seq": dict(index_topk=5),
     "dsa_yarn": dict(index_topk=7, rope_scaling=YARN, n_routed_experts=16, n_group=8, topk_group=3, num_experts_per_tok=3),
+    # edge values of the config (issue 11 item 1): each one a branch of routing or layer layout
+    "one_expert_per_token_norm_topk": dict(num_experts_per_tok=1, norm_topk_prob=True),  # w = s/s * scale
+    "one_expert_per_token_no_norm_topk": dict(num_experts_per_tok=1, norm_topk_prob=False),
+    "one_group": dict(n_group=1, topk_group=1),
+    "one_group_kept": dict(n_group=4, topk_group=1),
+    "no_shared_expert": dict(n_shared_experts=0),
+    "first_layer_moe": dict(first_k_dense_replace=0),
+    "all_dense": dict(first_k_dense_replace=3),  # = num_hidden_layers: no routed layer in the main model
+    "dsa_one_expert_per_token": dict(index_topk=5, num_experts_per_tok=1),
 }
 
 
@@ -30,6 +39,25 @@ def test_logits_match_transformers(case):
         ours, theirs = model(x).logits, ref(x).logits
     assert ours.shape == (2, 24, cfg.vocab_size)
     assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_null_shared_experts_in_config_json_means_none_and_matches_transformers_zero():
+    """DeepSeek-V2's config.json writes n_shared_experts: null for "no shared expert"; transformers takes only
+    an int (0 builds a zero-width shared MLP). nanoseek reads null as 0 and rejects other non-integers by name."""
+    from nanoseek import ModelConfig
+
+    d = tiny_config().to_hf_dict()
+    d["n_shared_experts"] = None
+    cfg = ModelConfig.from_hf_dict(d)
+    assert cfg.n_shared_experts == 0
+    model = random_model(cfg, seed=1)
+    assert all(getattr(layer.mlp, "shared_experts", None) is None for layer in model.model.layers)
+    ref = hf_model(model)
+    x = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model(x).logits - ref(x).logits).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match="n_shared_experts"):
+        tiny_config(n_shared_experts=None)
 
 
 def test_padded_batch_matches_transformers_on_real_tokens():

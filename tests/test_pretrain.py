@@ -27,7 +27,8 @@ def test_loss_falls_and_outputs_an_hf_folder(tmp_path):
     first, last = m[0]["loss"], sum(r["loss"] for r in m[-3:]) / 3
     assert last < 0.7 * first
     assert "eval_loss" in m[-1] and "mtp_loss" in m[-1] and "load_max_min_ratio" in m[-1]
-    assert len(m[-1]["expert_load"]) == 1 and abs(sum(m[-1]["expert_load"][0]) - 1) < 1e-5
+    # one main MoE layer, then the MTP module's (balanced too)
+    assert len(m[-1]["expert_load"]) == 2 and all(abs(sum(l) - 1) < 1e-5 for l in m[-1]["expert_load"])
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
     assert list((out.parent / "tb").glob("events.out.tfevents.*"))
     import nanoseek
@@ -122,6 +123,49 @@ def test_bias_updates_reduce_load_imbalance_on_skewed_router():
     after = sum(history[-50:]) / 50  # sign updates oscillate around balance
     assert before > 2.5  # experts 0 and 1 take most tokens (4.0 = only them)
     assert after < 0.5 * before, (before, after)
+
+
+def test_bias_update_moves_mtp_gate_against_its_own_load():
+    """V3 sec. 2.1.2, for every MoE gate the model trains, the MTP module's included: b_i += gamma for an
+    under-loaded expert, -= gamma for an over-loaded one, unchanged at the mean. Loads follow out.router, then
+    out.mtp_router."""
+    cfg = ModelConfig.from_preset("tiny", **MICRO, vocab_size=64, num_nextn_predict_layers=1)
+    model = DeepSeekModel(cfg)
+    main_gate, mtp_gate = model.model.layers[1].mlp.gate, model.mtp_layers[0].mlp.gate
+    main_load = torch.tensor([2., 2., 2., 2., 2., 2., 2., 2.])  # balanced: no move
+    mtp_load = torch.tensor([1., 3., 2., 2., 0., 4., 2., 2.])  # mean 2
+    update_expert_bias(model, [main_load, mtp_load], gamma=0.01)
+    assert torch.equal(main_gate.e_score_correction_bias, torch.zeros(8))
+    assert torch.allclose(mtp_gate.e_score_correction_bias, 0.01 * torch.tensor([1., -1., 0., 0., 1., -1., 0., 0.]))
+    update_expert_bias(model, [main_load], gamma=0.01)  # a forward without MTP: the MTP gate is left alone
+    assert torch.allclose(mtp_gate.e_score_correction_bias, 0.01 * torch.tensor([1., -1., 0., 0., 1., -1., 0., 0.]))
+
+
+def test_balance_loss_covers_the_mtp_moe_layer():
+    """V3 eq. 17-20 summed over every MoE layer that ran, the MTP module's included, so its gate gets the
+    sequence-wise gradient; without mtp the MTP module does not run and is not counted."""
+    cfg = ModelConfig.from_preset("tiny", **MICRO, vocab_size=64, num_nextn_predict_layers=1)
+    torch.manual_seed(0)
+    model = DeepSeekModel(cfg).train()
+    x = torch.randint(0, 64, (2, 12))
+    out = model(x, mtp=True)
+    assert len(out.router) == 1 and len(out.mtp_router) == 1
+    ref = out.router[0].balance_loss + out.mtp_router[0].balance_loss
+    assert torch.allclose(out.balance_loss, ref)
+    out.balance_loss.backward()
+    assert model.mtp_layers[0].mlp.gate.weight.grad.abs().sum() > 0
+    no_mtp = model(x, mtp=False)
+    assert torch.allclose(no_mtp.balance_loss, no_mtp.router[0].balance_loss)
+
+
+def test_pretraining_moves_the_mtp_gate_selection_bias(tmp_path):
+    from nanoseek.checkpoint import load_pretrained
+
+    out = pretrain(micro_cfg(tmp_path, steps=3, eval_every=3, save_every=3, bias_update_speed=1e-3))
+    model = load_pretrained(out, dtype=torch.float32)
+    assert model.config.topk_method == "noaux_tc" and model.config.num_nextn_predict_layers == 1
+    assert model.model.layers[1].mlp.gate.e_score_correction_bias.abs().sum() > 0
+    assert model.mtp_layers[0].mlp.gate.e_score_correction_bias.abs().sum() > 0  # stayed 0 before
 
 
 def test_lr_schedules():

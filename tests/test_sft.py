@@ -171,6 +171,7 @@ def test_short_sft_memorises_and_greedy_reproduces_the_answer(trained, base):
     model = nanoseek.from_pretrained(folder, dtype=torch.float32)
     bias = model.model.layers[1].mlp.gate.e_score_correction_bias
     assert bias.abs().sum() > 0  # the aux-loss-free bias moved (it starts at zero)
+    assert model.mtp_layers[0].mlp.gate.e_score_correction_bias.abs().sum() > 0  # the MTP module's gate too
 
     tok = Tokenizer.load(str(folder))
     msgs = cfg.records[0]["messages"]

@@ -110,19 +110,20 @@ class MLA(nn.Module):
             index_scores = self.indexer(xi, qi, cos, sin, index_keys)
             index_scores = index_scores.masked_fill(~mask, float("-inf"))
             if not dsa_dense and self.indexer.topk < S:
-                top = index_scores.topk(self.indexer.topk, dim=-1).indices
-                selected = torch.zeros_like(mask).scatter_(-1, top, True)
-                attn_mask = mask & selected
+                attn_mask = mask & select_topk(index_scores, self.indexer.topk)
 
-        kv_b = dense_weight(self.kv_b_proj).view(self.H, self.dn + self.dv, self.R)
         need_probs = indexer_loss and index_scores is not None
         if absorb:
+            # W_UK / W_UV are folded into the query and the output, so the weight itself is needed: in high
+            # precision (an FP8 layer's weight dequantised), as DeepSeek's inference/model.py absorb path does
+            kv_b = dense_weight(self.kv_b_proj).view(self.H, self.dn + self.dv, self.R)
             q_lat = torch.einsum("bthd,hdr->bhtr", q_nope, kv_b[:, : self.dn])  # fold W_UK into the query
             qq = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # (B, H, T, R+r)
             kk = torch.cat([c, k_pe], dim=-1).unsqueeze(1)  # (B, 1, S, R+r): MQA over the latent cache
             vv = c.unsqueeze(1)  # (B, 1, S, R)
         else:
-            kv = F.linear(c, kv_b.reshape(-1, self.R)).view(B, S, self.H, self.dn + self.dv)
+            # a plain GEMM: through the module, so an FP8 layer (training or FP8 weights) runs it as an FP8 GEMM
+            kv = self.kv_b_proj(c).view(B, S, self.H, self.dn + self.dv)
             k_nope, v = kv.split([self.dn, self.dv], dim=-1)
             qq = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, dn+r)
             kk = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, self.H, self.r)], dim=-1).transpose(1, 2)
@@ -161,6 +162,21 @@ class MLA(nn.Module):
         return out, aux
 
 
+def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask (same shape) of the k largest scores along the last dim, ties going to the lower key index.
+
+    The indexer's ReLU scores tie exactly (often a third are 0.0), and torch.topk's choice among tied values
+    depends on the row's length, so with plain topk a request's keys (and its greedy output) changed with
+    the padding that batching adds. Here the selection is a pure function of the row's values: the k-th
+    largest value v (exact, whatever topk's order), every key above v, and among the keys equal to v the
+    lowest indices until k are kept. Padding (-inf, masked anyway) never displaces a real key."""
+    kth = scores.topk(k, dim=-1).values[..., -1:]
+    above = scores > kth
+    tied = scores == kth
+    room = k - above.sum(-1, keepdim=True)
+    return above | (tied & (tied.cumsum(-1) <= room))
+
+
 def indexer_kl(probs: torch.Tensor, index_scores: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     """V3.2 indexer loss: sum_t KL(p_t || softmax(I_t)) over the support (all causal keys in the dense
     warm-up, the selected top-k in the sparse stage), p_t = main attention summed over heads, L1-normalised.
@@ -184,6 +200,5 @@ def indexer_recall(probs: torch.Tensor, index_scores: torch.Tensor, mask: torch.
         return torch.tensor(float("nan"))
     p = probs.sum(1).masked_fill(~mask, float("-inf"))[rows]  # (R, S)
     i = index_scores.masked_fill(~mask, float("-inf"))[rows]
-    top_p = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, p.topk(k, dim=-1).indices, True)
-    top_i = torch.zeros_like(i, dtype=torch.bool).scatter_(-1, i.topk(k, dim=-1).indices, True)
+    top_p, top_i = select_topk(p, k), select_topk(i, k)  # the indexer's side: the set attention would use
     return ((top_p & top_i).sum(-1).float() / k).mean()

@@ -78,7 +78,7 @@ class Gate(nn.Module):
         else:
             ids = self.select(scores)
         w = scores.gather(1, ids)
-        if self.norm_topk_prob and self.K > 1:
+        if self.norm_topk_prob:  # every K, as DeepSeek's Gate and transformers' router (K = 1: w = s/s = 1)
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         return ids, w * self.scale, scores
 

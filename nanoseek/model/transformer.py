@@ -25,9 +25,9 @@ class ModelOutput:
     hidden: torch.Tensor  # (B, T, D) final normalised hidden state (what lm_head and MTP module 1 read)
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: (B, T-k, V); [:, i] predicts token i+k+1
     router: list[RouterOutput] = field(default_factory=list)  # one per MoE layer of the main model
-    mtp_router: list[RouterOutput] = field(default_factory=list)
-    indexer_loss: torch.Tensor | None = None  # mean over DSA layers of the indexer KL, when asked for
-    indexer_recall: torch.Tensor | None = None  # mean over DSA layers, dense mode with indexer_loss only
+    mtp_router: list[RouterOutput] = field(default_factory=list)  # one per MTP module run (mtp=True), depth order
+    indexer_loss: torch.Tensor | None = None  # mean over DSA layers (MTP modules' too when run) of the indexer KL
+    indexer_recall: torch.Tensor | None = None  # mean over the same layers, dense mode with indexer_loss only
 
     @property
     def expert_ids(self) -> list[torch.Tensor]:
@@ -35,7 +35,10 @@ class ModelOutput:
 
     @property
     def balance_loss(self) -> torch.Tensor | None:
-        return torch.stack([r.balance_loss for r in self.router]).sum() if self.router else None
+        """Sequence-wise balance loss (V3 eq. 17-20) summed over every MoE layer that ran: the main model's,
+        then the MTP modules' when mtp=True (their gates are trained too, so they are balanced too)."""
+        routers = self.router + self.mtp_router
+        return torch.stack([r.balance_loss for r in routers]).sum() if routers else None
 
 
 class DecoderLayer(nn.Module):
@@ -80,8 +83,8 @@ class MTPLayer(DecoderLayer):
 
     def forward(self, h_prev, emb, cos, sin, mask, forced_ids=None, **attn_kw):
         h = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))  # embedding FIRST
-        h, router, _ = super().forward(h, cos, sin, mask, forced_ids, **attn_kw)
-        return self.shared_head.norm(h), router
+        h, router, aux = super().forward(h, cos, sin, mask, forced_ids, **attn_kw)
+        return self.shared_head.norm(h), router, aux
 
 
 class Backbone(nn.Module):
@@ -222,11 +225,6 @@ class DeepSeekModel(nn.Module):
         h = self.model.norm(h)
         out_h = h if logits_to_keep is None else h[:, -logits_to_keep:]
         out = ModelOutput(logits=self.lm_head(out_h), hidden=h, router=routers)
-        if auxs:
-            out.indexer_loss = torch.stack([a["kl"] for a in auxs]).mean()
-            recalls = [a["recall"] for a in auxs if "recall" in a]
-            if recalls:
-                out.indexer_recall = torch.stack(recalls).nanmean()
         if mtp and cfg.num_nextn_predict_layers and cache is None:
             h_prev = h
             for k, layer in enumerate(self.mtp_layers, start=1):
@@ -235,11 +233,19 @@ class DeepSeekModel(nn.Module):
                 emb = self.model.embed_tokens(input_ids[:, k:])  # token i+k for position i
                 am = attention_mask[:, k:] if attention_mask is not None else None
                 m = build_mask(positions[:, : T - k], T - k, am, False)
-                h_prev, router = layer(h_prev[:, :-1], emb, cos[:, : T - k], sin[:, : T - k], m,
-                                       cache=None, positions=positions[:, : T - k], absorb=absorb, dsa_dense=dsa_dense)
+                h_prev, router, aux = layer(h_prev[:, :-1], emb, cos[:, : T - k], sin[:, : T - k], m, cache=None,
+                                            positions=positions[:, : T - k], absorb=absorb, dsa_dense=dsa_dense,
+                                            indexer_loss=indexer_loss)
+                if aux is not None:  # the MTP block's indexer selects its keys too: it trains on its KL (V3.2 2.1)
+                    auxs.append(aux)
                 out.mtp_logits.append(self.lm_head(h_prev))
                 if router is not None:
                     out.mtp_router.append(router)
+        if auxs:  # every DSA layer that ran, the MTP modules' included (mtp=True)
+            out.indexer_loss = torch.stack([a["kl"] for a in auxs]).mean()
+            recalls = [a["recall"] for a in auxs if "recall" in a]
+            if recalls:
+                out.indexer_recall = torch.stack(recalls).nanmean()
         return out
 
     def mtp_step(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache=None,
@@ -250,6 +256,6 @@ class DeepSeekModel(nn.Module):
         cos, sin = self.model.rotary(positions, h_prev.dtype)
         S = cache.kv_len(positions) if cache is not None else positions.shape[1]
         mask = build_mask(positions, S, None, cache is not None)
-        h, _ = layer(h_prev, self.model.embed_tokens(next_ids), cos, sin, mask, cache=cache, positions=positions,
-                     absorb=absorb)
+        h, _, _ = layer(h_prev, self.model.embed_tokens(next_ids), cos, sin, mask, cache=cache, positions=positions,
+                        absorb=absorb)
         return self.lm_head(h), h

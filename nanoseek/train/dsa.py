@@ -1,8 +1,9 @@
 """DSA continued training (DeepSeek-V3.2 report, sec. 2.1): turn a dense V3 checkpoint into a V3.2
 model with the lightning indexer, in two stages.
 
-  1. Dense warm-up: attention stays dense, everything but the indexer is frozen, and the indexer learns
-     to match the main attention: loss = sum_t KL(p_t || softmax(I_t)), p_t the head-summed attention,
+  1. Dense warm-up: attention stays dense, everything but the indexers is frozen, and each indexer (the
+     MTP block's included: it selects that block's keys in stage 2 and at inference) learns to match its
+     layer's main attention: loss = sum_t KL(p_t || softmax(I_t)), p_t the head-summed attention,
      L1-normalised (lr 1e-3 in the report).
   2. Sparse training: top-k selection on, all parameters train on the LM (+MTP) loss; the indexer keeps
      learning from the KL restricted to the selected keys, with its input detached, so it learns only
@@ -27,7 +28,7 @@ import torch
 from ..checkpoint import load_pretrained
 from ..model import DeepSeekModel
 from . import common as C
-from .pretrain import PretrainConfig, build_data, lm_losses, update_expert_bias
+from .pretrain import PretrainConfig, build_data, lm_losses, mtp_loss, update_expert_bias
 
 
 @dataclass
@@ -48,6 +49,7 @@ class DSAConfig:
     indexer_loss_weight: float = 1.0
     mtp_weight: float = 0.1
     bias_update_speed: float = 1e-3
+    balance_alpha: float = 1e-4  # sequence-wise balance loss weight in the sparse stage (as in pre-training)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_batches: int = 4
@@ -71,6 +73,7 @@ class DSAConfig:
             ("batch_size", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
             ("warmup_lr", lambda v: v > 0, "must be > 0"),
             ("sparse_lr", lambda v: v > 0, "must be > 0"),
+            ("balance_alpha", lambda v: v >= 0, "must be >= 0"),
         ])
         if self.warmup_steps + self.sparse_steps == 0:
             raise ValueError("DSAConfig: warmup_steps + sparse_steps must be > 0")
@@ -109,7 +112,8 @@ def evaluate_dsa(model, held, cfg: DSAConfig, device, ctx, reference=None) -> di
             break
         tokens, doc = batch.tokens.to(device), batch.doc_ids.to(device)
         with ctx:
-            r = model(tokens[:, :-1], dsa_dense=True, indexer_loss=True, mtp=False)
+            r = model(tokens[:, :-1], dsa_dense=True, indexer_loss=True,  # recall of every indexer, MTP's too
+                      mtp=model.config.num_nextn_predict_layers > 0)
             s = model(tokens[:, :-1], mtp=False)
         rec.append(float(r.indexer_recall))
         sparse.append(lm_losses(model, s, tokens, doc)[0].item())
@@ -186,22 +190,25 @@ def dsa(cfg: DSAConfig, progress: C.Progress | None = None) -> Path:
         tokens, doc = batch.tokens.to(device), batch.doc_ids.to(device)
         metrics = {}
         with ctx:
-            if stage == "warmup":
-                o = model(tokens[:, :-1], dsa_dense=True, indexer_loss=True, mtp=False)
+            if stage == "warmup":  # every indexer learns, the MTP block's too (its weights stay frozen)
+                o = model(tokens[:, :-1], dsa_dense=True, indexer_loss=True,
+                          mtp=model.config.num_nextn_predict_layers > 0)
                 loss = o.indexer_loss
             else:
                 o = model(tokens[:, :-1], indexer_loss=True, mtp=model.config.num_nextn_predict_layers > 0)
                 main, mtp = lm_losses(model, o, tokens, doc)
                 loss = main + cfg.indexer_loss_weight * o.indexer_loss
                 if mtp:
-                    loss = loss + cfg.mtp_weight * torch.stack(mtp).mean()
+                    loss = loss + mtp_loss(mtp, cfg.mtp_weight)
+                if o.balance_loss is not None and cfg.balance_alpha > 0:  # V3's balancing goes on (MTP gate too)
+                    loss = loss + cfg.balance_alpha * o.balance_loss
                 metrics["lm_loss"] = main.item()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if stage == "sparse" and o.router and cfg.bias_update_speed > 0:
-            update_expert_bias(model, [r.load for r in o.router], cfg.bias_update_speed)
+        if stage == "sparse" and o.router and cfg.bias_update_speed > 0:  # main MoE layers, then the MTP modules
+            update_expert_bias(model, [r.load for r in o.router + o.mtp_router], cfg.bias_update_speed)
         step += 1
         tokens_since += tokens.shape[0] * (tokens.shape[1] - 1)
         metrics["indexer_kl"] = o.indexer_loss.item()

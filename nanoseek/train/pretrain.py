@@ -119,14 +119,21 @@ def lm_losses(model, out, tokens: torch.Tensor, doc_ids: torch.Tensor | None):
     return main, mtp
 
 
+def mtp_loss(per_depth: list[torch.Tensor], lam: float) -> torch.Tensor:
+    """V3 eq. 25: L_MTP = lambda / D * sum_k L^k_MTP, the term added to the main loss."""
+    return lam * torch.stack(per_depth).mean()
+
+
 @torch.no_grad()
 def update_expert_bias(model, loads: list[torch.Tensor], gamma: float) -> None:
     """Aux-loss-free balancing (V3 sec. 2.1.2): b_i += gamma * sign(mean load - load_i), per MoE layer.
-    `model`: a DeepSeekModel (its main MoE layers, in order) or a list of Gate modules."""
+    `model`: a DeepSeekModel or a list of Gate modules. For a model, `loads` follow its MoE layers in order:
+    the main model's (`out.router`), then the MTP modules' (`out.mtp_router`); a shorter list (no MTP in the
+    forward) updates only the layers it covers."""
     if isinstance(model, (list, tuple)):
         gates = model
     else:
-        gates = [layer.mlp.gate for layer in model.model.layers[: model.config.num_hidden_layers] if layer.is_moe]
+        gates = [layer.mlp.gate for layer in model.model.layers if layer.is_moe]  # main layers, then MTP modules
     for gate, load in zip(gates, loads):
         if gate.e_score_correction_bias is not None:
             err = load.mean() - load
@@ -274,14 +281,14 @@ def pretrain(cfg: PretrainConfig, progress: C.Progress | None = None) -> Path:
             main, mtp = lm_losses(model, out_, tokens, doc)
             loss = main
             if mtp:
-                mtp_mean = torch.stack(mtp).mean()  # averaged over depths (V3 eq. 25)
-                loss = loss + lam * mtp_mean
-                tot["mtp_loss"] += mtp_mean.item() / cfg.grad_accum
-            if out_.router:
-                bal = out_.balance_loss
+                loss = loss + mtp_loss(mtp, lam)  # lambda / D * sum over depths (V3 eq. 25)
+                tot["mtp_loss"] += torch.stack(mtp).mean().item() / cfg.grad_accum
+            routers = out_.router + out_.mtp_router  # main MoE layers, then MTP modules (update_expert_bias order)
+            if routers:
+                bal = out_.balance_loss  # over the same layers, MTP modules included
                 loss = loss + cfg.balance_alpha * bal
                 tot["balance_loss"] += bal.item() / cfg.grad_accum
-                step_loads = [r.load for r in out_.router]
+                step_loads = [r.load for r in routers]
                 loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
             (loss / cfg.grad_accum).backward()
             tot["loss"] += main.item() / cfg.grad_accum

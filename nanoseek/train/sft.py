@@ -464,9 +464,11 @@ def sft(cfg: SFTConfig, progress: C.Progress | None = None) -> Path:
                 mtp_mean = torch.stack(mtp).mean()  # averaged over depths (V3 eq. 25)
                 loss = loss + cfg.mtp_weight * mtp_mean
                 tot["mtp_loss"] += mtp_mean.item()
-            if out_.router:
+            if out_.router or out_.mtp_router:
                 valid = (batch.seg[:, :-1] >= 0).to(device)  # (B, T) real input tokens
+                # main MoE layers, then MTP modules (update_expert_bias order); depth k's position i reads token i+k
                 stats_ = [masked_router_stats(r, valid) for r in out_.router]
+                stats_ += [masked_router_stats(r, valid[:, k:]) for k, r in enumerate(out_.mtp_router, start=1)]
                 bal = torch.stack([b for _, b in stats_]).sum()  # summed over layers, as ModelOutput.balance_loss
                 loss = loss + cfg.balance_alpha * bal / n_micro
                 tot["balance_loss"] += bal.item() / n_micro
