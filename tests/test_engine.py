@@ -171,12 +171,33 @@ def test_seeded_request_samples_the_same_alone_or_batched(mla):
     mixed = eng.generate(others[:2] + [prompt] + others[2:],
                          [SamplingParams(max_tokens=5, seed=1), greedy(12), target, SamplingParams(max_tokens=3)])
     assert mixed[2].outputs[0].token_ids == alone[0].outputs[0].token_ids
-    n3 = eng.generate([prompt], SamplingParams(max_tokens=10, temperature=0.9, top_k=20, seed=1234, n=3))[0]
-    assert n3.outputs[0].token_ids == alone[0].outputs[0].token_ids  # sample i uses seed + i
-    seed2 = SamplingParams(max_tokens=10, temperature=0.9, top_k=20, seed=1236)
-    alone2 = Engine(mla, max_batch_size=1, max_len=32, eos_token_ids=[]).generate([prompt], seed2)
-    assert n3.outputs[2].token_ids == alone2[0].outputs[0].token_ids  # decoded from a copied cache row
-    assert len({tuple(c.token_ids) for c in n3.outputs}) > 1
+    n3_params = SamplingParams(max_tokens=10, temperature=0.9, top_k=20, seed=1234, n=3)
+    n3 = eng.generate([prompt], n3_params)[0]
+    assert n3.outputs[0].token_ids == alone[0].outputs[0].token_ids  # sample 0 of n is the n = 1 request
+    # one slot: every sample prefilled on its own; four slots: samples 1, 2 decoded from copied cache rows
+    one_slot = Engine(mla, max_batch_size=1, max_len=32, eos_token_ids=[]).generate([prompt], n3_params)[0]
+    assert [c.token_ids for c in one_slot.outputs] == [c.token_ids for c in n3.outputs]
+    assert len({tuple(c.token_ids) for c in n3.outputs}) == 3  # n samples of one seed: independent streams
+
+
+def test_a_seed_gives_different_prompts_and_samples_their_own_streams(mla, monkeypatch):
+    """Sample i of a seeded request draws from derive_seed(seed, i, *prompt): with a flat distribution (logits
+    zeroed) the tokens are a pure function of the random draws, so shared streams would give equal tokens."""
+    import nanoseek.engine.engine as eng
+
+    real = eng.sample
+    monkeypatch.setattr(eng, "sample", lambda logits, *a, **k: real(torch.zeros_like(logits), *a, **k))
+    prompts = prompts_of([4, 5, 4], seed=20)
+    params = SamplingParams(max_tokens=6, seed=7, n=2)
+    outs = Engine(mla, max_batch_size=6, max_len=32, eos_token_ids=[]).generate(prompts, params)
+    samples = [tuple(c.token_ids) for o in outs for c in o.outputs]
+    assert len(set(samples)) == 6  # 6 x 6 draws from a flat 97-way distribution: shared streams would repeat
+    for i in range(2):
+        firsts = [o.outputs[i].token_ids[:3] for o in outs]
+        assert firsts[0] != firsts[1] != firsts[2] != firsts[0]
+    # the same prompt and seed again: the same samples, whatever its position in the call
+    again = Engine(mla, max_batch_size=2, max_len=32, eos_token_ids=[]).generate(prompts[::-1], params)
+    assert [tuple(c.token_ids) for c in again[0].outputs] == samples[4:]
 
 
 def test_sampling_mask_holds_token_and_routing_matches_full_forward(model):
@@ -196,6 +217,28 @@ def test_sampling_mask_holds_token_and_routing_matches_full_forward(model):
             router = model(torch.tensor([p + c.token_ids])).router
         want = torch.stack([r.expert_ids[0, len(p) - 1:len(p) - 1 + L] for r in router], dim=1)  # (L, layers, K)
         assert torch.equal(c.routing.sort(-1).values, want.sort(-1).values)
+        # the prefill's routing of every prompt position (keep routing replays the whole sequence)
+        want_prompt = torch.stack([r.expert_ids[0, :len(p)] for r in router], dim=1)
+        assert c.prompt_routing.shape == (len(p), cfg.num_moe_layers, cfg.num_experts_per_tok)
+        assert torch.equal(c.prompt_routing.sort(-1).values, want_prompt.sort(-1).values)
+
+
+def test_prompt_routing_covers_a_prefix_the_cache_could_reuse(model):
+    """A request asking for routing prefills its whole prompt, even when a free slot holds its prefix."""
+    eng = Engine(model, max_batch_size=1, max_len=40, eos_token_ids=[])
+    first = prompts_of([6], seed=21)[0]
+    eng.generate([first], greedy(3))
+    second = first + prompts_of([3], seed=22)[0]
+    before = eng.num_prefill_tokens
+    c = eng.generate([second], SamplingParams(max_tokens=2, temperature=0, return_routing=True))[0].outputs[0]
+    assert eng.num_prefill_tokens - before == len(second)  # no prefix reuse with routing asked for
+    with torch.no_grad():
+        router = model(torch.tensor([second])).router
+    want = torch.stack([r.expert_ids[0] for r in router], dim=1)
+    assert torch.equal(c.prompt_routing.sort(-1).values, want.sort(-1).values)
+    before = eng.num_prefill_tokens
+    eng.generate([second + [1]], greedy(2))
+    assert eng.num_prefill_tokens - before < len(second)  # without it the prefix is reused as before
 
 
 @pytest.mark.parametrize("field,value", [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
@@ -378,3 +421,19 @@ def test_incremental_detokenisation_keeps_context_for_decoders_that_strip_a_lead
         seq.tokens.append(i)
         assert Engine._decode_text(eng, seq, n) == tok.decode(seq.tokens)
     assert seq.dec_text == "Hello world, again world"
+
+
+def test_vanishing_temperature_and_huge_top_k_sample_like_greedy_and_off():
+    """temperature 1e-300 made logits / T overflow (every row drew token 0); top_k 2**63 overflowed the tensor
+    the sampler builds. Below GREEDY_EPS is greedy; a top_k beyond the vocabulary is no truncation."""
+    from nanoseek.engine.sampling import make_generator, sample
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    tiny = [SamplingParams(temperature=1e-300) for _ in range(4)]
+    assert all(p.greedy for p in tiny)
+    assert torch.equal(sample(logits, tiny, [None] * 4).tokens, logits.argmax(-1))
+    huge = [SamplingParams(top_k=2 ** 63, seed=1) for _ in range(4)]
+    off = [SamplingParams(top_k=0, seed=1) for _ in range(4)]
+    a = sample(logits, huge, [make_generator(1, "cpu") for _ in range(4)]).tokens
+    b = sample(logits, off, [make_generator(1, "cpu") for _ in range(4)]).tokens
+    assert torch.equal(a, b)

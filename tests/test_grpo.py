@@ -1,5 +1,7 @@
-"""GRPO end to end on micro models: keep routing / sampling mask reproduce the sampler's log-probs, a short
-run raises the reward, resume and config errors."""
+"""GRPO end to end on micro models: keep routing (prompt positions included) / sampling mask reproduce the
+sampler's log-probs, independent rollout randomness per sample, a short run raises the reward, resume and config
+errors, and one short run per trainer path (scale_rewards, mask_truncated, dynamic sampling, domain_beta,
+dr_grpo, the off-policy mask, truncated importance sampling, log_every) asserting its observable effect."""
 
 import random
 
@@ -13,8 +15,8 @@ from nanoseek.train.common import read_metrics
 from nanoseek.train.grpo import GRPOConfig, build_batch, grpo, policy_logprobs, rollout
 
 
-def _rollout(micro_base, **kw):
-    model = nanoseek.from_pretrained(micro_base)
+def _rollout(micro_base, model=None, **kw):
+    model = model if model is not None else nanoseek.from_pretrained(micro_base)
     tok = Tokenizer.load(micro_base)
     cfg = GRPOConfig(init_from=str(micro_base), prompts_per_step=3, num_generations=4, max_tokens=12,
                      temperature=0.9, **kw)
@@ -24,11 +26,11 @@ def _rollout(micro_base, **kw):
     moe = sum(1 for layer in model.model.layers[: model.config.num_hidden_layers] if layer.is_moe)
     batch = build_batch(ro["seqs"], tok.pad_id, moe, model.config.num_experts_per_tok, cfg.keep_sampling_mask,
                         cfg.keep_routing)
-    return model, cfg, batch
+    return model, cfg, batch, ro
 
 
 def test_keep_routing_and_sampling_mask_reproduce_sampler_logprobs(micro_base):
-    model, cfg, batch = _rollout(micro_base, top_k=5, top_p=0.9)
+    model, cfg, batch, ro = _rollout(micro_base, top_k=5, top_p=0.9)
     rows = torch.arange(batch["ids"].shape[0])
     with torch.no_grad():
         logp, _ = policy_logprobs(model, batch, rows, cfg.temperature, forced=True, sampling_mask=True)
@@ -46,11 +48,93 @@ def test_keep_routing_and_sampling_mask_reproduce_sampler_logprobs(micro_base):
     with torch.no_grad():
         other, _ = policy_logprobs(model, batch, rows, cfg.temperature, forced=True, sampling_mask=True)
     assert (other - batch["old"])[m].abs().max() > 1e-3
+    batch["routing"] = routing
+
+
+def test_keep_routing_replays_the_prompt_positions_too(micro_base):
+    """V3.2 keep routing: every position the sampler routed (prompt included) is forced in the training forward,
+    with the experts the sampler's prefill chose there. A random 3-layer model whose MoE layer 1 feeds the
+    attention of layer 2 (micro_base's only MoE layer is its last: prompt routing could not matter there)."""
+    from oracle import random_model, tiny_config
+
+    model = random_model(tiny_config(vocab_size=Tokenizer.load(micro_base).vocab_size), seed=4)
+    model, cfg, batch, ro = _rollout(micro_base, model=model, top_k=5, top_p=0.9)
+    rows = torch.arange(batch["ids"].shape[0])
+    routing = batch["routing"]
+    for n, s in enumerate(ro["seqs"]):
+        lp, lc = len(s["prompt"]), len(s["completion"].token_ids)
+        for r in routing:  # forced at every position that fed the sampler: prompt and completion[:-1]
+            assert (r[n, :lp - 1 + lc] >= 0).all() and (r[n, lp - 1 + lc:] == -1).all()
+    # the recorded prompt routing is the sampler's: a free full forward over the prompt routes the same
+    with torch.no_grad():
+        free = model(batch["ids"], mtp=False).router
+    for n, s in enumerate(ro["seqs"]):
+        lp = len(s["prompt"])
+        for layer, r in enumerate(routing):
+            assert torch.equal(r[n, :lp].sort(-1).values, free[layer].expert_ids[n, :lp].sort(-1).values)
+    # and the prompt positions are really replayed: other experts there (completion routing untouched) change
+    # the completion log-probs
+    prompt_only = torch.zeros_like(routing[0][..., 0], dtype=torch.bool)
+    for n, s in enumerate(ro["seqs"]):
+        prompt_only[n, :len(s["prompt"]) - 1] = True
+    E = model.config.n_routed_experts
+    batch["routing"] = [torch.where(prompt_only.unsqueeze(-1), (r + 1) % E, r) for r in routing]
+    with torch.no_grad():
+        other, _ = policy_logprobs(model, batch, rows, cfg.temperature, forced=True, sampling_mask=True)
+    m = batch["mask"].bool()
+    assert (other - batch["old"])[m].abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- rollout randomness
+
+
+def _problems(n, seed=0):
+    rng = random.Random(seed)
+    return [sample_problem(get_task("arithmetic"), rng, 1, "en") for _ in range(n)]
+
+
+def _completions(ro, G):
+    toks = [tuple(s["completion"].token_ids) for s in ro["seqs"]]
+    return [toks[i * G:(i + 1) * G] for i in range(len(toks) // G)]
+
+
+def test_same_prompt_twice_in_a_rollout_gets_independent_samples(micro_base):
+    model, tok = nanoseek.from_pretrained(micro_base), Tokenizer.load(micro_base)
+    cfg = GRPOConfig(init_from=str(micro_base), num_generations=8, max_tokens=16, temperature=1.0, keep_routing=False)
+    p = _problems(1)[0]
+    a, b = _completions(rollout(model, tok, cfg, [p, p], step=0), 8)
+    assert len(set(a)) > 1 and set(a) != set(b)
+    assert sum(x == y for x, y in zip(a, b)) == 0  # sample i of each copy: independent draws
+    # reproducible from (seed, step): the same rollout again gives the same completions; another step does not
+    assert _completions(rollout(model, tok, cfg, [p, p], step=0), 8) == [a, b]
+    assert _completions(rollout(model, tok, cfg, [p, p], step=1), 8) != [a, b]
+
+
+def test_different_prompts_do_not_share_random_draws(micro_base, monkeypatch):
+    """With the logits replaced by a flat distribution a sampled token is a pure function of the row's random
+    draws: rows sharing a random stream would pick the same tokens."""
+    import nanoseek.engine.engine as eng
+
+    real = eng.sample
+    monkeypatch.setattr(eng, "sample", lambda logits, *a, **k: real(torch.zeros_like(logits), *a, **k))
+    model, tok = nanoseek.from_pretrained(micro_base), Tokenizer.load(micro_base)
+    cfg = GRPOConfig(init_from=str(micro_base), num_generations=4, max_tokens=6, keep_routing=False)
+    groups = _completions(rollout(model, tok, cfg, _problems(3), step=0), 4)
+    firsts = [t[0] for g in groups for t in g]
+    assert len(set(firsts)) >= len(firsts) - 2  # 12 draws from a flat 500-way distribution: ~no collisions
+    for i in range(4):
+        assert len({g[i] for g in groups}) == 3
+
+
+def _ones_per_completion(model_dir, tok, problems):
+    """Mean count of "1" in fresh temperature-1 completions of held-out problems."""
+    cfg = GRPOConfig(init_from=str(model_dir), num_generations=4, max_tokens=12, temperature=1.0, seed=123)
+    ro = rollout(nanoseek.from_pretrained(model_dir), tok, cfg, problems, step=0)
+    return sum(s["completion"].text.count("1") for s in ro["seqs"]) / len(ro["seqs"])
 
 
 def test_short_run_raises_reward_on_an_easy_task(micro_base, tmp_path):
     tok = Tokenizer.load(micro_base)
-    target = tok.encode("1")[0]
 
     def ones(prompt, completion, problem):  # easy and learnable from scratch: write many 1s
         return completion.count("1") / 12
@@ -64,7 +148,10 @@ def test_short_run_raises_reward_on_an_easy_task(micro_base, tmp_path):
     last = sum(r["reward"] for r in m[-3:]) / 3
     assert last > first + 0.15, (first, last)
     assert {"reward_ones", "zero_spread_frac", "clip_frac", "entropy", "completion_length", "kl"} <= set(m[-1])
-    assert target >= 0
+    # the saved policy itself writes more "1"s on problems it never trained on (fresh samples, not the log)
+    probs = _problems(6, seed=5)
+    before, after = _ones_per_completion(micro_base, tok, probs), _ones_per_completion(out, tok, probs)
+    assert after > before + 1.0, (before, after)
 
 
 def test_kl_reference_and_resume(micro_base, tmp_path):
@@ -124,3 +211,146 @@ def test_grpo_lr_schedule_follows_steps_or_the_time_budget():
     timed = GRPOConfig(lr=1e-4, warmup=4, steps=1000, lr_schedule="cosine", min_lr_ratio=0.1, time_limit_s=600)
     assert grpo_lr(timed, 10, elapsed_s=300) == pytest.approx(5.5e-5)  # the clock is further along
     assert grpo_lr(timed, 10, elapsed_s=900) == pytest.approx(1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- trainer paths
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records every rollout and every grpo_loss call (positional args, kwargs) of a grpo() run."""
+    import nanoseek.train.grpo as G
+
+    rec = {"rollouts": [], "losses": [], "tamper": None}
+    real_rollout, real_loss = G.rollout, G.grpo_loss
+
+    def rollout_(*a, **k):
+        ro = real_rollout(*a, **k)
+        if rec["tamper"] is not None:
+            rec["tamper"](ro["seqs"])
+        rec["rollouts"].append(ro)
+        return ro
+
+    def loss_(*a, **k):
+        rec["losses"].append((a, k))
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(G, "rollout", rollout_)
+    monkeypatch.setattr(G, "grpo_loss", loss_)
+    return rec
+
+
+def _ones_reward(prompt, completion, problem):
+    return completion.count("1") / 4 + len(completion) / 50
+
+
+def _parity_reward(prompt, completion, problem):  # odd answers: every completion scores 0, a zero-spread group
+    return len(completion) / 40 if int(problem.answer) % 2 == 0 else 0.0
+
+
+def _run(micro_base, tmp_path, reward=_ones_reward, **kw):
+    base = dict(init_from=str(micro_base), out_dir=str(tmp_path / "run"), steps=1, prompts_per_step=3,
+                num_generations=4, max_tokens=8, lr=1e-3, reward_weights={}, eval_every=100, eval_problems=1,
+                tensorboard=False, save_every=100)
+    out = grpo(GRPOConfig(**{**base, **kw}), extra_rewards={"r": reward})
+    return [r for r in read_metrics(out.parent) if "reward" in r]
+
+
+def _rewards(seqs, reward=_ones_reward):
+    return torch.tensor([reward(None, s["completion"].text, s["problem"]) for s in seqs])
+
+
+@pytest.mark.parametrize("scale", ["none", "batch"])
+def test_scale_rewards_sets_the_advantages_used(micro_base, tmp_path, spy, scale):
+    from nanoseek.train.grpo_loss import group_advantages
+
+    _run(micro_base, tmp_path, scale_rewards=scale)
+    want = group_advantages(_rewards(spy["rollouts"][0]["seqs"]), 4, scale=scale)
+    used = torch.cat([a[2] for a, _ in spy["losses"]])
+    torch.testing.assert_close(used, want[want != 0])  # the trained rows, in order (A = 0 rows are skipped)
+    other = group_advantages(_rewards(spy["rollouts"][0]["seqs"]), 4, scale="group")
+    assert not torch.allclose(used, other[other != 0])
+
+
+def test_mask_truncated_trains_only_complete_rows_and_counts_their_tokens(micro_base, tmp_path, spy):
+    def tamper(seqs):  # every other completion truncated, the rest ended by EOS
+        for n, s in enumerate(seqs):
+            s["completion"].finish_reason = "length" if n % 2 else "stop"
+
+    spy["tamper"] = tamper
+    m = _run(micro_base, tmp_path, mask_truncated=True, loss_type="dapo")[-1]
+    seqs = spy["rollouts"][0]["seqs"]
+    rewards = _rewards(seqs)
+    adv = torch.tensor([a for g in rewards.view(-1, 4) for a in (g - g.mean()) / (g.std() + 1e-4)])
+    complete = [n for n in range(len(seqs)) if n % 2 == 0]
+    assert m["truncated_frac"] == 0.5
+    trained = sum(len(a[0]) for a, _ in spy["losses"])
+    assert trained == sum(1 for n in complete if adv[n] != 0) and trained > 0
+    assert all(not k["truncated"].any() for _, k in spy["losses"])
+    # the dapo normaliser: the tokens of the complete rows only
+    assert float(spy["losses"][0][1]["num_tokens"]) == sum(len(seqs[n]["completion"].token_ids) for n in complete)
+
+
+@pytest.mark.parametrize("cap", [4, 0])
+def test_dynamic_sampling_refills_the_batch_with_informative_groups(micro_base, tmp_path, spy, cap):
+    m = _run(micro_base, tmp_path, reward=_parity_reward, dynamic_sampling=True, max_resample_rounds=cap,
+             prompts_per_step=4, num_generations=3, seed=1)[-1]
+    first = _rewards(spy["rollouts"][0]["seqs"], _parity_reward)
+    n_first = int((first.view(-1, 3).amax(1) != first.view(-1, 3).amin(1)).sum())
+    assert n_first < 4  # the first draw alone does not fill the batch (seed chosen so)
+    assert m["resample_rounds"] == len(spy["rollouts"]) - 1
+    assert m["resample_rollouts"] == sum(len(r["seqs"]) for r in spy["rollouts"][1:])
+    if cap:
+        assert m["resample_rounds"] >= 1 and m["informative_groups"] == 4
+    else:
+        assert m["resample_rounds"] == 0 and m["informative_groups"] == n_first
+    # every trained row belongs to an informative group: the zero-spread groups never reach the loss
+    assert all((a[2] != 0).any() for a, _ in spy["losses"])
+    assert sum(len(a[0]) for a, _ in spy["losses"]) <= 3 * m["informative_groups"]
+
+
+def test_domain_beta_overrides_beta_per_task(micro_base, tmp_path, spy):
+    m = _run(micro_base, tmp_path, beta=0.0, domain_beta={"arithmetic": 0.3}, num_iterations=2, lr=1e-2)[-1]
+    assert all(torch.equal(k["beta"], torch.full_like(k["beta"], 0.3)) for _, k in spy["losses"])
+    assert all(k["ref_logp"] is not None for _, k in spy["losses"])
+    assert m["kl"] > 0  # the reference is used and the policy moved away from it in the second iteration
+
+
+def test_dr_grpo_normalises_by_rows_times_max_tokens(micro_base, tmp_path, spy):
+    m = _run(micro_base, tmp_path, loss_type="dr_grpo")[-1]
+    seqs = spy["rollouts"][0]["seqs"]
+    r = _rewards(seqs).view(-1, 4)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
+    lengths = torch.tensor([len(s["completion"].token_ids) for s in seqs], dtype=torch.float32)
+    # first update: rho = 1, loss = -sum_i A_i |o_i| / (N * max_tokens) with N = all 12 rows
+    assert m["loss"] == pytest.approx(float(-(adv * lengths).sum() / (12 * 8)), rel=1e-3, abs=1e-5)
+    assert all(k["loss_type"] == "dr_grpo" for _, k in spy["losses"])
+
+
+def test_off_policy_mask_fires_when_the_policy_drifts(micro_base, tmp_path, spy):
+    m = _run(micro_base, tmp_path, num_iterations=4, lr=5e-2, off_policy_delta=1e-3, minibatch_size=4)[-1]
+    assert m["masked_seq_frac"] > 0
+    masks = [k["seq_mask"] for _, k in spy["losses"]]
+    assert all(bool(mk.all()) for mk in masks[:3])  # first iteration: pi_theta = pi_old, nothing masked
+    assert any(not bool(mk.all()) for mk in masks[3:])
+
+
+def test_truncated_importance_sampling_runs_in_the_trainer(micro_base, tmp_path, spy):
+    m = _run(micro_base, tmp_path, importance_sampling_correction=True, importance_sampling_cap=1.5,
+             num_iterations=2)[-1]
+    ws = [k["is_weights"] for _, k in spy["losses"]]
+    assert ws and all(w is not None and float(w.max()) <= 1.5 for w in ws)
+    # keep routing + keep sampling mask: the trainer reproduces the sampler, so the weights are ~1
+    assert m["is_weight"] == pytest.approx(1.0, abs=1e-3)
+    # the ratio uses the trainer's pi_old: on the first iteration it is exactly the forward's own log-probs
+    a, _ = spy["losses"][0]
+    torch.testing.assert_close(a[1], a[0].detach())
+
+
+def test_log_every_is_honoured(micro_base, tmp_path):
+    kw = dict(init_from=str(micro_base), out_dir=str(tmp_path / "log"), steps=5, log_every=2, eval_every=3,
+              prompts_per_step=2, num_generations=2, max_tokens=4, reward_weights={}, eval_problems=1,
+              tensorboard=False, save_every=100)
+    out = grpo(GRPOConfig(**kw), extra_rewards={"r": _ones_reward})
+    steps = [r["step"] for r in read_metrics(out.parent)]
+    assert steps == [0, 2, 3, 4, 5]  # the initial eval, every 2nd step, the eval step 3, the last step

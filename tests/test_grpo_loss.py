@@ -14,10 +14,12 @@ from nanoseek.train.grpo_loss import (
     group_advantages,
     grpo_loss,
     kl_estimate,
+    loss_token_count,
     off_policy_sequence_mask,
     sampling_mask_logprobs,
     token_entropy,
     token_logprobs,
+    truncated_importance_weights,
     zero_spread_groups,
 )
 
@@ -258,6 +260,59 @@ def test_mask_truncated_removes_sequence():
     kw = dict(truncated=truncated, mask_truncated=True, loss_type="dr_grpo", max_completion_length=4)
     close(grpo_loss(logp, old, adv, mask, **kw)[0], -0.375)  # -3.0 / 8, constant normaliser
     close(stats["truncated_frac"], 0.5)
+
+
+def test_dapo_normaliser_leaves_out_masked_truncated_tokens():
+    """Item 7: with mask_truncated the step's dapo token count excludes the truncated sequences' tokens.
+
+    Step of 3 sequences in two micro-batches: two_sequences() (3 + 1 tokens, seq 1 truncated) and one more
+    of 2 tokens, A = +1, ratio 1 (surrogate 2.0). Untruncated tokens: 3 + 2 = 5 (all real tokens: 6).
+    Loss of the step: (-3.0 + 0 - 2.0) / 5 = -1.0, the bnpo value over the untruncated tokens.
+    """
+    logp, old, adv, mask = two_sequences()
+    truncated = torch.tensor([False, True])
+    mask3 = torch.tensor([[1.0, 1.0, 0.0]])
+    both_masks = torch.cat([mask, mask3])
+    both_trunc = torch.tensor([False, True, False])
+    close(loss_token_count(both_masks), 6.0)
+    close(loss_token_count(both_masks, both_trunc), 6.0)  # the flag alone changes nothing
+    n = loss_token_count(both_masks, both_trunc, mask_truncated=True)
+    close(n, 5.0)
+    kw = dict(mask_truncated=True, loss_type="dapo", num_tokens=n)
+    first = grpo_loss(logp, old, adv, mask, truncated=truncated, **kw)[0]
+    close(first, -0.6)  # -3.0 / 5
+    second = grpo_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.ones(1), mask3, truncated=torch.tensor([False]),
+                       **kw)[0]
+    close(first + second, -1.0)
+    # a step whose tokens are all masked gives a zero loss, not 0 / 0
+    zero = grpo_loss(logp, old, adv, mask, truncated=torch.tensor([True, True]), **dict(kw, num_tokens=0.0))[0]
+    close(zero, 0.0)
+
+
+def test_truncated_importance_sampling_weights_and_loss():
+    """TIS: w = min(pi_trainer_old / pi_sampler, C), detached, times each token's policy term.
+
+    trainer old probs 0.5, 0.2, 0.3 against sampler 0.25, 0.8, 0.3: ratios 2, 0.25, 1; C = 1.5 -> 1.5, 0.25, 1.
+    On the first update (logp = trainer old, rho = 1), A = +1, bnpo over 3 tokens:
+    loss = -(1.5 + 0.25 + 1) / 3 = -0.916667, d loss / d logp_t = -w_t / 3 = -0.5, -0.083333, -0.333333.
+    """
+    trainer_old = torch.tensor([[0.5, 0.2, 0.3]]).log()
+    sampler = torch.tensor([[0.25, 0.8, 0.3]]).log()
+    w = truncated_importance_weights(trainer_old, sampler, cap=1.5)
+    close(w, [[1.5, 0.25, 1.0]])
+    close(truncated_importance_weights(trainer_old, sampler, cap=3.0), [[2.0, 0.25, 1.0]])
+    pad = truncated_importance_weights(trainer_old, sampler, 1.5, mask=torch.tensor([[1.0, 0.0, 1.0]]))
+    close(pad, [[1.5, 1.0, 1.0]])  # padding gets weight 1
+    logp = trainer_old.clone().requires_grad_(True)
+    loss, stats = grpo_loss(logp, trainer_old, torch.ones(1), torch.ones(1, 3), loss_type="bnpo", is_weights=w)
+    close(loss, -0.916667)
+    loss.backward()
+    close(logp.grad, [[-0.5, -0.083333, -0.333333]])
+    close(stats["is_weight"], 0.916667)
+    # without weights: the plain first-update loss -1
+    close(grpo_loss(logp.detach(), trainer_old, torch.ones(1), torch.ones(1, 3), loss_type="bnpo")[0], -1.0)
+    with pytest.raises(ValueError):
+        truncated_importance_weights(trainer_old, sampler, cap=0.0)
 
 
 @pytest.mark.parametrize(

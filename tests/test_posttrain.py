@@ -26,7 +26,7 @@ def teacher(micro_base, tmp_path_factory):
                                      {"role": "assistant", "content": f"The answer is {answer}.",
                                       "reasoning_content": reasoning}]})
     out = tmp_path_factory.mktemp("teacher")
-    model = sft(SFTConfig(init_from=str(micro_base), out_dir=str(out), records=records, steps=80, batch_size=12,
+    model = sft(SFTConfig(init_from=str(micro_base), out_dir=str(out), records=records, steps=160, batch_size=12,
                           lr=3e-3, warmup=5, eval_fraction=0.0, tensorboard=False, max_len=160))
     return model, problems
 

@@ -16,7 +16,10 @@ token_ids but not in text. A stop string ends it when the decoded completion con
 every generated token, text is cut before the stop string. max_tokens (or a full cache) gives "length".
 
 Routing (return_routing): entry i holds the experts chosen at the position whose logits produced token i
-(the last prompt token for i = 0), i.e. what a full forward over prompt + tokens[:-1] routes there.
+(the last prompt token for i = 0), i.e. what a full forward over prompt + tokens[:-1] routes there;
+`prompt_routing` holds the prefill's experts at every prompt position (so routing[0] == prompt_routing[-1]).
+Together they cover every position the sampler routed, which V3.2's keep routing replays in training. A request
+asking for routing prefills its whole prompt (no prefix reuse: a reused prefix's routing is not kept).
 
 Threading: `add_request` may be called from any thread; one driver calls `step` (or runs `run_forever` in a
 thread); `generate`/`stream` drive the batch themselves, so do not mix them with a running `run_forever`.
@@ -33,7 +36,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..model import DeepSeekModel
-from .sampling import SamplingParams, make_generator, sample
+from .sampling import SamplingParams, derive_seed, make_generator, sample
 
 
 FAST_DECODE_MAX_BYTES = 2 << 30  # auto fast decode only for models whose weights fit twice in memory comfortably
@@ -47,6 +50,7 @@ class Completion:
     logprobs: list[float] | None = None
     sampling_masks: torch.Tensor | None = None  # (len, V) bool on CPU: the support each token was drawn from
     routing: torch.Tensor | None = None  # (len, num_moe_layers, K) long on CPU (see the module docstring)
+    prompt_routing: torch.Tensor | None = None  # (prompt_len, num_moe_layers, K) long on CPU, with return_routing
     top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: the top-N (id, log-prob), best first
 
 
@@ -107,6 +111,7 @@ class _Seq:
     masks: list[torch.Tensor] = field(default_factory=list)
     routing: list[torch.Tensor] = field(default_factory=list)
     tops: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_routing: torch.Tensor | None = None  # (P, num_moe, K) on CPU, from the prefill
     slot: int | None = None
     text: str = ""
     emitted: int = 0  # characters of text already streamed
@@ -189,7 +194,11 @@ class Engine:
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None, stream: bool = True,
                     callback: Callable[[StreamEvent], None] | None = None) -> RequestHandle:
-        """Queue a request (thread-safe). Its events go to handle.events (stream=True) and to `callback`."""
+        """Queue a request (thread-safe). Its events go to handle.events (stream=True) and to `callback`.
+        With params.seed, sample i draws from a generator seeded with derive_seed(seed, i, *prompt_ids): the n
+        samples differ, different prompts never share a stream, and the same prompt with the same seed samples
+        the same tokens alone or in any batch (the same prompt twice with one seed is the same request: ask n > 1,
+        or give each copy its own seed, for different samples)."""
         params = params if params is not None else SamplingParams()
         params.validate()
         if params.stop and self.tokenizer is None:
@@ -200,7 +209,7 @@ class Engine:
             self._next_id += 1
             for i in range(params.n):
                 gen = None if params.greedy else make_generator(
-                    None if params.seed is None else params.seed + i, self.device)
+                    None if params.seed is None else derive_seed(params.seed, i, *ids), self.device)
                 self._inbox.append(_Seq(handle, i, gen))
             self._inbox_lock.notify_all()
         return handle
@@ -225,10 +234,31 @@ class Engine:
                 self._waiting.remove(seq)
                 events.append(self._finish(seq, "abort"))
             running = [q for q in self.slots if q is not None]
-            if running:  # decode first: slots it frees are refilled by this step's admissions
-                events += self._decode(running)
-            events += self._admit()
+            try:
+                if running:  # decode first: slots it frees are refilled by this step's admissions
+                    events += self._decode(running)
+                events += self._admit()
+            except BaseException:
+                self._recover()
+                raise
             return events
+
+    def _recover(self) -> None:
+        """After a step raised: leave the engine so that the next step redoes what this one did not finish (the
+        caller may first cancel the request that made it fail). A running row keeps only the positions it had
+        claimed (prompt + tokens[:-1]: a row that got no token this step gives back the step's position); a
+        sequence that took a slot but got no token gives the slot back, its row forgotten (its prefill may have
+        stopped half way), and goes back to the front of the queue."""
+        stuck = []
+        for s, q in enumerate(self.slots):
+            if q is None:
+                continue
+            if q.tokens:
+                del self.kept[s][len(q.handle.prompt_ids) + len(q.tokens) - 1:]
+            else:
+                stuck.append(q)
+                self.slots[s], self.kept[s], q.slot = None, [], None
+        self._waiting.extendleft(sorted(stuck, key=lambda q: (q.handle.request_id, q.index), reverse=True))
 
     def _slot_view(self, s: int):
         """A batch-1 cache aliasing row s of the shared cache (writes land in the shared tensors)."""
@@ -258,8 +288,12 @@ class Engine:
             seq = self._waiting.popleft()
             ids = seq.handle.prompt_ids
             s, reuse = self._pick_slot(ids)
+            want_routing = seq.params.return_routing
+            if want_routing:
+                reuse = 0  # the routing of a reused prefix is not kept: prefill all of it
             seq.slot, self.slots[s] = s, seq
-            logits, routing = self._prefill(s, ids, reuse)
+            logits, routing, prompt_routing = self._prefill(s, ids, reuse, want_routing)
+            seq.prompt_routing = prompt_routing
             group = [seq]
             # siblings (other samples of this prompt) waiting right behind share the prefill: copy the row
             while self._waiting and self._waiting[0].handle is seq.handle and any(q is None for q in self.slots):
@@ -267,28 +301,33 @@ class Engine:
                 d = next(i for i, q in enumerate(self.slots) if q is None)
                 self._copy_row(s, d, len(ids))
                 sib.slot, self.slots[d] = d, sib
+                sib.prompt_routing = prompt_routing
                 group.append(sib)
             events += self._sample_and_append(group, logits.expand(len(group), -1),
                                               routing.expand(len(group), -1, -1) if routing is not None else None)
         return events
 
-    def _prefill(self, s: int, ids: list[int], reuse: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _prefill(self, s: int, ids: list[int], reuse: int, want_routing: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Fill row s with ids[reuse:] at positions reuse.. (expanded mode, chunked). Returns the last position's
-        logits (1, V) and routing (1, num_moe, K)."""
+        logits (1, V) and routing (1, num_moe, K), and with want_routing the routing of positions reuse..P-1,
+        (P - reuse, num_moe, K) on CPU (None for a dense model)."""
         view = self._slot_view(s)
         x = torch.tensor(ids, device=self.device).unsqueeze(0)  # (1, P)
         P = len(ids)
         chunk = self.prefill_chunk or P
-        out = None
+        out, chunks = None, []
         for a in range(reuse, P, chunk):
             b = min(P, a + chunk)
             pos = torch.arange(a, b, device=self.device).unsqueeze(0)
             out = self.model(x[:, a:b], positions=pos, cache=view, absorb=False, logits_to_keep=1)
             self.num_forwards += 1
             self.num_prefill_tokens += b - a
+            if want_routing and out.router:
+                chunks.append(torch.stack([r.expert_ids[0] for r in out.router], dim=1).cpu())  # (b - a, moe, K)
         self.kept[s] = list(ids)
         routing = torch.stack([r.expert_ids[:, -1] for r in out.router], dim=1) if out.router else None
-        return out.logits[:, -1], routing
+        return out.logits[:, -1], routing, torch.cat(chunks) if chunks else None
 
     def _decode(self, running: list[_Seq]) -> list[StreamEvent]:
         """One absorbed-mode token for every running row; rows 0..max slot form the batch."""
@@ -395,6 +434,7 @@ class Engine:
             logprobs=list(seq.logprobs) if p.logprobs else None,
             sampling_masks=masks if p.return_sampling_mask else None,
             routing=(torch.stack(seq.routing) if seq.routing else None) if p.return_routing else None,
+            prompt_routing=seq.prompt_routing if p.return_routing else None,
             top_logprobs=list(seq.tops) if p.top_logprobs else None)
         if all(c is not None for c in seq.handle.completions):
             seq.handle._done.set()  # before the final event, so a consumer reacting to it can take result()

@@ -5,7 +5,9 @@ Shape legend: B = rows (one per live sequence), V = vocabulary.
 Processing order (as in vLLM and transformers' warpers): logits / temperature -> top-k -> top-p over
 the top-k-renormalised distribution -> sample from the renormalised support. Every row draws its
 randomness from its own torch.Generator, and exactly V uniforms per step (Gumbel-max), so a seeded
-request gives the same samples whatever else shares its batch.
+request gives the same samples whatever else shares its batch. Sample i of a seeded request draws from a
+generator seeded with `derive_seed(seed, i, *prompt_ids)`: every sample and every distinct prompt has its own
+stream (never seed + i, which would let neighbouring seeds and different prompts share streams).
 
 Log-probs: for temperature > 0 the returned value is log pi(token) under the FINAL sampling
 distribution (after temperature, top-k, top-p and renormalisation over the support), which is what
@@ -15,6 +17,7 @@ since the greedy "distribution" is a point mass whose log-prob (0) says nothing.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -24,16 +27,19 @@ import torch
 MAX_TOP_LOGPROBS = 20
 
 
+GREEDY_EPS = 1e-5  # temperatures below this sample greedily (vLLM's _SAMPLING_EPS)
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0: greedy (argmax)
+    temperature: float = 1.0  # 0 (or anything below GREEDY_EPS): greedy (argmax)
     top_p: float = 1.0  # nucleus: smallest set with cumulative prob >= top_p; 1 = off
     top_k: int | None = 0  # 0 or None = off
     stop: list[str] | None = None  # stop strings (need a tokenizer with .decode)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False  # do not stop at the engine's EOS ids
-    seed: int | None = None  # per request; sample i of n uses seed + i
+    seed: int | None = None  # per request; sample i draws from derive_seed(seed, i, *prompt_ids)
     n: int = 1  # samples per prompt
     logprobs: bool = False  # return log pi(token) per generated token (see module docstring)
     top_logprobs: int = 0  # also return the top-N (token id, log-prob) of each step's distribution (0-20)
@@ -70,7 +76,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # below GREEDY_EPS, logits / T overflows to inf and the draw degenerates (token 0): take argmax instead
+        return self.temperature < GREEDY_EPS
 
 
 def _filtered_rows(params: Sequence[SamplingParams], V: int) -> list[int]:
@@ -88,8 +95,8 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], want_
         raise ValueError(f"params must have one entry per row ({B}), got {len(params)}")
     dev = logits.device
     logits = logits.float()
-    if any(p.temperature not in (0, 1) for p in params):
-        temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+    if any(not p.greedy and p.temperature != 1 for p in params):
+        temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
         scaled = logits / temp.unsqueeze(1)  # greedy rows: temperature 1, i.e. the raw logits
     else:
         scaled = logits  # every row at temperature 1 or greedy: nothing to scale
@@ -98,7 +105,7 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], want_
     rows = _filtered_rows(params, V)
     if rows:
         sub = scaled[rows]  # (b, V)
-        top_k = torch.tensor([params[i].top_k or V for i in rows], device=dev).clamp(max=V)
+        top_k = torch.tensor([min(params[i].top_k or V, V) for i in rows], device=dev)  # min first: 2**63 overflows
         top_p = torch.tensor([float(params[i].top_p) for i in rows], device=dev)
         vals, idx = sub.sort(dim=-1, descending=True)  # (b, V)
         keep = torch.arange(V, device=dev).unsqueeze(0) < top_k.unsqueeze(1)  # top-k in sorted order
@@ -160,6 +167,13 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     if top_n > 0:
         res.top_logprobs, res.top_ids = logp.topk(min(top_n, V), dim=-1)
     return res
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that is a hash of the integers `parts`: independent streams for (seed, prompt, sample) or
+    (seed, step, round) tuples, where seed + i would make neighbouring seeds share streams."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def make_generator(seed: int | None, device) -> torch.Generator:

@@ -3,14 +3,18 @@
 Each step: draw P training problems, sample G completions per prompt with the engine (log-probs,
 sampling masks and expert routing recorded), score them with the rewards, turn rewards into group
 advantages, then run `num_iterations` optimizer steps over the rollout, each accumulating over
-minibatches, with the clipped objective against the stored sampler log-probs (pi_old).
+minibatches, with the clipped objective against the stored sampler log-probs (pi_old), or with truncated
+importance sampling (`importance_sampling_correction`) against the trainer's own pre-update log-probs,
+each token weighted by min(pi_old_trainer / pi_sampler, cap). Every completion has its own random stream,
+seeded from (seed, step, round, problem, sample).
 
 V3.2 options (on by default): unbiased KL (k3 reweighted by pi_theta/pi_old), per-domain KL weight
 (`domain_beta`, 0 for math is often best), off-policy sequence masking (`off_policy_delta`), keep
 routing (replay the sampler's experts when computing training log-probs), keep sampling mask
 (renormalise pi_theta over the sampler's top-p/top-k support). DAPO / Dr. GRPO options: clip-higher
 (`eps_high`), token-level (`dapo`) or constant-normaliser (`dr_grpo`) aggregation, mean-only
-advantages (`scale_rewards="none"`), dynamic sampling, truncated-completion masking. V3.2-Speciale
+advantages (`scale_rewards="none"`), dynamic sampling (refilling the batch with informative groups),
+truncated-completion masking. V3.2-Speciale
 (`speciale=True`, extended thinking): reasoning tasks only, with a relaxed length penalty (`speciale_config`).
 
     grpo(GRPOConfig(init_from="runs/sft/model", out_dir="runs/grpo")) -> Path
@@ -29,8 +33,8 @@ from pathlib import Path
 import torch
 
 from . import common as C
-from .grpo_loss import (group_advantages, grpo_loss, off_policy_sequence_mask, sampling_mask_logprobs, token_entropy,
-                        token_logprobs, zero_spread_groups)
+from .grpo_loss import (group_advantages, grpo_loss, loss_token_count, off_policy_sequence_mask, sampling_mask_logprobs,
+                        token_entropy, token_logprobs, truncated_importance_weights, zero_spread_groups)
 
 
 @dataclass
@@ -75,8 +79,11 @@ class GRPOConfig:
     off_policy_delta: float | None = 0.5  # V3.2 sequence masking threshold; None = off
     keep_routing: bool = True
     keep_sampling_mask: bool = True
-    dynamic_sampling: bool = False  # drop groups whose rewards are all equal (and renormalise over the rest)
+    dynamic_sampling: bool = False  # DAPO: train on groups whose rewards differ, drawing more problems to refill
+    max_resample_rounds: int = 4  # dynamic sampling: extra rollout rounds per step at most (then train on fewer)
     mask_truncated: bool = False
+    importance_sampling_correction: bool = False  # TIS: weight tokens by min(pi_old_trainer / pi_sampler, cap)
+    importance_sampling_cap: float = 2.0  # C of truncated importance sampling
     # rewards
     reward_weights: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.2})
     length_max: int | None = None  # length penalty window (tokens); None = max_tokens
@@ -118,6 +125,9 @@ class GRPOConfig:
             ("beta", lambda v: v >= 0, "must be >= 0"),
             ("eps_low", lambda v: 0 < v < 1, "must be in (0, 1)"),
             ("eps_high", lambda v: v > 0, "must be > 0"),
+            ("max_resample_rounds", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0"),
+            ("importance_sampling_cap", lambda v: v > 0, "must be > 0"),
+            ("log_every", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
         ])
         from ..tasks import TASKS
 
@@ -178,12 +188,14 @@ def speciale_config(cfg: GRPOConfig) -> GRPOConfig:
                                else int(cfg.eval_max_tokens * SPECIALE_BUDGET))
 
 
-def draw_problems(cfg: GRPOConfig, step: int, tasks) -> list:
+def draw_problems(cfg: GRPOConfig, step: int, tasks, n: int | None = None, round_: int = 0) -> list:
+    """n (default prompts_per_step) training problems, a function of (seed, step, round_) alone, so a resumed run
+    draws the same ones; round_ > 0 are dynamic sampling's extra draws."""
     from ..tasks import sample_problem
 
-    rng = random.Random(f"{cfg.seed}/{step}")  # per step: a resumed run draws the same problems
+    rng = random.Random(f"{cfg.seed}/{step}" if round_ == 0 else f"{cfg.seed}/{step}/{round_}")
     out = []
-    for _ in range(cfg.prompts_per_step):
+    for _ in range(cfg.prompts_per_step if n is None else n):
         task = rng.choice(tasks)
         out.append(sample_problem(task, rng, rng.choice(cfg.levels) if task.name in cfg.tasks else 1,
                                   rng.choice(cfg.langs) if task.name in cfg.tasks else task.problems[0].lang,
@@ -192,9 +204,11 @@ def draw_problems(cfg: GRPOConfig, step: int, tasks) -> list:
 
 
 @torch.no_grad()
-def rollout(model, tokenizer, cfg: GRPOConfig, problems, step: int) -> dict:
-    """Sample G completions per problem; returns padded tensors and per-completion metadata."""
-    from ..engine import Engine, SamplingParams
+def rollout(model, tokenizer, cfg: GRPOConfig, problems, step: int, round_: int = 0) -> dict:
+    """Sample G completions per problem; returns per-completion metadata. Every completion draws its own
+    random stream, seeded from (cfg.seed, step, round_, problem index, sample index): the same problem twice
+    in a rollout gets independent samples, and the rollout is reproducible."""
+    from ..engine import Engine, SamplingParams, derive_seed
     from .evaluate import prompt_ids
 
     prompts = [prompt_ids(tokenizer, p, cfg.thinking) for p in problems]
@@ -208,10 +222,13 @@ def rollout(model, tokenizer, cfg: GRPOConfig, problems, step: int) -> dict:
     # skip the (len, V) masks.
     truncated_support = cfg.top_p < 1.0 or cfg.top_k > 0
     params = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                            n=cfg.num_generations, seed=cfg.seed * 1_000_003 + step, logprobs=True,
+                            n=cfg.num_generations, logprobs=True,
                             return_sampling_mask=cfg.keep_sampling_mask and truncated_support,
                             return_routing=cfg.keep_routing and moe)
-    outs = engine.generate(prompts, params)
+    # one seed per problem (the engine derives sample i's stream from it): never one seed for all problems,
+    # which would make sample i of every problem draw the same random numbers
+    per_prompt = [dataclasses.replace(params, seed=derive_seed(cfg.seed, step, round_, j)) for j in range(len(prompts))]
+    outs = engine.generate(prompts, per_prompt)
     seqs = []
     for prob, pr, out in zip(problems, prompts, outs):
         for c in out.outputs:
@@ -221,7 +238,9 @@ def rollout(model, tokenizer, cfg: GRPOConfig, problems, step: int) -> dict:
 
 def build_batch(seqs: list[dict], pad_id: int, moe_layers: int, k: int, keep_mask: bool, keep_routing: bool) -> dict:
     """Right-padded input ids (N, T), completion index (N, L) into the logits, tokens (N, L), mask (N, L),
-    old log-probs (N, L), support masks (N, L, V), forced routing per MoE layer (N, T, K) with -1 = free."""
+    old log-probs (N, L), support masks (N, L, V), forced routing per MoE layer (N, T, K) with -1 = free: the
+    sampler's experts at every position it routed (the prompt's from the prefill, then one per sampled token
+    but the last), so keep routing replays the whole sequence as V3.2 does."""
     N = len(seqs)
     T = max(len(s["prompt"]) + len(s["completion"].token_ids) for s in seqs)
     L = max(1, max(len(s["completion"].token_ids) for s in seqs))
@@ -249,6 +268,10 @@ def build_batch(seqs: list[dict], pad_id: int, moe_layers: int, k: int, keep_mas
             if routing is not None and c.routing is not None:
                 for layer in range(moe_layers):  # the expert ids at the position that produced each token
                     routing[layer][n, lp - 1:lp - 1 + lc] = c.routing[:, layer]
+        prompt_routing = getattr(c, "prompt_routing", None)
+        if routing is not None and prompt_routing is not None:
+            for layer in range(moe_layers):  # the prefill's experts: the whole sequence replays the sampler
+                routing[layer][n, :lp - 1] = prompt_routing[:lp - 1, layer]
     return dict(ids=ids, pos=pos, tokens=tokens, mask=mask, old=old, support=support, routing=routing)
 
 
@@ -266,6 +289,145 @@ def policy_logprobs(model, batch: dict, rows: torch.Tensor, temperature: float, 
         logp = token_logprobs(logits, tokens)
     ent = token_entropy(logits.detach()) if want_entropy else None
     return logp, ent
+
+
+# ---------------------------------------------------------------------------------------------- one step
+
+
+def sample_groups(model, tokenizer, cfg: GRPOConfig, step: int, tasks, reward_fn) -> dict:
+    """Roll out and score the step's groups: {"seqs", "rewards" (N,), "metrics", "num_tokens"}.
+
+    Without dynamic sampling: the prompts_per_step problems of `draw_problems`, G completions each. With it
+    (DAPO's dynamic sampling): only groups whose rewards differ are kept, and extra rounds draw more problems
+    (`draw_problems(round_=r)`, reproducible on resume) until prompts_per_step such groups are collected or
+    `max_resample_rounds` extra rounds have run; then the batch holds fewer groups. Reward, length and
+    zero-spread metrics cover every completion sampled (all rounds); `resample_rounds`, `resample_rollouts`
+    (extra completions sampled) and `informative_groups` (groups in the batch) are logged with dynamic sampling.
+    """
+    G, want = cfg.num_generations, cfg.prompts_per_step
+    every, kept = [], []  # every sampled completion (metrics); the groups trained on
+    rewards_all, rewards_kept, comps_all = [], [], {}
+    rnd, n_draw, drawn = 0, want, 0
+    while True:
+        seqs = rollout(model, tokenizer, cfg, draw_problems(cfg, step, tasks, n=n_draw, round_=rnd), step, rnd)["seqs"]
+        ntok = [len(s["completion"].token_ids) for s in seqs]
+        totals, comps = reward_fn.batch([s["problem"].prompt for s in seqs], [s["completion"].text for s in seqs],
+                                        [s["problem"] for s in seqs], ntok)
+        every += seqs
+        rewards_all += totals
+        for k, v in comps.items():
+            comps_all.setdefault(k, []).extend(v)
+        drawn += n_draw
+        if not cfg.dynamic_sampling:
+            kept, rewards_kept = seqs, totals
+            break
+        informative = (~zero_spread_groups(torch.tensor(totals, dtype=torch.float32), G)).nonzero().flatten().tolist()
+        for g in informative[: want - len(kept) // G]:
+            kept += seqs[g * G:(g + 1) * G]
+            rewards_kept += totals[g * G:(g + 1) * G]
+        missing = want - len(kept) // G
+        if missing == 0 or rnd == cfg.max_resample_rounds:
+            break
+        rnd += 1
+        rate = (len(rewards_all) // G - int(zero_spread_groups(torch.tensor(rewards_all), G).sum())) / drawn
+        n_draw = want if rate == 0 else min(want, math.ceil(missing / rate))  # expected draws to fill the batch
+    rewards = torch.tensor(rewards_all, dtype=torch.float32)
+    ntok = [len(s["completion"].token_ids) for s in every]
+    metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
+               "zero_spread_frac": zero_spread_groups(rewards, G).float().mean().item(),
+               "completion_length": sum(ntok) / len(ntok),
+               "truncated_frac": sum(s["completion"].finish_reason == "length" for s in every) / len(every)}
+    for name, vals in comps_all.items():
+        v = torch.tensor(vals, dtype=torch.float32)
+        metrics[f"reward_{name}"], metrics[f"reward_{name}_std"] = v.mean().item(), v.std().item()
+    metrics["accuracy"] = metrics.get("reward_accuracy", float("nan"))
+    if cfg.dynamic_sampling:
+        metrics.update(resample_rounds=rnd, resample_rollouts=len(every) - want * G, informative_groups=len(kept) // G)
+    return {"seqs": kept, "rewards": torch.tensor(rewards_kept, dtype=torch.float32), "metrics": metrics,
+            "num_tokens": sum(ntok)}
+
+
+def minibatch_weight(loss_type: str, n_rows: int, n_live_rows: int, n_seqs: int, n_live: int) -> float:
+    """What a minibatch's loss is multiplied by so the minibatches sum to the loss of the whole batch: dapo's
+    normaliser is already the step's token count; grpo averages over the batch's live sequences (not masked as
+    truncated), so a minibatch with n_live_rows of them weighs n_live_rows / n_live; bnpo and dr_grpo by rows."""
+    if loss_type == "dapo":
+        return 1.0
+    if loss_type == "grpo":
+        return n_live_rows / max(1, n_live)
+    return n_rows / max(1, n_seqs)
+
+
+def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tensor, pad_id: int, moe_layers: int,
+             K: int, device) -> dict:
+    """`num_iterations` optimizer steps over one rollout; returns the metrics (means over minibatches and
+    iterations): loss, the grpo_loss statistics, entropy (first iteration), trained_frac, grad_norm."""
+    batch = build_batch(seqs, pad_id, moe_layers, K, cfg.keep_sampling_mask, cfg.keep_routing)
+    batch = {k: (v.to(device) if torch.is_tensor(v) else ([r.to(device) for r in v] if isinstance(v, list) else v))
+             for k, v in batch.items()}
+    adv_d = adv.to(device)
+    trunc = torch.tensor([s["completion"].finish_reason == "length" for s in seqs], device=device)
+    live = ~trunc if cfg.mask_truncated else torch.ones_like(trunc)
+    beta = torch.tensor([cfg.domain_beta.get(s["problem"].task, cfg.beta) for s in seqs], device=device)
+    rows_all = torch.arange(len(seqs), device=device)
+    total_tokens = loss_token_count(batch["mask"], trunc, cfg.mask_truncated)  # dapo: the whole step's tokens
+    n_seqs, n_live = len(seqs), int(live.sum())  # normalisers count every row, forwarded or not
+    train_rows = rows_all
+    if cfg.skip_zero_advantage and cfg.loss_type != "bnpo":
+        # A row with A = 0 and no KL, or a truncated one under mask_truncated, has zero loss and zero gradient;
+        # skipping it leaves the gradient unchanged (the normalisers above count it anyway) and saves its
+        # backward pass. Zero-spread groups (often half the batch) are such rows. bnpo's per-minibatch token
+        # normaliser would change, so it keeps every row.
+        train_rows = rows_all[((adv_d != 0) | (ref is not None)) & live]
+    mb = cfg.minibatch_size
+    ref_lp = None
+    if ref is not None:
+        with torch.no_grad():
+            ref_lp = torch.cat([policy_logprobs(ref, batch, train_rows[i:i + mb], cfg.temperature, False,
+                                                cfg.keep_sampling_mask)[0]
+                                for i in range(0, len(train_rows), mb)]) if len(train_rows) else None
+    trainer_old = torch.zeros_like(batch["old"]) if cfg.importance_sampling_correction else None
+    model.train()
+    stats: dict[str, float] = {}
+    n_mb = n_mb_total(train_rows, cfg)
+    gnorm = torch.zeros(())
+    for it in range(cfg.num_iterations if len(train_rows) else 0):
+        loss_sum = 0.0
+        for i in range(0, len(train_rows), mb):
+            rows = train_rows[i:i + mb]
+            logp, ent = policy_logprobs(model, batch, rows, cfg.temperature, cfg.keep_routing,
+                                        cfg.keep_sampling_mask, want_entropy=(it == 0))
+            m, a, sampler_old = batch["mask"][rows], adv_d[rows], batch["old"][rows]
+            old, is_w = sampler_old, None
+            if trainer_old is not None:  # TIS: pi_old is the trainer's own log-prob before the first update
+                if it == 0:
+                    trainer_old[rows] = logp.detach()
+                old = trainer_old[rows]
+                is_w = truncated_importance_weights(old, sampler_old, cfg.importance_sampling_cap, m)
+            seq_mask = None
+            if cfg.off_policy_delta is not None:  # V3.2: the drift from the sampler's own log-probs
+                seq_mask = off_policy_sequence_mask(logp.detach(), sampler_old, a, m, cfg.off_policy_delta)
+            loss, st = grpo_loss(logp, old, a, m, ref_logp=ref_lp[i:i + mb] if ref_lp is not None else None,
+                                 beta=beta[rows] if ref is not None else 0.0, kl_kind=cfg.kl_kind,
+                                 unbiased_kl=cfg.unbiased_kl, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                                 loss_type=cfg.loss_type, max_completion_length=cfg.max_tokens, seq_mask=seq_mask,
+                                 truncated=trunc[rows], mask_truncated=cfg.mask_truncated, num_tokens=total_tokens,
+                                 is_weights=is_w)
+            loss = loss * minibatch_weight(cfg.loss_type, len(rows), int(live[rows].sum()), n_seqs, n_live)
+            loss.backward()
+            loss_sum += float(loss.detach())
+            st.pop("truncated_frac")  # the trained rows' share; the step's own (every completion) is logged
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0.0) + float(v) / n_mb / cfg.num_iterations
+            if ent is not None:
+                stats["entropy"] = stats.get("entropy", 0.0) + float((ent * m).sum() / m.sum().clamp_min(1)) / n_mb
+        stats["loss"] = stats.get("loss", 0.0) + loss_sum / cfg.num_iterations
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    stats["trained_frac"] = len(train_rows) / max(1, n_seqs)
+    stats["grad_norm"] = float(gnorm)
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -339,98 +501,30 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
     while step < cfg.steps:
         t0 = time.perf_counter()
         C.set_lr(opt, grpo_lr(cfg, step, time.perf_counter() - t_start))
-        problems = draw_problems(cfg, step, tasks)
         model.eval()
-        ro = rollout(model, tokenizer, cfg, problems, step)
-        seqs = ro["seqs"]
+        sampled = sample_groups(model, tokenizer, cfg, step, tasks, reward_fn)
+        seqs, metrics = sampled["seqs"], sampled["metrics"]
         t_sample = time.perf_counter() - t0
-        texts = [s["completion"].text for s in seqs]
-        ntok = [len(s["completion"].token_ids) for s in seqs]
-        totals, comps = reward_fn.batch([s["problem"].prompt for s in seqs], texts, [s["problem"] for s in seqs], ntok)
-        rewards = torch.tensor(totals, dtype=torch.float32)
-        G = cfg.num_generations
-        zero = zero_spread_groups(rewards, G)
-        adv = group_advantages(rewards, G, scale=cfg.scale_rewards)
-        keep_rows = torch.arange(len(seqs))
-        if cfg.dynamic_sampling:
-            keep_rows = torch.nonzero(~zero.repeat_interleave(G)).flatten()
-        metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std().item(),
-                   "zero_spread_frac": zero.float().mean().item(), "completion_length": sum(ntok) / len(ntok),
-                   "truncated_frac": sum(s["completion"].finish_reason == "length" for s in seqs) / len(seqs),
-                   "sample_s": t_sample}
-        for name, vals in comps.items():
-            v = torch.tensor(vals, dtype=torch.float32)
-            metrics[f"reward_{name}"], metrics[f"reward_{name}_std"] = v.mean().item(), v.std().item()
-        metrics["accuracy"] = metrics.get("reward_accuracy", float("nan"))
-        if len(keep_rows):
-            batch = build_batch(seqs, tokenizer.pad_id, moe_layers, K, cfg.keep_sampling_mask, cfg.keep_routing)
-            batch = {k: (v.to(device) if torch.is_tensor(v) else ([r.to(device) for r in v] if isinstance(v, list) else v))
-                     for k, v in batch.items()}
-            adv_d = adv.to(device)
-            trunc = torch.tensor([s["completion"].finish_reason == "length" for s in seqs], device=device)
-            beta = torch.tensor([cfg.domain_beta.get(s["problem"].task, cfg.beta) for s in seqs], device=device)
-            ref_lp = None
-            if ref is not None:
-                with torch.no_grad():
-                    ref_lp = torch.cat([policy_logprobs(ref, batch, keep_rows[i:i + cfg.minibatch_size].to(device),
-                                                        cfg.temperature, False, cfg.keep_sampling_mask)[0]
-                                        for i in range(0, len(keep_rows), cfg.minibatch_size)])
-            total_tokens = batch["mask"][keep_rows.to(device)].sum()
-            n_seqs = len(keep_rows)  # the loss is normalised over these, whether or not a row is forwarded
-            train_rows = keep_rows
-            if cfg.skip_zero_advantage and ref is None and cfg.loss_type != "bnpo":
-                # A = 0 and no KL: the row's loss is 0 with zero gradient; skipping it leaves the gradient
-                # unchanged (grpo / dr_grpo / dapo normalisers count it anyway) and saves its backward pass.
-                # Zero-spread groups (often half the batch) are such rows. bnpo's per-minibatch token
-                # normaliser would change, so it keeps every row.
-                train_rows = keep_rows[adv[keep_rows] != 0]
-            metrics["trained_frac"] = len(train_rows) / max(1, len(seqs))
-            model.train()
-            stats_acc: dict[str, float] = {}
-            gnorm = torch.zeros(())
-            for it in range(cfg.num_iterations if len(train_rows) else 0):
-                perm = train_rows
-                n_mb = 0
-                for i in range(0, len(perm), cfg.minibatch_size):
-                    rows = perm[i:i + cfg.minibatch_size].to(device)
-                    logp, ent = policy_logprobs(model, batch, rows, cfg.temperature, cfg.keep_routing,
-                                                cfg.keep_sampling_mask, want_entropy=(it == 0))
-                    m, a, old = batch["mask"][rows], adv_d[rows], batch["old"][rows]
-                    seq_mask = None
-                    if cfg.off_policy_delta is not None:
-                        seq_mask = off_policy_sequence_mask(logp.detach(), old, a, m, cfg.off_policy_delta)
-                    r_lp = ref_lp[i:i + cfg.minibatch_size] if ref_lp is not None else None
-                    loss, st = grpo_loss(logp, old, a, m, ref_logp=r_lp, beta=beta[rows] if ref is not None else 0.0,
-                                         kl_kind=cfg.kl_kind, unbiased_kl=cfg.unbiased_kl, eps_low=cfg.eps_low,
-                                         eps_high=cfg.eps_high, loss_type=cfg.loss_type,
-                                         max_completion_length=cfg.max_tokens, seq_mask=seq_mask, truncated=trunc[rows],
-                                         mask_truncated=cfg.mask_truncated, num_tokens=total_tokens)
-                    scale = 1.0 if cfg.loss_type == "dapo" else len(rows) / n_seqs  # minibatch share of the batch
-                    (loss * scale).backward()
-                    n_mb += 1
-                    for k_, v in st.items():
-                        stats_acc[k_] = stats_acc.get(k_, 0.0) + float(v) / n_mb_total(perm, cfg) / cfg.num_iterations
-                    if ent is not None:
-                        stats_acc["entropy"] = stats_acc.get("entropy", 0.0) + float((ent * m).sum() / m.sum().clamp_min(1)) / n_mb_total(perm, cfg)
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            metrics.update(stats_acc)
-            metrics["grad_norm"] = float(gnorm)
+        metrics["sample_s"] = t_sample
+        if seqs:
+            adv = group_advantages(sampled["rewards"], cfg.num_generations, scale=cfg.scale_rewards)
+            metrics.update(optimise(model, ref, opt, cfg, seqs, adv, tokenizer.pad_id, moe_layers, K, device))
         step += 1
         if ref is not None and cfg.ref_refresh_every and step % cfg.ref_refresh_every == 0:
             ref.load_state_dict(model.state_dict())
         metrics["step_s"] = time.perf_counter() - t0
-        metrics["tokens_per_s"] = sum(ntok) / max(t_sample, 1e-9)
+        metrics["tokens_per_s"] = sampled["num_tokens"] / max(t_sample, 1e-9)
         out_of_time = cfg.time_limit_s is not None and time.perf_counter() - t_start >= cfg.time_limit_s
         if out_of_time:  # the budget is spent: this is the last step, as if steps had been set to it
             cfg = dataclasses.replace(cfg, steps=step)
             metrics["stopped_by_time_limit"] = 1
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+        if evaluating:
             metrics.update(run_eval())
-        logger.log(step, **metrics)
-        progress.update(1, reward=metrics["reward"], acc=metrics["accuracy"])
         stopping = cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.steps
+        if step % cfg.log_every == 0 or evaluating or stopping:  # and always the last step (evaluated)
+            logger.log(step, **metrics)
+        progress.update(1, reward=metrics["reward"], acc=metrics["accuracy"])
         if step % cfg.save_every == 0 or step == cfg.steps or stopping:
             st = {"step": step, "optimizer": opt.state_dict(), "rng": C.rng_state()}
             refreshed = ref is not None and cfg.ref_refresh_every and step >= cfg.ref_refresh_every

@@ -22,7 +22,11 @@ Choices (see the docstrings for the why):
 - Off-policy masking drops only the policy term; the sequence's KL term and its place in the
   normaliser stay (V3.2 puts M_i,t on the min(...) term only).
 - `mask_truncated` removes a truncated sequence completely (policy, KL, and normaliser), except for
-  dr_grpo whose normaliser is a constant by definition.
+  dr_grpo whose normaliser is a constant by definition; `loss_token_count` gives the matching dapo
+  normaliser for a whole optimiser step.
+- Truncated importance sampling (TIS, Yao et al. 2025) multiplies the policy term of each token by
+  w_t = min(pi_old_trainer / pi_sampler, C), detached (`truncated_importance_weights`): it corrects the
+  mismatch between the sampler's and the trainer's numerics; the clip ratio then uses the trainer's pi_old.
 """
 
 from __future__ import annotations
@@ -184,6 +188,35 @@ def off_policy_sequence_mask(
     return (~((advantages < 0) & (drift > delta))).to(logp.dtype)
 
 
+def truncated_importance_weights(
+    trainer_old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Truncated importance sampling weights (Yao et al. 2025; TRL's vllm_importance_sampling_correction in
+    its token_truncate mode; verl's tis_imp_ratio_cap): (N, L), (N, L) -> (N, L), no grad.
+
+    w_t = min(exp(logp_trainer_old - logp_sampler), cap): the trainer's own log-prob of the sampled token
+    under the pre-update weights against the sampler's. Samples come from the sampler, so w re-weights them
+    towards the trainer's pi_old; the cap bounds the variance. Padding (mask 0) gets weight 1.
+    """
+    if cap <= 0:
+        raise ValueError(f"importance sampling cap must be > 0, got {cap}")
+    w = torch.exp((trainer_old_logp - sampler_logp).detach().float()).clamp(max=cap)
+    if mask is not None:
+        w = torch.where(mask.bool(), w, 1.0)
+    return w
+
+
+def loss_token_count(mask: torch.Tensor, truncated: torch.Tensor | None = None, mask_truncated: bool = False
+                     ) -> torch.Tensor:
+    """The tokens a dapo normaliser counts, (N, L) mask and (N,) truncated -> 0-dim: every real token, less
+    those of truncated sequences when mask_truncated (they are out of the loss, so out of its normaliser).
+    Pass the count over a whole optimiser step (all micro-batches) as grpo_loss(num_tokens=...)."""
+    m = mask.float()
+    if truncated is not None and mask_truncated:
+        m = m * (~truncated.bool()).to(m).unsqueeze(-1)
+    return m.sum()
+
+
 # ----------------------------------------------------------------------------- loss
 
 
@@ -203,7 +236,8 @@ def grpo_loss(
     seq_mask: torch.Tensor | None = None,
     truncated: torch.Tensor | None = None,
     mask_truncated: bool = False,
-    num_tokens: float | None = None,
+    num_tokens: float | torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss (to minimise) and detached 0-dim statistics.
 
@@ -215,12 +249,15 @@ def grpo_loss(
     term only; its KL term still counts and it stays in the normaliser, as in V3.2 where M_i,t
     multiplies the min(...) term. truncated (N,) bool: completion hit the length limit without EOS;
     with mask_truncated the sequence is removed from the loss entirely (policy, KL, token counts).
+    is_weights (N, L), detached: truncated importance sampling weights (`truncated_importance_weights`)
+    multiplying each token's policy term (not the KL term); pass the trainer's pi_old as old_logp then.
 
     Aggregation (loss_type), with per-token loss l_it and m the effective token mask:
       "grpo":    mean_i [ sum_t m l / sum_t m ] over sequences with >= 1 token (DeepSeekMath eq. 3)
       "bnpo":    sum_it m l / sum_it m, this batch's tokens
       "dapo":    sum_it m l / num_tokens, the token count of the whole optimiser step (all
-                 micro-batches and ranks); defaults to this batch's count, i.e. bnpo (DAPO eq. 8)
+                 micro-batches and ranks, see `loss_token_count`); defaults to this batch's count,
+                 i.e. bnpo (DAPO eq. 8); a count of 0 (every token masked) gives a zero loss
       "dr_grpo": sum_it m l / (N * max_completion_length), a constant (Dr. GRPO); needs the length.
 
     Stats: clip_frac_low = share of tokens with rho < 1 - eps_low and A < 0, clip_frac_high with
@@ -261,6 +298,10 @@ def grpo_loss(
 
     surrogate, ratio = clipped_surrogate(logp, old_logp, advantages, eps_low, eps_high)
     per_token = -surrogate * keep.unsqueeze(-1)  # (N, L)
+    if is_weights is not None:
+        if is_weights.shape != logp.shape:
+            raise ValueError(f"is_weights must be (N, L) {tuple(logp.shape)}, got {tuple(is_weights.shape)}")
+        per_token = per_token * is_weights.detach().to(per_token.dtype)
     kl = torch.zeros_like(logp)
     if ref_logp is not None:  # estimated whenever a reference is given, so it can be logged at beta = 0
         kl = kl_estimate(logp, ref_logp.detach(), kl_kind, old_logp.detach() if unbiased_kl else None)
@@ -275,7 +316,10 @@ def grpo_loss(
     elif loss_type == "dr_grpo":
         loss = (per_token * m).sum() / (n * max_completion_length)
     else:
-        denom = num_tokens if (loss_type == "dapo" and num_tokens is not None) else tokens_per_seq.sum().clamp(min=1.0)
+        if loss_type == "dapo" and num_tokens is not None:
+            denom = torch.as_tensor(num_tokens, dtype=logp.dtype, device=logp.device).clamp(min=1.0)
+        else:
+            denom = tokens_per_seq.sum().clamp(min=1.0)
         loss = (per_token * m).sum() / denom
 
     with torch.no_grad():
@@ -295,6 +339,8 @@ def grpo_loss(
             "masked_seq_frac": masked.sum() / live.sum().clamp(min=1.0),
             "truncated_frac": (truncated.float().mean() if truncated is not None else torch.zeros(())).to(logp.device),
         }
+        if is_weights is not None:
+            stats["is_weight"] = (is_weights.to(m) * m).sum() / num_eff
     return loss, stats
 
 
@@ -303,9 +349,11 @@ __all__ = [
     "group_advantages",
     "grpo_loss",
     "kl_estimate",
+    "loss_token_count",
     "off_policy_sequence_mask",
     "sampling_mask_logprobs",
     "token_entropy",
     "token_logprobs",
+    "truncated_importance_weights",
     "zero_spread_groups",
 ]
