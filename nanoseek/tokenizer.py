@@ -118,28 +118,31 @@ _PROMPT, _FINAL, _HISTORY = 0, 1, 2
 
 
 def _render_pieces(messages, thinking: bool, add_generation_prompt: bool, keep_last_reasoning: bool):
-    """The rendered chat as (text, kind) pieces. Every boundary between pieces falls right after a
-    special/added token, so encoding the pieces one by one gives the same ids as encoding their join."""
+    """The rendered chat as (text, kind, is_text) pieces: is_text marks what the caller wrote (system, user and
+    assistant content, reasoning), the rest is the template's own markup. Every boundary between pieces falls
+    at a special/added token, so encoding the pieces one by one gives the same ids as encoding their join
+    (when the text holds no special-token strings)."""
     validate_messages(messages)
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    pieces = [(BOS + system, _PROMPT)]
+    pieces = [(BOS, _PROMPT, False), (system, _PROMPT, True)]
     last = len(messages) - 1
     for i, m in enumerate(messages):
         if m["role"] == "user":
-            pieces.append((USER + m["content"], _PROMPT))
+            pieces += [(USER, _PROMPT, False), (m["content"], _PROMPT, True)]
         elif m["role"] == "assistant":
             content = m["content"]
             if END_THINK in content:  # reasoning left inside content is dropped too (DeepSeek's template)
                 content = content.split(END_THINK, 1)[1]
             if i == last and thinking and keep_last_reasoning:
-                pieces.append((ASSISTANT + THINK, _PROMPT))
-                pieces.append(((m.get("reasoning_content") or "") + END_THINK + content + EOS, _FINAL))
+                pieces.append((ASSISTANT + THINK, _PROMPT, False))
+                pieces += [(m.get("reasoning_content") or "", _FINAL, True), (END_THINK, _FINAL, False),
+                           (content, _FINAL, True), (EOS, _FINAL, False)]
             else:  # history turn (or non-thinking final turn): empty think, reasoning dropped
-                pieces.append((ASSISTANT + END_THINK, _PROMPT))
-                pieces.append((content + EOS, _FINAL if i == last else _HISTORY))
+                kind = _FINAL if i == last else _HISTORY
+                pieces += [(ASSISTANT + END_THINK, _PROMPT, False), (content, kind, True), (EOS, kind, False)]
     if add_generation_prompt:
-        pieces.append((ASSISTANT + (THINK if thinking else END_THINK), _PROMPT))
-    return pieces
+        pieces.append((ASSISTANT + (THINK if thinking else END_THINK), _PROMPT, False))
+    return [p for p in pieces if p[0]]
 
 
 def render_chat(messages, thinking: bool = False, add_generation_prompt: bool = True,
@@ -149,7 +152,7 @@ def render_chat(messages, thinking: bool = False, add_generation_prompt: bool = 
     keep_last_reasoning: with thinking=True, a final assistant turn keeps its reasoning_content inside
     `<think>...</think>` (a training sample); with False it is rendered like a history turn.
     """
-    return "".join(text for text, _ in _render_pieces(messages, thinking, add_generation_prompt, keep_last_reasoning))
+    return "".join(p[0] for p in _render_pieces(messages, thinking, add_generation_prompt, keep_last_reasoning))
 
 
 def parse_completion(text: str, thinking: bool = True) -> tuple[str, str]:
@@ -187,6 +190,11 @@ class Tokenizer:
             if idx is None:
                 raise ValueError(f"tokenizer vocabulary lacks the special token {token!r}")
             self._ids[token] = idx
+        # The same tokenizer without its added tokens: encodes text as text, so a special-token string inside
+        # a message (say `<｜Assistant｜>`) never becomes the control token (see _encode_pieces).
+        data = json.loads(tokenizer.to_str())
+        data["added_tokens"] = []
+        self._plain = tokenizers.Tokenizer.from_str(json.dumps(data))
 
     @property
     def bos_id(self) -> int:
@@ -221,8 +229,26 @@ class Tokenizer:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Token ids of text; special-token strings in it become their tokens (see encode_text for user text)."""
+        ids = self._encode(self.tokenizer, text)
         return [self.bos_id] + ids if add_bos else ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of text taken literally: a special-token string in it is encoded as ordinary text, never as
+        the control token. What the chat template uses for every message's content."""
+        return self._encode(self._plain, text)
+
+    @staticmethod
+    def _encode(tok: tokenizers.Tokenizer, text: str) -> list[int]:
+        if len(text) < 4096:
+            return tok.encode(text, add_special_tokens=False).ids
+        # encode_batch runs without the GIL (encode holds it): a long text does not stall other threads
+        return tok.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def _encode_pieces(self, pieces) -> list[list[int]]:
+        """Per (text, kind, is_text) piece of _render_pieces, its ids: template markup with its special tokens,
+        the caller's text literally (a user cannot forge a turn by typing the template's tokens)."""
+        return [self.encode_text(text) if is_text else self.encode(text) for text, _, is_text in pieces]
 
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         """encode() over many texts, run in parallel by the Rust side."""
@@ -235,8 +261,11 @@ class Tokenizer:
 
     def apply_chat_template(self, messages, thinking: bool = False, add_generation_prompt: bool = True,
                             keep_last_reasoning: bool = True) -> list[int]:
-        """Token ids of render_chat(...); the same ids transformers gets from the saved Jinja template."""
-        return self.encode(render_chat(messages, thinking, add_generation_prompt, keep_last_reasoning))
+        """Token ids of render_chat(...); the same ids transformers gets from the saved Jinja template for content
+        without special-token strings. Message content is encoded literally (encode_text): a special-token string
+        typed into a message stays text, so a user or tool cannot forge a turn (transformers would parse it)."""
+        pieces = _render_pieces(messages, thinking, add_generation_prompt, keep_last_reasoning)
+        return [t for ids in self._encode_pieces(pieces) for t in ids]
 
     def encode_chat_with_mask(self, messages, thinking: bool = False,
                               all_assistant_turns: bool = False) -> tuple[list[int], list[int]]:
@@ -253,8 +282,8 @@ class Tokenizer:
             raise ValueError(f"encode_chat_with_mask: the last message must be an assistant turn, "
                              f"got role {messages[-1]['role']!r}")
         ids, mask = [], []
-        for text, kind in _render_pieces(messages, thinking, False, True):
-            piece = self.encode(text)
+        pieces = _render_pieces(messages, thinking, False, True)
+        for (_, kind, _), piece in zip(pieces, self._encode_pieces(pieces)):
             ids += piece
             mask += [int(kind == _FINAL or (all_assistant_turns and kind == _HISTORY))] * len(piece)
         return ids, mask

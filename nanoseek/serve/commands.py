@@ -319,7 +319,8 @@ def cmd_serve(args) -> None:
     model, tokenizer = load_model(args.model, args.device)
     name = args.served_model_name or args.model
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
-                     max_len=_context(model, args.max_len), thinking=args.thinking, compile=args.compile)
+                     max_len=_context(model, args.max_len), thinking=args.thinking, compile=args.compile,
+                     max_body_bytes=args.max_body_bytes, max_samples=args.max_samples)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without an API key (set --api-key or NANOSEEK_API_KEY)",
               file=sys.stderr)
@@ -350,7 +351,7 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: flo
                    help=f"sampling temperature; 0 = greedy (default: {temperature})")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: 0.95; 1 = off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default: 0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (sample i of n uses seed + i)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (sample i of n draws from a stream hashed from (seed, i, prompt))")
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
                    help="open the reply with reasoning (<think>), as DeepSeek-V3.1's template (default: on)")
     p.add_argument("--system", default=None, help="system prompt")
@@ -392,6 +393,11 @@ def register(subparsers) -> None:
                         "none = open)")
     s.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together (default: 16)")
     s.add_argument("--served-model-name", default=None, help="the model id clients ask for (default: --model)")
+    # the defaults are protocol.MAX_BODY_BYTES and MAX_SAMPLES, spelled out so `--help` does not import torch
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body in bytes; a larger one gets a 413 (default: 1048576, 1 MiB)")
+    s.add_argument("--max-samples", type=int, default=128,
+                   help="most samples one request may ask for, prompts x n; more is a 400 (default: 128)")
     s.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
                    help="chat requests think unless they say otherwise (default: on)")
     s.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")

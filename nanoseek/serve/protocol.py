@@ -6,13 +6,27 @@ naming the offending field, so the server answers 400 instead of failing inside 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+
+import torch
 
 from ..engine import SamplingParams
+from ..engine.sampling import sample
 from ..tokenizer import ROLES
 from .reasoning import ReasoningSplitter
 
 MAX_N = 128  # samples per prompt, as OpenAI caps n
+MAX_SAMPLES = 128  # default cap on samples per request: prompts x n (create_app(max_samples=...))
+MAX_BODY_BYTES = 1 << 20  # default request body limit (create_app(max_body_bytes=...)); 413 above it
+MAX_JSON_DEPTH = 64  # arrays/objects nested deeper than this are refused
+MAX_STOP = 16  # stop strings per request (OpenAI: 4); each at most MAX_STOP_CHARS characters
+MAX_STOP_CHARS = 256  # every step scans each stop string: a long one would slow the whole batch
+MAX_STOP_TOKEN_IDS = 256
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1  # a signed 64-bit integer, as OpenAI and vLLM take it
+SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's _SAMPLING_EPS): logits / 1e-300 overflow
+LOGPROB_FLOOR = -9999.0  # log-probs below it (-inf outside a top-k/top-p support) are sent as it, as vLLM does
 
 
 class APIError(Exception):
@@ -49,9 +63,9 @@ def number_field(body: dict, name: str, default: float, lo: float, hi: float | N
     v = body.get(name)
     if v is None:
         return default
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or (v <= lo if lo_open else v < lo) \
-            or (hi is not None and v > hi):
-        rng = f"in ({lo}, {hi}]" if lo_open else (f"in [{lo}, {hi}]" if hi is not None else f">= {lo}")
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) \
+            or (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
+        rng = f"in ({lo}, {hi}]" if lo_open else (f"in [{lo}, {hi}]" if hi is not None else f">= {lo} (and finite)")
         raise APIError(400, f"{name} must be a number {rng}, got {_short(v)}", param=name)
     return float(v)
 
@@ -76,33 +90,104 @@ def _unsupported(body: dict) -> None:
         raise APIError(400, "best_of is not supported by this server (use n)", param="best_of")
 
 
-def sampling_params(body: dict, max_tokens_default: int, max_tokens_names=("max_tokens",), logprobs: bool = False,
-                    top_logprobs: int = 0) -> SamplingParams:
-    """SamplingParams from a request (OpenAI fields, plus vLLM's top_k, stop_token_ids and ignore_eos)."""
+def sampling_params(body: dict, max_tokens_default: int, vocab_size: int, max_len: int,
+                    max_tokens_names=("max_tokens",), logprobs: bool = False, top_logprobs: int = 0) -> SamplingParams:
+    """SamplingParams from a request (OpenAI fields, plus vLLM's top_k, stop_token_ids and ignore_eos). Every
+    field is checked against the range the engine can use (vocab_size, max_len: the engine's), so what passes
+    here cannot fail inside an engine step; `dry_run` then proves it on the real sampler."""
     _unsupported(body)
     max_tokens = max_tokens_default
     for name in max_tokens_names:
-        max_tokens = integer_field(body, name, max_tokens, lo=1)
+        max_tokens = integer_field(body, name, max_tokens, lo=1, hi=max_len)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
         raise APIError(400, f"stop must be a non-empty string or a list of them, got {_short(stop)}", param="stop")
+    if stop is not None and (len(stop) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in stop)):
+        raise APIError(400, f"stop takes at most {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters each, "
+                            f"got {_short(stop)}", param="stop")
     stop_ids = body.get("stop_token_ids")  # vLLM extension
-    if stop_ids is not None and (not isinstance(stop_ids, list) or not all(_is_int(t) for t in stop_ids)):
-        raise APIError(400, f"stop_token_ids must be a list of integers, got {_short(stop_ids)}",
-                       param="stop_token_ids")
-    top_k = integer_field(body, "top_k", 0, lo=-1)  # vLLM extension; -1 or 0 = off
+    if stop_ids is not None and (not isinstance(stop_ids, list) or len(stop_ids) > MAX_STOP_TOKEN_IDS
+                                 or not all(_is_int(t) and 0 <= t < vocab_size for t in stop_ids)):
+        raise APIError(400, f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids in "
+                            f"[0, {vocab_size}), got {_short(stop_ids)}", param="stop_token_ids")
+    top_k = integer_field(body, "top_k", 0, lo=-1, hi=vocab_size)  # vLLM extension; -1 or 0 = off
+    temperature = number_field(body, "temperature", 1.0, lo=0.0)
     try:
         return SamplingParams(
-            max_tokens=max_tokens, temperature=number_field(body, "temperature", 1.0, lo=0.0),
+            max_tokens=max_tokens, temperature=0.0 if temperature < SAMPLING_EPS else temperature,
             top_p=number_field(body, "top_p", 1.0, lo=0.0, hi=1.0, lo_open=True), top_k=max(top_k, 0),
-            n=integer_field(body, "n", 1, lo=1, hi=MAX_N), seed=integer_field(body, "seed", None), stop=stop or None,
-            stop_token_ids=stop_ids, ignore_eos=bool_field(body, "ignore_eos", False), logprobs=logprobs,
-            top_logprobs=top_logprobs)
+            n=integer_field(body, "n", 1, lo=1, hi=MAX_N), seed=integer_field(body, "seed", None, SEED_MIN, SEED_MAX),
+            stop=stop or None, stop_token_ids=stop_ids, ignore_eos=bool_field(body, "ignore_eos", False),
+            logprobs=logprobs, top_logprobs=top_logprobs)
     except ValueError as e:  # anything SamplingParams rejects that the checks above let through
         name = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
         raise APIError(400, str(e), param=name) from None
+
+
+def with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    return dataclasses.replace(params, max_tokens=max_tokens)
+
+
+def dry_run(params: SamplingParams, vocab_size: int, sampler=sample) -> None:
+    """Run the sampler once on a dummy row with these params: whatever a decode step would raise for them
+    (a value torch cannot hold, a bad combination) raises here, before the request is queued. The server calls
+    it on every request, and the engine thread calls it to find which request made a failed step fail."""
+    g = None if params.greedy else torch.Generator().manual_seed(0)
+    sampler(torch.zeros(1, vocab_size), [params], [g], return_support=params.return_sampling_mask,
+            top_n=params.top_logprobs)
+
+
+def check_samples(num_prompts: int, n: int, limit: int, param: str) -> None:
+    if num_prompts * n > limit:
+        raise APIError(400, f"this request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} samples; "
+                            f"this server takes at most {limit} per request", param="n" if num_prompts == 1 else param)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes) -> dict:
+    """The request body: a JSON object, with strings that are valid Unicode, nested at most MAX_JSON_DEPTH deep."""
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)  # NaN / Infinity are not JSON
+    except RecursionError:
+        raise APIError(400, f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                       code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    _check_tree(body)
+    return body
+
+
+def _check_tree(body: dict) -> None:
+    """Walk the parsed body (iteratively): refuse nesting deeper than MAX_JSON_DEPTH and strings that are not
+    valid Unicode (a lone surrogate such as "\\ud800" parses, but cannot be encoded to UTF-8 or tokenised)."""
+    stack = [(body, "", 1)]
+    while stack:
+        v, path, depth = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise APIError(400, f"{path or 'a key'} is not valid Unicode: {e.reason} "
+                                    f"{_short(v[e.start:e.end])} at character {e.start}",
+                               param=path.split(".")[0].split("[")[0] or None) from None
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise APIError(400, f"the request body is nested too deeply at {path} (at most {MAX_JSON_DEPTH} "
+                                    "levels)", param=path.split(".")[0].split("[")[0] or None, code="invalid_json")
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    p = f"{path}.{k}" if path else str(k)
+                    stack.append((k, p, depth))
+                    stack.append((x, p, depth + 1))
+            else:
+                stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
 
 
 def chat_messages(body: dict) -> list[dict]:
@@ -164,7 +249,22 @@ def stream_usage(body: dict) -> bool:
 
 
 def sse(obj) -> str:
-    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+    """One server-sent event; a non-finite float that slipped through is sent as null (never `-Infinity`)."""
+    try:
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return "data: " + text + "\n\n"
+
+
+def _finite(v):
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 def usage(prompts: list[list[int]], completion_tokens: int) -> dict:
@@ -201,6 +301,12 @@ def completion_prompts(prompt, tokenizer, vocab_size: int) -> list[list[int]]:
     return out
 
 
+def finite_logprob(lp: float | None) -> float | None:
+    """lp, with -inf (a token outside a top-k / top-p support) and NaN sent as LOGPROB_FLOOR: JSON has no
+    infinities, and OpenAI / vLLM clients expect a number."""
+    return lp if lp is None or lp >= LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
 def completion_logprobs(token_ids, logprobs, tokenizer, tops=None, offset: int = 0) -> dict:
     """The legacy completions `logprobs` object. tops: per token, [(id, log-prob)] (the `logprobs=N`
     alternatives) or None (the echoed first prompt token has neither a log-prob nor alternatives)."""
@@ -209,9 +315,10 @@ def completion_logprobs(token_ids, logprobs, tokenizer, tops=None, offset: int =
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    top = None if tops is None else [None if alts is None else {tokenizer.decode([i]): lp for i, lp in alts}
-                                     for alts in tops]
-    return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": top, "text_offset": offsets}
+    top = None if tops is None else [None if alts is None else {tokenizer.decode([i]): finite_logprob(lp)
+                                                                for i, lp in alts} for alts in tops]
+    return {"tokens": tokens, "token_logprobs": [finite_logprob(lp) for lp in logprobs], "top_logprobs": top,
+            "text_offset": offsets}
 
 
 def merge_logprobs(a: dict, b: dict) -> dict:
@@ -229,6 +336,114 @@ def chat_logprobs(token_ids, logprobs, tokenizer, tops=None) -> dict:
         alts = []
         for j, alp in (tops[i] if tops is not None else []):
             a = tokenizer.decode([j])
-            alts.append({"token": a, "logprob": alp, "bytes": list(a.encode("utf-8"))})
-        content.append({"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")), "top_logprobs": alts})
+            alts.append({"token": a, "logprob": finite_logprob(alp), "bytes": list(a.encode("utf-8"))})
+        content.append({"token": s, "logprob": finite_logprob(lp), "bytes": list(s.encode("utf-8")),
+                        "top_logprobs": alts})
     return {"content": content}
+
+
+# ---------------------------------------------------------------------------------------------- request models
+# One declaration of every field each endpoint accepts: /docs and /openapi.json show it, and a field not declared
+# here (response_format, tool_choice, min_p, ... or a typo) is a 400 naming it instead of being silently ignored.
+# Types are checked strictly here; the ranges that depend on the model (vocabulary, context) are checked by
+# sampling_params and the handlers, and fields typed Any take several shapes that those checks name precisely.
+
+from typing import Any, Literal  # noqa: E402
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class _SamplingRequest(_Strict):
+    model: str | None = Field(None, description="the served model's id (optional)")
+    stream: bool | None = Field(None, description="server-sent events ending with `data: [DONE]`")
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, description="1 to the context length")
+    temperature: float | None = Field(None, description=">= 0; below 1e-5 greedy (default 1)")
+    top_p: float | None = Field(None, description="in (0, 1] (default 1)")
+    top_k: int | None = Field(None, description="vLLM: -1 or 0 off, else at most the vocabulary size")
+    n: int | None = Field(None, description=f"samples per prompt, 1-{MAX_N}")
+    seed: int | None = Field(None, description="a signed 64-bit integer")
+    stop: Any = Field(None, description=f"a string or at most {MAX_STOP} strings of 1-{MAX_STOP_CHARS} characters")
+    stop_token_ids: list[int] | None = Field(None, description="vLLM: token ids ending a sample")
+    ignore_eos: bool | None = Field(None, description="vLLM: do not stop at the end-of-sentence token")
+    user: str | None = Field(None, description="an end-user id (accepted, not used)")
+    presence_penalty: float | None = Field(None, description="only 0")
+    frequency_penalty: float | None = Field(None, description="only 0")
+    logit_bias: dict | None = Field(None, description="not supported (only empty)")
+    best_of: int | None = Field(None, description="only 1 or n")
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: Any = Field(..., description="text, token ids, or a list of either")
+    logprobs: int | None = Field(None, description="0-20 alternatives per token")
+    echo: bool | None = Field(None, description="prepend the prompt (with max_tokens 0: score it only)")
+    suffix: str | None = Field(None, description="not supported")
+
+
+class ContentPart(BaseModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = Field(None, description="accepted, not used")
+    reasoning_content: str | None = Field(None, description="accepted, dropped (earlier turns' reasoning is not shown "
+                                                            "to the model)")
+
+
+class Thinking(_Strict):
+    type: Literal["enabled", "disabled"]
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(..., description="system / developer / user / assistant turns")
+    max_completion_tokens: int | None = Field(None, description="as max_tokens")
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, description="0-20, with logprobs")
+    thinking: Any = Field(None, description='DeepSeek: {"type": "enabled" | "disabled"}')
+    chat_template_kwargs: Any = Field(None, description='vLLM: {"thinking": bool} or {"enable_thinking": bool}')
+    tools: list | None = Field(None, description="not supported (only empty)")
+    functions: list | None = Field(None, description="not supported (only empty)")
+    echo: bool | None = Field(None, description="not supported")
+
+
+def check_fields(model: type[BaseModel], body: dict) -> None:
+    """Refuse a body that `model` does not declare (an unknown or unsupported field, a wrong type), naming the
+    field and its value."""
+    try:
+        model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        loc = [x for x in err["loc"] if not (isinstance(x, str) and ("[" in x or x in ("str", "list")))]
+        path = "".join(f"[{x}]" if isinstance(x, int) else (f".{x}" if i else str(x)) for i, x in enumerate(loc))
+        param = str(loc[0]) if loc else None
+        if err["type"] == "extra_forbidden":
+            raise APIError(400, f"{path} is not supported by this server (unknown field); got {_short(err['input'])}",
+                           param=param, code="unsupported_field") from None
+        raise APIError(400, f"{path}: {err['msg']}, got {_short(err['input'])}", param=param) from None
+
+
+def openapi_body(model: type[BaseModel]) -> dict:
+    """The `openapi_extra` that shows `model` as the endpoint's JSON body in /docs (the body itself is read,
+    limited and parsed by the server, off the event loop)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(v):
+        if isinstance(v, dict):
+            if "$ref" in v:
+                return inline(defs[v["$ref"].rsplit("/", 1)[1]])
+            return {k: inline(x) for k, x in v.items()}
+        return [inline(x) for x in v] if isinstance(v, list) else v
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}

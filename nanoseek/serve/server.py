@@ -13,7 +13,14 @@ chosen per request by `{"thinking": {"type": "enabled"|"disabled"}}` (DeepSeek) 
 
 Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 for a bad request
 (malformed JSON, an invalid field, a prompt that fills the context), 401 for a missing or wrong API key,
-404 for an unknown model or route.
+404 for an unknown model or route, 413 for a body over `max_body_bytes`.
+
+Containment: a request is checked whole (every field against the range the engine can use, then `dry_run` on
+the real sampler, the sample cap, the context) in a worker thread before any of it is queued; tokenisation and
+response building also run off the event loop. A client that disconnects cancels its samples (streaming: when
+the stream is closed; non-streaming: polled every DISCONNECT_POLL_S). If an engine step raises anyway, the
+engine leaves it retryable and `EngineRunner._contain` fails only the requests whose parameters make the sampler
+raise on their own; only a failure no request explains fails everything in flight.
 
 Request fields are checked in protocol.py, the reasoning/answer split of a stream in reasoning.py.
 
@@ -33,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import threading
 import time
@@ -47,22 +53,33 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine, RequestHandle, SamplingParams, StreamEvent
+from ..engine import engine as _engine_module
 from ..engine.sampling import MAX_TOP_LOGPROBS
 from .protocol import (
+    MAX_BODY_BYTES,
+    MAX_SAMPLES,
     APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
     bool_field,
     chat_logprobs,
     chat_messages,
     chat_thinking,
+    check_fields,
+    check_samples,
     completion_logprobs,
     completion_prompts,
+    dry_run,
     integer_field,
     merge_logprobs,
+    openapi_body,
+    parse_json,
     sampling_params,
     split_reasoning,
     sse,
     stream_usage,
     usage,
+    with_max_tokens,
 )
 from .reasoning import ReasoningSplitter
 
@@ -71,10 +88,13 @@ SSE_HEADERS = {"Cache-Control": "no-cache"}
 
 
 class EngineFailure:
-    """Sent to every request in flight when an engine step raised (the engine thread then carries on)."""
+    """Sent to a request in flight that an engine step failed on (the engine thread then carries on)."""
 
     def __init__(self, message: str):
         self.message = message
+
+
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks whether its client is still there
 
 
 class EngineRunner:
@@ -107,14 +127,44 @@ class EngineRunner:
         while not self._stop.is_set():
             try:
                 self.engine.run_forever(self._stop)
-            except Exception as e:  # keep serving: fail the requests in flight, drop them from the engine
+            except Exception as e:  # keep serving: fail the request(s) that made the step fail, retry the rest
                 log.exception("engine step failed")
-                self._fail_all(f"engine error: {type(e).__name__}: {e}")
+                self._contain(f"engine error: {type(e).__name__}: {e}")
+                self._stop.wait(0.01)  # no hot loop if something fails at every step
+
+    def _contain(self, message: str) -> None:
+        """After a failed engine step: fail only the requests whose parameters make the sampler raise on their
+        own (dry_run with the engine's sampler), and let the others carry on. The engine leaves a failed step
+        retryable (a row that got no token gives back the step's position, a group that could not be admitted
+        goes back to the queue), so the next step redoes it without them. When no single request explains the
+        failure (a model or device fault), every request in flight fails, as the step's state cannot be trusted."""
+        with self._lock:
+            items = list(self._inflight.items())
+        sampler = _engine_module.sample  # the engine's own binding (a test may wrap it)
+        culprits = []
+        for key, (_, _, params) in items:
+            try:
+                dry_run(params, self.engine.model.config.vocab_size, sampler)
+            except Exception:
+                culprits.append(key)
+        if not culprits:
+            self._fail_all(message)
+            return
+        for key in culprits:
+            self._fail(key, message + " (this request's parameters; the other requests carry on)")
+
+    def _fail(self, key: int, message: str) -> None:
+        with self._lock:
+            entry = self._inflight.pop(key, None)
+        if entry is not None:
+            if entry[0] is not None:
+                entry[0].cancel()
+            _call(entry[1], EngineFailure(message))
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
             entries, self._inflight = list(self._inflight.values()), {}
-        for handle, sink in entries:
+        for handle, sink, _ in entries:
             if handle is not None:
                 handle.cancel()
             _call(sink, EngineFailure(message))
@@ -125,7 +175,7 @@ class EngineRunner:
         self.start()
         with self._lock:
             key, self._next_key = self._next_key, self._next_key + 1
-            entry = self._inflight[key] = [None, sink]
+            entry = self._inflight[key] = [None, sink, params]
         left = [params.n]
 
         def on_event(ev: StreamEvent) -> None:  # runs on the engine thread, inside step()
@@ -163,6 +213,9 @@ class _Generation:
     """Some prompts x n samples in flight; `events()` yields (prompt index, StreamEvent) until all finish."""
 
     def __init__(self, runner: EngineRunner, prompts: list[list[int]], params: SamplingParams, param: str):
+        """Queue every prompt x n sample. The request was fully checked before (one policy: sampling_params,
+        dry_run, the length and sample caps), so a refusal here is an engine invariant, and what was queued is
+        cancelled."""
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.handles: list[RequestHandle] = []
@@ -173,6 +226,9 @@ class _Generation:
         except ValueError as e:
             self.cancel()
             raise APIError(400, str(e), param=param) from None
+        except BaseException:
+            self.cancel()
+            raise
 
     def _sink(self, loop, i: int):
         return lambda ev: loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
@@ -191,13 +247,26 @@ class _Generation:
             if not h.done:
                 h.cancel()
 
-    async def drain(self) -> None:
-        """Wait until every sample finished (non-streaming requests); cancels what is left on the way out."""
-        try:
+    async def drain(self, request: Request | None = None) -> None:
+        """Wait until every sample finished (non-streaming requests). A client that goes away meanwhile (polled
+        every DISCONNECT_POLL_S) cancels the generation; anything that ends the wait cancels what is left."""
+        async def consume():
             async for _ in self.events():
                 pass
+
+        task = asyncio.ensure_future(consume())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    task.result()
+                    return
+                if request is not None and await request.is_disconnected():
+                    raise APIError(499, "the client closed the request", code="client_closed_request")
         finally:
             self.cancel()
+            if not task.done():
+                task.cancel()
 
     def sse_response(self, chunks) -> StreamingResponse:
         """Stream the async iterator `chunks` (SSE lines) then [DONE]; an engine failure becomes an error event,
@@ -216,10 +285,14 @@ class _Generation:
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch_size: int = 16,
-               max_len: int | None = None, thinking: bool = True, compile: bool = False) -> FastAPI:
+               max_len: int | None = None, thinking: bool = True, compile: bool = False,
+               max_body_bytes: int = MAX_BODY_BYTES, max_samples: int = MAX_SAMPLES) -> FastAPI:
     """The FastAPI app serving `model` under `model_name`. thinking: the chat default when a request says
-    nothing; compile: Engine(compile=True). The engine thread starts with the app (lifespan) or at the first
-    request, and stops with it."""
+    nothing; compile: Engine(compile=True); max_body_bytes: the largest request body (413 above it);
+    max_samples: the most samples one request may ask for (prompts x n; 400 above it). The engine thread starts
+    with the app (lifespan) or at the first request, and stops with it."""
+    if max_body_bytes < 1 or max_samples < 1:
+        raise ValueError(f"max_body_bytes and max_samples must be >= 1, got {max_body_bytes} and {max_samples}")
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_len=max_len, compile=compile)
     runner = EngineRunner(engine)
     created = int(time.time())
@@ -258,21 +331,29 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
         if not hmac.compare_digest(auth[len("Bearer "):].strip().encode(), api_key.encode()):
             raise APIError(401, "incorrect API key provided", code="invalid_api_key")
 
+    def too_large(size: str) -> APIError:
+        return APIError(413, f"the request body ({size}) is larger than this server's limit of {max_body_bytes} "
+                             "bytes", code="request_too_large")
+
     async def read_body(request: Request) -> dict:
+        """The JSON body, read up to max_body_bytes (413 beyond), parsed and checked off the event loop."""
         authorize(request)
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > max_body_bytes:
+            raise too_large(f"{int(length)} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise too_large(f"more than {max_body_bytes} bytes")
+            chunks.append(chunk)
+        body = await asyncio.to_thread(parse_json, b"".join(chunks))
         name = body.get("model")
         if name is not None and name != model_name:
-            raise APIError(404, f"the model `{name}` does not exist; this server serves `{model_name}`",
+            raise APIError(404, f"the model `{_short_name(name)}` does not exist; this server serves `{model_name}`",
                            param="model", code="model_not_found")
         if not isinstance(body.get("stream", False), bool):
-            raise APIError(400, f"stream must be a boolean, got {body['stream']!r}", param="stream")
+            raise APIError(400, f"stream must be a boolean, got {body['stream']!r:.200}", param="stream")
         return body
 
     def check_length(ids: list[int], param: str) -> None:
@@ -304,24 +385,32 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
         return model_card()
 
     # ------------------------------------------------------------------ /v1/completions
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_body(request)
-        prompts = completion_prompts(body.get("prompt"), tokenizer, V)
-        for ids in prompts:
-            check_length(ids, "prompt")
+    def prepare_completion(body: dict):
+        """Every check of a completions request, then its tokenisation (in a worker thread): nothing is queued
+        before all of it passed."""
+        check_fields(CompletionRequest, body)
         k = integer_field(body, "logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
         echo = bool_field(body, "echo", False)
         if echo and body.get("stream"):
             raise APIError(400, "echo with stream is not supported by this server", param="echo")
         score_only = echo and body.get("max_tokens") == 0  # echo + max_tokens 0: score the prompt only
-        params = sampling_params({**body, "max_tokens": 1} if score_only else body, 16, logprobs=k is not None,
-                                 top_logprobs=k or 0)
+        params = sampling_params({**body, "max_tokens": 1} if score_only else body, 16, V, engine.max_len,
+                                 logprobs=k is not None, top_logprobs=k or 0)
         include_usage = stream_usage(body)
-        if score_only:
-            gen = None
-        else:
-            gen = _Generation(runner, prompts, params, "prompt")
+        prompt = body.get("prompt")
+        many = isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt)
+        check_samples(len(prompt) if many else 1, params.n, max_samples, "prompt")
+        prompts = completion_prompts(prompt, tokenizer, V)
+        for ids in prompts:
+            check_length(ids, "prompt")
+        dry_run(params, V)
+        return prompts, params, k, echo, score_only, include_usage
+
+    @app.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
+    async def completions(request: Request):
+        body = await read_body(request)
+        prompts, params, k, echo, score_only, include_usage = await asyncio.to_thread(prepare_completion, body)
+        gen = None if score_only else _Generation(runner, prompts, params, "prompt")
         rid, n = f"cmpl-{uuid.uuid4().hex}", params.n
 
         def head(choices):
@@ -346,52 +435,69 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
             return gen.sse_response(chunks())
 
         if gen is not None:
-            await gen.drain()
-        echoed = [None] * len(prompts)
-        if echo:  # the prompt's own log-probs: one forward each, off the event loop
-            scored = [await asyncio.to_thread(engine.prompt_logprobs, ids, k or 0) if k is not None else None
-                      for ids in prompts]
-            echoed = [(tokenizer.decode(ids), None if sc is None else
-                       completion_logprobs(ids, sc[0], tokenizer, sc[1] if k else None)) for ids, sc in zip(prompts, scored)]
-        choices, tokens = [], 0
-        for i in range(len(prompts)):
-            outs = gen.handles[i].completions if gen is not None else [None] * n
-            for j, c in enumerate(outs):
-                ids, lps, tops = (c.token_ids, c.logprobs, c.top_logprobs) if c is not None else ([], [], [])
-                tokens += len(ids)
-                text = c.text if c is not None else ""
-                lp = completion_logprobs(ids, lps, tokenizer, tops if k else None) if k is not None else None
-                if echoed[i] is not None:
-                    prefix, plp = echoed[i]
-                    if lp is not None:
-                        lp = merge_logprobs(plp, completion_logprobs(ids, lps, tokenizer, tops if k else None,
-                                                                      offset=len(prefix)))
-                    text = prefix + text
-                choices.append({"index": i * n + j, "text": text, "logprobs": lp,
-                                "finish_reason": c.finish_reason if c is not None else "length"})
-        return {**head(choices), "usage": usage(prompts, tokens)}
+            await gen.drain(request)
+        scored = [None] * len(prompts)
+        if echo and k is not None:  # the prompt's own log-probs: one forward each, off the event loop
+            scored = [await asyncio.to_thread(engine.prompt_logprobs, ids, k) for ids in prompts]
+
+        def build() -> dict:  # decoding every token for the response: off the event loop too
+            echoed = [None] * len(prompts)
+            if echo:
+                echoed = [(tokenizer.decode(ids), None if sc is None else
+                           completion_logprobs(ids, sc[0], tokenizer, sc[1] if k else None))
+                          for ids, sc in zip(prompts, scored)]
+            choices, tokens = [], 0
+            for i in range(len(prompts)):
+                outs = gen.handles[i].completions if gen is not None else [None] * n
+                for j, c in enumerate(outs):
+                    ids, lps, tops = (c.token_ids, c.logprobs, c.top_logprobs) if c is not None else ([], [], [])
+                    tokens += len(ids)
+                    text = c.text if c is not None else ""
+                    lp = completion_logprobs(ids, lps, tokenizer, tops if k else None) if k is not None else None
+                    if echoed[i] is not None:
+                        prefix, plp = echoed[i]
+                        if lp is not None:
+                            lp = merge_logprobs(plp, completion_logprobs(ids, lps, tokenizer, tops if k else None,
+                                                                          offset=len(prefix)))
+                        text = prefix + text
+                    choices.append({"index": i * n + j, "text": text, "logprobs": lp,
+                                    "finish_reason": c.finish_reason if c is not None else "length"})
+            return {**head(choices), "usage": usage(prompts, tokens)}
+
+        return JSONResponse(await asyncio.to_thread(build))
 
     # ------------------------------------------------------------------ /v1/chat/completions
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_body(request)
+    def prepare_chat(body: dict):
+        """Every check of a chat request, then the chat's rendering and tokenisation (in a worker thread)."""
+        check_fields(ChatCompletionRequest, body)
         messages = chat_messages(body)
         think = chat_thinking(body, thinking)
-        try:
-            ids = tokenizer.apply_chat_template(messages, thinking=think, add_generation_prompt=True,
-                                                keep_last_reasoning=False)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
-        check_length(ids, "messages")
         if body.get("echo"):
             raise APIError(400, "echo is not supported for chat completions", param="echo")
         want_lp = bool_field(body, "logprobs", False)
         top = integer_field(body, "top_logprobs", None, lo=0, hi=MAX_TOP_LOGPROBS)
         if top is not None and not want_lp:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        params = sampling_params(body, engine.max_len - len(ids), ("max_tokens", "max_completion_tokens"),
-                                 logprobs=want_lp, top_logprobs=top or 0)
+        names = ("max_tokens", "max_completion_tokens")
+        params = sampling_params(body, engine.max_len, V, engine.max_len, names, logprobs=want_lp,
+                                 top_logprobs=top or 0)
         include_usage = stream_usage(body)
+        check_samples(1, params.n, max_samples, "n")
+        try:  # message content is encoded as text: a special-token string in it never becomes a control token
+            ids = tokenizer.apply_chat_template(messages, thinking=think, add_generation_prompt=True,
+                                                keep_last_reasoning=False)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        check_length(ids, "messages")
+        if all(body.get(name) is None for name in names):  # default: up to the end of the context
+            params = with_max_tokens(params, engine.max_len - len(ids))
+        dry_run(params, V)
+        return ids, think, want_lp, params, include_usage
+
+    @app.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        body = await read_body(request)
+        ids, think, want_lp, params, include_usage = await asyncio.to_thread(prepare_chat, body)
         gen = _Generation(runner, [ids], params, "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
 
@@ -432,17 +538,26 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
 
             return gen.sse_response(chunks())
 
-        await gen.drain()
-        choices, tokens = [], 0
-        for j, c in enumerate(gen.handles[0].completions):
-            tokens += len(c.token_ids)
-            reasoning, answer = split_reasoning(c.text, think)
-            message: dict[str, Any] = {"role": "assistant", "content": answer}
-            if think:
-                message["reasoning_content"] = reasoning
-            choices.append({"index": j, "message": message, "finish_reason": c.finish_reason,
-                            "logprobs": chat_logprobs(c.token_ids, c.logprobs, tokenizer, c.top_logprobs)
-                            if want_lp else None})
-        return {**head(choices), "usage": usage([ids], tokens)}
+        await gen.drain(request)
+
+        def build() -> dict:
+            choices, tokens = [], 0
+            for j, c in enumerate(gen.handles[0].completions):
+                tokens += len(c.token_ids)
+                reasoning, answer = split_reasoning(c.text, think)
+                message: dict[str, Any] = {"role": "assistant", "content": answer}
+                if think:
+                    message["reasoning_content"] = reasoning
+                choices.append({"index": j, "message": message, "finish_reason": c.finish_reason,
+                                "logprobs": chat_logprobs(c.token_ids, c.logprobs, tokenizer, c.top_logprobs)
+                                if want_lp else None})
+            return {**head(choices), "usage": usage([ids], tokens)}
+
+        return JSONResponse(await asyncio.to_thread(build))
 
     return app
+
+
+def _short_name(v) -> str:
+    r = str(v)
+    return r if len(r) <= 200 else r[:200] + "..."
