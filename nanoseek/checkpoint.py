@@ -12,6 +12,7 @@ import json
 import os
 import re
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,11 +77,7 @@ class _Reader:
         index = folder / INDEX_NAME
         single = folder / SINGLE_NAME
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-            self.where = {k: folder / v for k, v in weight_map.items()}
+            self.where = _read_index(index)
             missing_files = sorted({str(p) for p in self.where.values() if not p.exists()})
             if missing_files:
                 raise CheckpointError(f"{index} names shard files that do not exist: {', '.join(missing_files)}")
@@ -114,14 +111,22 @@ class _Reader:
     def keys(self):
         return self.where.keys()
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self.where[name]).get_slice(name).get_shape())
-
-    def get(self, name: str) -> torch.Tensor:
+    def _holding(self, name: str):
         path = self.where[name]
         h = self._open(path)
         if name not in h.keys():
             raise CheckpointError(f"{path}: index says it holds {name!r}, but it does not")
+        return path, h
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._holding(name)[1].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype string (F32, BF16, F8_E4M3, I64, BOOL, ...)."""
+        return self._holding(name)[1].get_slice(name).get_dtype()
+
+    def get(self, name: str) -> torch.Tensor:
+        path, h = self._holding(name)
         try:
             return h.get_tensor(name)
         except Exception as e:
@@ -142,9 +147,99 @@ def _check_header(path: Path) -> None:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path}: header is not valid JSON (corrupt file)") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    end = _check_header_entries(path, header)
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: tensors need {8 + n + end} bytes but the file has {size} (truncated)")
+
+
+# bytes per element of the safetensors dtypes; the floating ones may hold weights
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+_ST_FLOAT = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_ST_FIELDS = ("dtype", "shape", "data_offsets")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_header_entries(path: Path, header) -> int:
+    """Validate a safetensors header's structure (an object of {dtype, shape, data_offsets} entries) so that a
+    malformed one is refused naming the file, the tensor and the field. Returns the end of the data section."""
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is a JSON {type(header).__name__}, expected an object of tensor entries")
+    end = 0
+    for name, v in header.items():
+        if name == "__metadata__":
+            if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+                raise CheckpointError(f"{path}: header field '__metadata__' must be an object of strings, got {v!r:.80}")
+            continue
+        if not isinstance(v, dict):
+            raise CheckpointError(f"{path}: header entry {name!r} is a JSON {type(v).__name__}, expected an object with "
+                                  f"fields {', '.join(_ST_FIELDS)}")
+        missing = [k for k in _ST_FIELDS if k not in v]
+        extra = sorted(k for k in v if k not in _ST_FIELDS)
+        if missing or extra:
+            raise CheckpointError(f"{path}: header entry {name!r} lacks field(s) {missing} / has unknown field(s) "
+                                  f"{extra}; expected exactly {', '.join(_ST_FIELDS)}")
+        dtype, shape, offsets = v["dtype"], v["shape"], v["data_offsets"]
+        if not isinstance(dtype, str):
+            raise CheckpointError(f"{path}: header entry {name!r} field 'dtype' must be a string, got {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError(f"{path}: header entry {name!r} field 'shape' must be a list of non-negative "
+                                  f"integers, got {shape!r:.80}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{path}: header entry {name!r} field 'data_offsets' must be [begin, end] with "
+                                  f"0 <= begin <= end, got {offsets!r:.80}")
+        if dtype in _ST_ITEMSIZE:
+            numel = 1
+            for d in shape:
+                numel *= d
+            if offsets[1] - offsets[0] != numel * _ST_ITEMSIZE[dtype]:
+                raise CheckpointError(f"{path}: header entry {name!r} field 'data_offsets' spans "
+                                      f"{offsets[1] - offsets[0]} bytes, but {dtype} {shape} needs "
+                                      f"{numel * _ST_ITEMSIZE[dtype]}")
+        end = max(end, offsets[1])
+    return end
+
+
+def _read_index(index: Path) -> dict[str, Path]:
+    """model.safetensors.index.json -> {tensor name: shard path}; every shard must be a file inside the folder."""
+    folder = index.parent
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{index}: expected a JSON object with a 'weight_map' field, got a {type(data).__name__}")
+    if "weight_map" not in data:
+        raise CheckpointError(f"{index}: field 'weight_map' is missing")
+    weight_map = data["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: field 'weight_map' must be an object (tensor name -> shard file), "
+                              f"got a {type(weight_map).__name__}")
+    where = {}
+    for k, v in weight_map.items():
+        if not isinstance(v, str) or not v:
+            raise CheckpointError(f"{index}: field 'weight_map' entry {k!r} must be a shard file name, got {v!r:.80}")
+        # judged on the name, not on resolved links: hub caches keep shards as links into a blobs folder
+        norm = os.path.normpath(v)
+        if os.path.isabs(v) or norm == ".." or norm.startswith(".." + os.sep) or norm == ".":
+            raise CheckpointError(f"{index}: field 'weight_map' entry {k!r} -> {v!r} points outside {folder}")
+        where[k] = folder / norm
+    return where
+
+
+def _load_config(cls, folder: Path):
+    """cls.load(folder), with every problem of config.json raised as a CheckpointError naming the file."""
+    try:
+        return cls.load(folder)
+    except (CheckpointError, FileNotFoundError):
+        raise
+    except (ValueError, TypeError, AttributeError) as e:
+        msg = str(e)
+        raise CheckpointError(msg if "config.json" in msg else f"{folder / 'config.json'}: {msg}") from None
 
 
 def _dequant(reader: _Reader, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -173,20 +268,34 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", strict
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    config = ModelConfig.load(folder)
+    config = _load_config(ModelConfig, folder)
     if dtype is None:
         dtype = getattr(torch, config.torch_dtype)
     reader = _Reader(folder)
-    with torch.device("meta"):
-        model = DeepSeekModel(config)
-    if keep_fp8:
-        from .fp8 import quantize_model_for_inference
-
-        fp8_names = {k[: -len(".weight_scale_inv")] for k in reader.keys() if k.endswith(".weight_scale_inv")}
-        with torch.device("meta"):
-            quantize_model_for_inference(model, skip=lambda name, m: name not in fp8_names)
-    expected = expected_hf_shapes(model)
     present = set(reader.keys())
+
+    def build(config):
+        with torch.device("meta"):
+            model = DeepSeekModel(config)
+        if keep_fp8:
+            from .fp8 import quantize_model_for_inference
+
+            fp8_names = {k[: -len(".weight_scale_inv")] for k in present if k.endswith(".weight_scale_inv")}
+            with torch.device("meta"):
+                quantize_model_for_inference(model, skip=lambda name, m: name not in fp8_names)
+        return model, expected_hf_shapes(model)
+
+    model, expected = build(config)
+    if config.num_nextn_predict_layers > 0:
+        # transformers writes num_nextn_predict_layers: 1 (its default) but never saves the MTP layer: a folder with
+        # every tensor but the MTP ones is a model without MTP
+        mtp = {k for k in expected if (_layer_index(k) or 0) >= config.num_hidden_layers}
+        if not mtp & present and all(k in present for k in expected if k not in mtp):
+            warnings.warn(f"{folder}: config.json sets num_nextn_predict_layers={config.num_nextn_predict_layers} but the "
+                          f"checkpoint holds no MTP tensors (as transformers writes it); loading it without MTP "
+                          f"(num_nextn_predict_layers=0)", stacklevel=2)
+            config = config.replace(num_nextn_predict_layers=0)
+            model, expected = build(config)
     scale_names = {k for k in present if k.endswith(".weight_scale_inv")}
     # scales of fused experts are checked through their weights; other scales must belong to a known weight
     ignore = {k for k in scale_names if k[: -len("_scale_inv")] in expected}
@@ -205,6 +314,8 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", strict
     state = model.state_dict()
     loaded = set()
     with torch.no_grad():
+        if problems:  # to_empty leaves whatever was in memory: what is not loaded below gets the normal init
+            _init_unloaded(model, state, present, config.initializer_range)
         for name, target in state.items():
             if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
                 _load_experts(reader, name, target, present, dtype)
@@ -227,10 +338,34 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", strict
     return model
 
 
+def _init_unloaded(model: DeepSeekModel, state: dict, present: set, std: float) -> None:
+    """Give every tensor of `state` that the checkpoint does not fully provide the model's normal init
+    (normal(0, std) matrices, ones for norms, zeros for biases and the selection bias, ones for FP8 scales)."""
+    for name, t in state.items():
+        prefix = name.rsplit(".", 1)[0]
+        if name.endswith("experts.gate_up_proj"):
+            keys = [f"{prefix}.{e}.{part}.weight" for e in range(t.shape[0]) for part in ("gate_proj", "up_proj")]
+        elif name.endswith("experts.down_proj"):
+            keys = [f"{prefix}.{e}.down_proj.weight" for e in range(t.shape[0])]
+        else:
+            keys = [name]
+        if all(k in present for k in keys):
+            continue
+        if name.endswith("weight_scale_inv"):
+            t.fill_(1.0)
+        elif t.dim() >= 2:
+            t.copy_(torch.randn(t.shape, dtype=torch.float32) * std)
+        elif name.endswith("bias"):
+            t.zero_()
+        else:
+            t.fill_(1.0)
+
+
 def check_tensors(reader: "_Reader", expected: dict, present: set, ignore: set = frozenset()) -> tuple[list, list]:
     """Compare a checkpoint's tensors with the expected name -> shape map. Returns (problems, unexpected
-    names): one line each for the missing, the unexpected (minus `ignore`) and every mis-shaped tensor.
-    Mis-shaped names are removed from `present`, so they are never copied, even when strict=False."""
+    names): one line each for the missing, the unexpected (minus `ignore`), every mis-shaped tensor and every
+    tensor that is not floating point (integer or bool data where weights belong).
+    Mis-shaped and non-float names are removed from `present`, so they are never copied, even when strict=False."""
     def listing(kind, names):
         return f"{kind} tensors ({len(names)}): {', '.join(names[:50])}" + (" ..." if len(names) > 50 else "")
 
@@ -247,6 +382,11 @@ def check_tensors(reader: "_Reader", expected: dict, present: set, ignore: set =
             if got != shape:
                 problems.append(f"{k}: shape {list(got)} in {reader.where[k].name}, expected {list(shape)}")
                 present.discard(k)
+    for k in sorted(present & (set(expected) | set(ignore))):
+        dt = reader.dtype(k)
+        if dt not in _ST_FLOAT:
+            problems.append(f"{k}: dtype {dt} in {reader.where[k].name}, expected a floating-point tensor")
+            present.discard(k)
     return problems, unexpected
 
 

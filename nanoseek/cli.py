@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.util
 import json
 import sys
 import types
@@ -42,6 +43,52 @@ HELP = {
 }
 
 
+# Other names a config field answers to on the command line, per config class: TRL's GRPOConfig names where the idea
+# is the same (docs/training.md has the table) and shorthands. alias -> field, or alias -> (field, value) for a
+# flag that sets a value. Each alias and, for these classes, each field is also spelled with underscores
+# (--max_completion_length, --num_generations), as TRL's command line spells them.
+_RAW = ("prompt_format", "raw")
+ALIASES = {
+    "GRPOConfig": {
+        "reward": "reward_funcs",  # --reward module:function[=weight], repeatable
+        "no_chat_template": _RAW,
+        "max_completion_length": "max_tokens",
+        "epsilon": "eps_low",
+        "epsilon_high": "eps_high",
+        "mask_truncated_completions": "mask_truncated",
+        "per_device_train_batch_size": "completions_per_step",
+        "generation_batch_size": "completions_per_step",
+        "learning_rate": "lr",
+        "max_grad_norm": "grad_clip",
+        "max_steps": "steps",
+        "warmup_steps": "warmup",
+        "lr_scheduler_type": "lr_schedule",
+        "output_dir": "out_dir",
+        "model_name_or_path": "init_from",
+        "logging_steps": "log_every",
+        "save_steps": "save_every",
+        "eval_steps": "eval_every",
+        "vllm_importance_sampling_correction": "importance_sampling_correction",
+        "vllm_importance_sampling_cap": "importance_sampling_cap",
+    },
+    "EvalConfig": {"no_chat_template": _RAW, "max_completion_length": "max_tokens", "model_name_or_path": "model"},
+    "RejectionConfig": {"no_chat_template": _RAW, "max_completion_length": "max_tokens",
+                        "model_name_or_path": "model"},
+    "SFTConfig": {"no_chat_template": _RAW},
+}
+
+
+def _flags(cls, name: str) -> list[str]:
+    """The option strings of field `name`: --the-name, plus its ALIASES (and underscore spellings) for cls."""
+    flags = ["--" + name.replace("_", "-")]
+    aliases = ALIASES.get(cls.__name__)
+    if aliases is None:
+        return flags
+    for spelled in [name] + [a for a, target in aliases.items() if target == name]:
+        flags += ["--" + spelled.replace("_", "-"), "--" + spelled]
+    return list(dict.fromkeys(flags))
+
+
 def _field_type(cls, f: dataclasses.Field):
     hints = typing.get_type_hints(cls)
     t = hints[f.name]
@@ -64,17 +111,26 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -
         kind, t = _field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flags(cls, f.name)
         h = HELP.get(f.name, "")
+        # a field without a default is a required flag: argparse names it in a usage error (exit code 2)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and kind == "scalar":
+            parser.add_argument(*flag, dest=f.name, type=t, required=True, help=f"{h} (required)" if h else "required")
+            continue
         h = f"{h} (default: {default!r})" if h else f"default: {default!r}"
-        if kind == "list":
-            parser.add_argument(flag, dest=f.name, nargs="*", type=t, default=None, help=h)
+        if kind == "list":  # repeatable: --reward a --reward b == --reward a b
+            parser.add_argument(*flag, dest=f.name, nargs="*", action="extend", type=t, default=None, help=h)
         elif kind == "json":
-            parser.add_argument(flag, dest=f.name, type=json.loads, default=None, help=h + "; a JSON object")
+            parser.add_argument(*flag, dest=f.name, type=json.loads, default=None, help=h + "; a JSON object")
         elif t is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
+            parser.add_argument(*flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
-            parser.add_argument(flag, dest=f.name, type=t, default=None, help=h)
+            parser.add_argument(*flag, dest=f.name, type=t, default=None, help=h)
+    fields = {f.name for f in dataclasses.fields(cls)} - set(skip)
+    for alias, target in ALIASES.get(cls.__name__, {}).items():
+        if isinstance(target, tuple) and target[0] in fields:  # a flag that sets a value
+            parser.add_argument("--" + alias.replace("_", "-"), dest=target[0], action="store_const", const=target[1],
+                                help=f"same as --{target[0].replace('_', '-')} {target[1]}")
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, **extra):
@@ -169,12 +225,14 @@ class _CLIReporter:
 
 
 def cmd_run(args) -> None:
-    from .pipeline import RunConfig, run
+    from .pipeline import RunConfig, run, stage_outputs
 
     cfg = RunConfig(out=args.out, preset=args.preset, fp8=args.fp8, threads=args.threads, seed=args.seed,
                     device=args.device)
     report = run(cfg, _CLIReporter())
     print(f"report: {report} and {report.with_suffix('.html')}")
+    model = stage_outputs(args.out)["grpo"]
+    print(f"next: nanoseek chat --model {model}\n      nanoseek eval --model {model}")
 
 
 def cmd_rejection(args) -> None:
@@ -219,7 +277,46 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.dst}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+# ---------------------------------------------------------------------------------------------- requirements
+
+# optional packages: (import name, what needs it, the extra that installs it)
+_OPTIONAL = {"matplotlib": ("matplotlib", "the report's plots", "plot"),
+             "uvicorn": ("uvicorn", "the server", "serve"), "fastapi": ("fastapi", "the server", "serve"),
+             "math_verify": ("math-verify", "checking the answers of a --jsonl task file (1/2 = 0.5)", "rl"),
+             "pyarrow": ("pyarrow", "reading .parquet data", "parquet")}
+
+
+def requires(command: str, args: argparse.Namespace) -> list[str]:
+    """The optional packages (import names) that `command` with these args needs and that are not installed."""
+    need = []
+    if command == "run":
+        need.append("matplotlib")  # the report, after every stage has trained
+    if command == "serve":
+        need += ["fastapi", "uvicorn"]
+    if getattr(args, "jsonl", None):  # user tasks are checked with math-verify (eval, rejection-sample, grpo, distill)
+        need.append("math_verify")
+    data = getattr(args, "data", None) or []
+    if any(str(d).endswith(".parquet") for d in (data if isinstance(data, list) else [data])):
+        need.append("pyarrow")
+    return [name for name in need if importlib.util.find_spec(name) is None]
+
+
+def _missing_message(command: str, missing: list[str]) -> str:
+    names = ", ".join(_OPTIONAL[m][0] for m in missing)
+    uses = " and ".join(dict.fromkeys(_OPTIONAL[m][1] for m in missing))
+    extras = ",".join(sorted({_OPTIONAL[m][2] for m in missing}))
+    return (f"nanoseek {command}: error: {names} {'is' if len(missing) == 1 else 'are'} not installed (needed for "
+            f"{uses}); install with:\n    pip install 'nanoseek[{extras}]'")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `nanoseek` parser. command: only that subcommand gets its options, so the modules of the others
+    (torch with them) are not imported: `main` passes the command it was given, "" for none (`--help`).
+    None builds every subcommand's options."""
+
+    def wanted(name: str) -> bool:
+        return command is None or command == name
+
     p = argparse.ArgumentParser(prog="nanoseek", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
 
@@ -227,11 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="the whole recipe end to end on embedded data, with a report (the main job)")
     s.add_argument("--out", default="runs/nanoseek", help="run folder (default: runs/nanoseek); rerun to resume")
-    s.add_argument("--preset", default="cpu", choices=sorted(RUN_PRESETS),
-                   help="cpu: <= 15 min on a 2-core CPU (default); micro: seconds, a smoke test; gpu: larger runs")
-    s.add_argument("--fp8", action="store_true", help="FP8 pre-training, compared against the same run without FP8")
+    s.add_argument("--preset", default=None, choices=sorted(RUN_PRESETS),
+                   help="cpu: <= 15 min on a 2-core CPU (the default for a new folder); micro: seconds, a smoke test; "
+                        "gpu: larger runs. A folder resumes with the preset it was started with (run.json); "
+                        "naming another one is an error")
+    s.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
+                   help="FP8 pre-training, compared against the same run without FP8 (default: off, or the folder's)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the preset's)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=None, help="random seed (default: 0, or the folder's)")
     s.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     s.set_defaults(fn=cmd_run)
 
@@ -240,26 +340,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="a config.json or model folder")
     s.set_defaults(fn=cmd_info)
 
+    def config_class(module: str, cls_name: str):
+        return getattr(importlib.import_module(f".train.{module}", __package__), cls_name)
+
     for name, help_, module, cls_name, fn_name, skip in TRAIN_STAGES:
         s = sub.add_parser(name, help=help_)
-        add_dataclass_args(s, getattr(importlib.import_module(f".train.{module}", __package__), cls_name), skip=skip)
+        if wanted(name):
+            add_dataclass_args(s, config_class(module, cls_name), skip=skip)
         s.set_defaults(fn=_stage_command(module, cls_name, fn_name))
 
-    from .train.evaluate import EvalConfig
-    from .train.rejection import RejectionConfig
-
     s = sub.add_parser("eval", help="held-out evaluation: pass@1 over k samples, maj@k, format rate, length")
-    add_dataclass_args(s, EvalConfig)
+    if wanted("eval"):
+        add_dataclass_args(s, config_class("evaluate", "EvalConfig"))
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("rejection-sample", help="sample k per prompt, keep verified and clean samples as SFT JSONL")
-    add_dataclass_args(s, RejectionConfig)
+    if wanted("rejection-sample"):
+        add_dataclass_args(s, config_class("rejection", "RejectionConfig"))
     s.set_defaults(fn=cmd_rejection)
 
-    from .train.selfverify import SelfRefineConfig
-
     s = sub.add_parser("self-refine", help="generate, self-verify and refine on held-out problems (DeepSeekMath-V2)")
-    add_dataclass_args(s, SelfRefineConfig)
+    if wanted("self-refine"):
+        add_dataclass_args(s, config_class("selfverify", "SelfRefineConfig"))
     s.set_defaults(fn=cmd_self_refine)
 
     s = sub.add_parser("convert", help="re-save a checkpoint: FP8 block-quantised, bf16, or resharded")
@@ -281,8 +383,14 @@ _EXTRA_COMMANDS: list = [_register_serve_commands]  # generate, chat, serve
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else ""
+    parser = build_parser(command)
     args = parser.parse_args(argv)
+    missing = requires(args.command, args)
+    if missing:  # before anything runs, not after 12 minutes of training
+        print(_missing_message(args.command, missing), file=sys.stderr)
+        return 2
     try:
         args.fn(args)
     except (ValueError, FileNotFoundError) as e:

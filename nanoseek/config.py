@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Any
 
 
+def _is_int(v) -> bool:
+    """An int that is not a bool (JSON `true` must not pass as 1)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 class HFConfigFile:
     """config.json in and out for config dataclasses with to_hf_dict() / from_hf_dict(d, source)."""
 
@@ -39,11 +44,11 @@ class HFConfigFile:
         if not p.exists():
             raise FileNotFoundError(f"no config.json at {p}")
         try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{p}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
-            raise ValueError(f"{p}: expected a JSON object")
+            raise ValueError(f"{p}: expected a JSON object, got a JSON {type(d).__name__}")
         return cls.from_hf_dict(d, source=str(p))
 
     def replace(self, **changes):
@@ -137,13 +142,13 @@ class ModelConfig(HFConfigFile):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                      "qk_rope_head_dim", "v_head_dim", "intermediate_size"):
             v = getattr(self, name)
-            need(isinstance(v, int) and v > 0, name, v, "must be a positive integer")
-        need(isinstance(self.qk_nope_head_dim, int) and self.qk_nope_head_dim >= 0, "qk_nope_head_dim",
+            need(_is_int(v) and v > 0, name, v, "must be a positive integer")
+        need(_is_int(self.qk_nope_head_dim) and self.qk_nope_head_dim >= 0, "qk_nope_head_dim",
              self.qk_nope_head_dim, "must be a non-negative integer")
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even (RoPE rotates pairs)")
-        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0), "q_lora_rank",
+        need(self.q_lora_rank is None or (_is_int(self.q_lora_rank) and self.q_lora_rank > 0), "q_lora_rank",
              self.q_lora_rank, "must be a positive integer or null")
-        need(0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
+        need(_is_int(self.first_k_dense_replace) and 0 <= self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
              self.first_k_dense_replace, f"must be in [0, num_hidden_layers={self.num_hidden_layers}]")
         need(self.scoring_func in ("sigmoid", "softmax"), "scoring_func", self.scoring_func, "must be 'sigmoid' or 'softmax'")
         need(self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"), "topk_method", self.topk_method,
@@ -151,15 +156,15 @@ class ModelConfig(HFConfigFile):
         need(self.hidden_act == "silu", "hidden_act", self.hidden_act, "must be 'silu' (SwiGLU experts)")
         need(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "must be > 0")
         need(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
-        need(isinstance(self.num_nextn_predict_layers, int) and self.num_nextn_predict_layers >= 0,
+        need(_is_int(self.num_nextn_predict_layers) and self.num_nextn_predict_layers >= 0,
              "num_nextn_predict_layers", self.num_nextn_predict_layers, "must be an integer >= 0")
         if self.n_routed_experts:
             E, K = self.n_routed_experts, self.num_experts_per_tok
-            need(isinstance(E, int) and E > 0, "n_routed_experts", E, "must be a positive integer or 0 (dense model)")
-            need(isinstance(K, int) and 0 < K <= E, "num_experts_per_tok", K, f"must be in [1, n_routed_experts={E}]")
-            need(isinstance(self.n_group, int) and self.n_group >= 1 and E % self.n_group == 0, "n_group", self.n_group,
+            need(_is_int(E) and E > 0, "n_routed_experts", E, "must be a positive integer or 0 (dense model)")
+            need(_is_int(K) and 0 < K <= E, "num_experts_per_tok", K, f"must be in [1, n_routed_experts={E}]")
+            need(_is_int(self.n_group) and self.n_group >= 1 and E % self.n_group == 0, "n_group", self.n_group,
                  f"must be >= 1 and divide n_routed_experts={E}")
-            need(isinstance(self.topk_group, int) and 1 <= self.topk_group <= self.n_group, "topk_group",
+            need(_is_int(self.topk_group) and 1 <= self.topk_group <= self.n_group, "topk_group",
                  self.topk_group, f"must be in [1, n_group={self.n_group}]")
             per_group = E // self.n_group
             need(self.topk_group * per_group >= K, "topk_group", self.topk_group,
@@ -167,7 +172,7 @@ class ModelConfig(HFConfigFile):
             if self.n_group > 1 and self.topk_method == "noaux_tc":
                 need(per_group >= 2, "n_group", self.n_group, "must leave >= 2 experts per group (group score = top-2 sum)")
             need(self.moe_intermediate_size > 0, "moe_intermediate_size", self.moe_intermediate_size, "must be > 0")
-            need(isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0, "n_shared_experts",
+            need(_is_int(self.n_shared_experts) and self.n_shared_experts >= 0, "n_shared_experts",
                  self.n_shared_experts, "must be an integer >= 0 (0: no shared expert)")
             need(self.routed_scaling_factor > 0, "routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
         if self.rope_scaling is not None:
@@ -178,10 +183,10 @@ class ModelConfig(HFConfigFile):
                 f = self.rope_scaling.get("factor")
                 need(isinstance(f, (int, float)) and f >= 1, "rope_scaling.factor", f, "must be a number >= 1")
                 o = self.rope_scaling.get("original_max_position_embeddings")
-                need(isinstance(o, int) and o > 0, "rope_scaling.original_max_position_embeddings", o,
+                need(_is_int(o) and o > 0, "rope_scaling.original_max_position_embeddings", o,
                      "must be a positive integer")
         if self.index_topk is not None:
-            need(isinstance(self.index_topk, int) and self.index_topk > 0, "index_topk", self.index_topk, "must be > 0")
+            need(_is_int(self.index_topk) and self.index_topk > 0, "index_topk", self.index_topk, "must be > 0")
             need(self.q_lora_rank is not None, "q_lora_rank", self.q_lora_rank,
                  "must be set when index_topk is set (the indexer reads the query latent)")
             need(self.index_n_heads > 0, "index_n_heads", self.index_n_heads, "must be > 0")

@@ -18,15 +18,16 @@ at the stage and step where it stopped.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .train import common as C
+if TYPE_CHECKING:  # torch and the stages load when a run starts, not when the CLI builds its parser
+    from .train import common as C
 
 STAGES = ["tokenizer", "pretrain", "dsa", "sft", "grpo", "rejection", "distill", "eval", "report"]
 
@@ -95,18 +96,80 @@ RUN_PRESETS["gpu"].update(
 )
 
 
+# what a run folder was started with (run.json); a rerun must agree, or it would skip every finished stage
+# and report settings it did not run with
+RUN_SETTINGS = ("preset", "fp8", "seed")
+_SETTING_DEFAULTS = dict(preset="cpu", fp8=False, seed=0)
+
+
 @dataclass
 class RunConfig:
+    """preset / fp8 / seed: None = the run folder's (run.json), or for a new folder cpu / off / 0."""
+
     out: str = "runs/nanoseek"
-    preset: str = "cpu"  # cpu (<= 15 min on a 2-core CPU), micro (seconds, for tests/CI), gpu
-    fp8: bool = False  # FP8 pre-training, compared with a same-length run without FP8 in the report
+    preset: str | None = None  # cpu (<= 15 min on a 2-core CPU), micro (seconds, for tests/CI), gpu
+    fp8: bool | None = None  # FP8 pre-training, compared with a same-length run without FP8 in the report
     threads: int | None = None  # torch CPU threads; None = the preset's choice
-    seed: int = 0
+    seed: int | None = None
     device: str | None = None
 
     def __post_init__(self):
-        if self.preset not in RUN_PRESETS:
+        if self.preset is not None and self.preset not in RUN_PRESETS:
             raise ValueError(f"RunConfig.preset must be one of {sorted(RUN_PRESETS)}, got {self.preset!r}")
+
+
+def stage_outputs(out: str | Path) -> dict[str, Path]:
+    """What each stage of a run in folder `out` writes (the commands after `nanoseek run` default to these)."""
+    out = Path(out)
+    return {"tokenizer": out / "tokenizer", "pretrain": out / "pretrain" / "model", "dsa": out / "dsa" / "model",
+            "sft": out / "sft" / "model", "grpo": out / "grpo" / "model",
+            "rejection": out / "rejection" / "data.jsonl", "distill": out / "distill" / "model",
+            "eval": out / "eval" / "summary.json", "report": out / "report.md"}
+
+
+def _recorded_settings(out: Path) -> dict | None:
+    """The settings the run in `out` was started with: run.json, or for a folder written before run.json
+    existed, the preset whose pre-training settings match pretrain/pretrain_config.json. None: a new folder."""
+    f = out / "run.json"
+    if f.is_file():
+        rec = json.loads(f.read_text(encoding="utf-8"))
+        if not isinstance(rec, dict) or rec.get("preset") not in RUN_PRESETS:
+            raise ValueError(f"{f}: not a nanoseek run record (expected a JSON object with a known \"preset\")")
+        return {k: rec.get(k, _SETTING_DEFAULTS[k]) for k in RUN_SETTINGS}
+    f = out / "pretrain" / "pretrain_config.json"
+    if not f.is_file():
+        return None
+    try:
+        rec = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    for name, P in RUN_PRESETS.items():
+        if isinstance(rec, dict) and all(json.dumps(rec.get(k), sort_keys=True) == json.dumps(v, sort_keys=True)
+                                         for k, v in P["pretrain"].items()):
+            return {"preset": name, "fp8": bool(rec.get("fp8", False)), "seed": rec.get("seed", 0)}
+    return None
+
+
+def _describe(settings: dict) -> str:
+    return f"preset {settings['preset']!r}, fp8 {'on' if settings['fp8'] else 'off'}, seed {settings['seed']}"
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """cfg with preset / fp8 / seed filled in from the run folder (or the defaults for a new one); a setting
+    given that differs from the folder's is an error naming the folder's settings."""
+    out = Path(cfg.out)
+    rec = _recorded_settings(out)
+    if rec is not None:
+        clash = [k for k in RUN_SETTINGS if getattr(cfg, k) is not None and getattr(cfg, k) != rec[k]]
+        if clash:
+            asked = ", ".join(f"{k} {getattr(cfg, k)!r}" for k in clash)
+            raise ValueError(
+                f"{out} holds a run started with {_describe(rec)}; this command asks for {asked}. To resume it, "
+                f"run `nanoseek run --out {out}` (or with --preset {rec['preset']}); to start a new run, give "
+                f"another --out")
+        return dataclasses.replace(cfg, **rec)
+    return dataclasses.replace(cfg, **{k: _SETTING_DEFAULTS[k] if getattr(cfg, k) is None else getattr(cfg, k)
+                                       for k in RUN_SETTINGS})
 
 
 class Reporter:
@@ -119,6 +182,8 @@ class Reporter:
         pass
 
     def progress(self) -> C.Progress:
+        from .train import common as C
+
         return C.Progress()
 
 
@@ -127,11 +192,19 @@ def _done(path: Path) -> bool:
 
 
 def run(cfg: RunConfig, reporter: Reporter | None = None) -> Path:
-    """Run (or resume) the whole recipe; returns the report.md path."""
+    """Run (or resume) the whole recipe; returns the report.md path. A folder resumes with the settings it
+    was started with (run.json); cfg's preset / fp8 / seed may be None (the folder's) but may not differ."""
+    import torch
+
+    from .train import common as C
+
     reporter = reporter or Reporter()
+    cfg = resolve(cfg)
     P = RUN_PRESETS[cfg.preset]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / "run.json").is_file():
+        C.atomic_write_text(out / "run.json", json.dumps({k: getattr(cfg, k) for k in RUN_SETTINGS}, indent=2) + "\n")
     threads = cfg.threads or P.get("threads")
     if threads:
         torch.set_num_threads(threads)
@@ -139,10 +212,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> Path:
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     est = P["estimates"]
     dirs = {s: out / s for s in STAGES}
-    outputs = {"tokenizer": dirs["tokenizer"], "pretrain": dirs["pretrain"] / "model", "dsa": dirs["dsa"] / "model",
-               "sft": dirs["sft"] / "model", "grpo": dirs["grpo"] / "model",
-               "rejection": dirs["rejection"] / "data.jsonl", "distill": dirs["distill"] / "model",
-               "eval": dirs["eval"] / "summary.json", "report": out / "report.md"}
+    outputs = stage_outputs(out)
     common = dict(seed=cfg.seed, device=cfg.device)
 
     def eta(i: int) -> float:
@@ -168,6 +238,7 @@ def run(cfg: RunConfig, reporter: Reporter | None = None) -> Path:
 
 
 def _run_stage(stage, P, cfg, dirs, outputs, common, reporter) -> dict | None:
+    from .train import common as C
     from .train.common import read_metrics
 
     prog = reporter.progress()
@@ -252,6 +323,8 @@ def _tps(records: list[dict]) -> dict:
 
 
 def _summary(P, cfg, dirs, outputs) -> dict:
+    import torch
+
     from .config import ModelConfig
     from .train.common import read_metrics
 

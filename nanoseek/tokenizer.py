@@ -181,27 +181,55 @@ def parse_completion(text: str, thinking: bool = True) -> tuple[str, str]:
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus DeepSeek's special tokens and chat template."""
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, model_max_length: int = 131072):
+    def __init__(self, tokenizer: tokenizers.Tokenizer, model_max_length: int = 131072, config: dict | None = None):
+        """config: the folder's tokenizer_config.json, if any. A tokenizer without DeepSeek's special tokens (say a
+        Qwen2 or character tokenizer) works for raw text: bos/eos/pad then come from config's bos_token /
+        eos_token / pad_token (pad falls back to eos, then 0), and only the chat template errors (`has_chat_template`)."""
         self.tokenizer = tokenizer
         self.model_max_length = model_max_length
+        self.config = dict(config or {})
         self._ids = {}
         for token in SPECIAL_TOKENS:  # looked up by string, so a real DeepSeek tokenizer.json works too
-            idx = tokenizer.token_to_id(token)
-            if idx is None:
-                raise ValueError(f"tokenizer vocabulary lacks the special token {token!r}")
-            self._ids[token] = idx
+            self._ids[token] = tokenizer.token_to_id(token)  # None when absent (a non-DeepSeek tokenizer)
+        self.has_chat_template = all(v is not None for v in self._ids.values())
+        for token, key in ((BOS, "bos_token"), (EOS, "eos_token"), (PAD, "pad_token")):
+            if self._ids[token] is None:
+                self._ids[token] = self._config_token_id(key)
+        if self._ids[PAD] is None:
+            self._ids[PAD] = self._ids[EOS] if self._ids[EOS] is not None else 0  # padding is masked anyway
+        # raw text gets a BOS only when the tokenizer's own config adds one (see encode_prompt)
+        self.add_bos_token = bool(self.config.get("add_bos_token", False))
         # The same tokenizer without its added tokens: encodes text as text, so a special-token string inside
         # a message (say `<｜Assistant｜>`) never becomes the control token (see _encode_pieces).
         data = json.loads(tokenizer.to_str())
         data["added_tokens"] = []
         self._plain = tokenizers.Tokenizer.from_str(json.dumps(data))
 
+    def _config_token_id(self, key: str) -> int | None:
+        tok = self.config.get(key)
+        if isinstance(tok, dict):  # transformers may write an AddedToken as {"content": ...}
+            tok = tok.get("content")
+        return self.tokenizer.token_to_id(tok) if isinstance(tok, str) else None
+
+    def _need_chat(self, what: str = "the chat template") -> None:
+        if not self.has_chat_template:
+            missing = [t for t in SPECIAL_TOKENS if self.tokenizer.token_to_id(t) is None]
+            raise ValueError(f"{what} needs DeepSeek's special tokens, which this tokenizer lacks "
+                             f"({', '.join(missing)}); use raw prompts instead (prompt_format='raw', "
+                             "CLI --no-chat-template)")
+
+    def _chat_id(self, token: str) -> int:
+        self._need_chat(f"the token {token}")
+        return self._ids[token]
+
     @property
-    def bos_id(self) -> int:
+    def bos_id(self) -> int | None:
+        """DeepSeek's BOS, else the config's bos_token; None when the tokenizer has none (Qwen2)."""
         return self._ids[BOS]
 
     @property
-    def eos_id(self) -> int:
+    def eos_id(self) -> int | None:
+        """DeepSeek's EOS, else the config's eos_token; None when unknown (the model config's eos is used)."""
         return self._ids[EOS]
 
     @property
@@ -210,19 +238,19 @@ class Tokenizer:
 
     @property
     def user_id(self) -> int:
-        return self._ids[USER]
+        return self._chat_id(USER)
 
     @property
     def assistant_id(self) -> int:
-        return self._ids[ASSISTANT]
+        return self._chat_id(ASSISTANT)
 
     @property
     def think_id(self) -> int:
-        return self._ids[THINK]
+        return self._chat_id(THINK)
 
     @property
     def end_think_id(self) -> int:
-        return self._ids[END_THINK]
+        return self._chat_id(END_THINK)
 
     @property
     def vocab_size(self) -> int:
@@ -231,7 +259,21 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of text; special-token strings in it become their tokens (see encode_text for user text)."""
         ids = self._encode(self.tokenizer, text)
-        return [self.bos_id] + ids if add_bos else ids
+        return [self._bos_or_error()] + ids if add_bos else ids
+
+    def _bos_or_error(self) -> int:
+        if self.bos_id is None:
+            raise ValueError("this tokenizer has no BOS token (no DeepSeek BOS, no bos_token in tokenizer_config.json)")
+        return self.bos_id
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A raw prompt (no chat template): the text encoded as-is, with the tokenizer's own special-token handling
+        (its post-processor, as transformers' `tokenizer(text)` applies it), and a BOS in front only when the
+        tokenizer's config says add_bos_token and the post-processor did not already put one there."""
+        ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        if self.add_bos_token and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of text taken literally: a special-token string in it is encoded as ordinary text, never as
@@ -253,7 +295,7 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], add_bos: bool = False) -> list[list[int]]:
         """encode() over many texts, run in parallel by the Rust side."""
         out = [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-        return [[self.bos_id] + ids for ids in out] if add_bos else out
+        return [[self._bos_or_error()] + ids for ids in out] if add_bos else out
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)  # tensors and arrays too
@@ -264,6 +306,7 @@ class Tokenizer:
         """Token ids of render_chat(...); the same ids transformers gets from the saved Jinja template for content
         without special-token strings. Message content is encoded literally (encode_text): a special-token string
         typed into a message stays text, so a user or tool cannot forge a turn (transformers would parse it)."""
+        self._need_chat()
         pieces = _render_pieces(messages, thinking, add_generation_prompt, keep_last_reasoning)
         return [t for ids in self._encode_pieces(pieces) for t in ids]
 
@@ -278,6 +321,7 @@ class Tokenizer:
         ids == apply_chat_template(messages, thinking, add_generation_prompt=False).
         """
         validate_messages(messages)
+        self._need_chat()
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"encode_chat_with_mask: the last message must be an assistant turn, "
                              f"got role {messages[-1]['role']!r}")
@@ -291,6 +335,11 @@ class Tokenizer:
     def save(self, directory: str, model_max_length: int | None = None) -> None:
         """Write tokenizer.json and tokenizer_config.json (a transformers-loadable folder), atomically."""
         os.makedirs(directory, exist_ok=True)
+        if not self.has_chat_template:  # a foreign tokenizer: its own config back, never DeepSeek's tokens
+            config = {**self.config, "model_max_length": model_max_length or self.model_max_length}
+            _atomic_write_text(os.path.join(directory, TOKENIZER_FILE), self.tokenizer.to_str(pretty=True))
+            _atomic_write_text(os.path.join(directory, CONFIG_FILE), json.dumps(config, indent=2, ensure_ascii=False))
+            return
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": BOS,
@@ -311,15 +360,25 @@ class Tokenizer:
         path = os.path.join(directory, TOKENIZER_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer file not found: {path} (write one with Tokenizer.save)")
-        model_max_length = 131072
+        from .checkpoint import CheckpointError  # a damaged file is refused like a damaged checkpoint
+
+        model_max_length, cfg = 131072, {}
         config_path = os.path.join(directory, CONFIG_FILE)
         if os.path.isfile(config_path):  # optional: only model_max_length is read back
-            with open(config_path, encoding="utf-8") as f:
-                model_max_length = int(json.load(f).get("model_max_length", model_max_length))
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    cfg = json.load(f)
+                model_max_length = int(cfg.get("model_max_length", model_max_length))
+            except (ValueError, TypeError, AttributeError) as e:  # bad JSON / UTF-8, not an object, not a number
+                raise CheckpointError(f"{config_path}: field 'model_max_length' cannot be read ({e})") from None
         try:
-            return cls(tokenizers.Tokenizer.from_file(path), model_max_length)
+            tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # the tokenizers library raises plain Exception
+            raise CheckpointError(f"{path}: not a valid tokenizer file ({e})") from None
+        try:
+            return cls(tok, model_max_length, cfg)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
+            raise CheckpointError(f"{path}: {e}") from None
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,

@@ -293,3 +293,141 @@ def test_bf16_cast_keeps_rope_frequencies_in_fp32():
     inv = model.model.rotary.inv_freq.clone()
     model.to(torch.bfloat16)
     assert model.model.rotary.inv_freq.dtype == torch.float32 and torch.equal(model.model.rotary.inv_freq, inv)
+
+
+def test_transformers_written_folder_loads_as_a_model_without_mtp(tmp_path):
+    """transformers' DeepseekV3Config writes num_nextn_predict_layers: 1 (its default) but never saves an MTP layer."""
+    import warnings
+
+    model = random_model(tiny_config(num_nextn_predict_layers=0), seed=21)
+    ref = hf_model(model)
+    ref.config.num_mtp_layers = 1  # transformers' default, as a twin built from DeepseekV3Config() keeps it
+    ref.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        back = nanoseek.from_pretrained(tmp_path, dtype=torch.float32)
+    said = [w for w in caught if "MTP" in str(w.message)]
+    assert len(said) == 1 and "num_nextn_predict_layers=0" in str(said[0].message)
+    assert back.config.num_nextn_predict_layers == 0 and not back.mtp_layers
+    x = torch.randint(0, model.config.vocab_size, (2, 20))
+    assert (_logits(back, x) - ref(x).logits.detach()).abs().max() < 1e-4
+    # a folder missing some MTP tensors, but not all, is still refused
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["model.layers.3.enorm.weight"] = torch.ones(model.config.hidden_size)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing tensors"):
+        nanoseek.from_pretrained(tmp_path)
+
+
+def test_non_strict_load_never_leaves_uninitialised_memory(tmp_path):
+    cfg = tiny_config(num_nextn_predict_layers=1)
+    model = random_model(cfg, seed=22)
+    model.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    sd = {k: v for k, v in sd.items() if not k.startswith("model.layers.3.")}  # drop the MTP layer...
+    del sd["model.layers.1.post_attention_layernorm.weight"]  # ...and a norm, so MTP is not simply switched off
+    del sd["model.layers.2.mlp.experts.5.up_proj.weight"]
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError):
+        nanoseek.from_pretrained(tmp_path)
+    for _ in range(3):  # garbage in freshly allocated memory would show up on some attempt
+        back = nanoseek.from_pretrained(tmp_path, strict=False)
+        for name, t in back.state_dict().items():
+            assert torch.isfinite(t).all() and t.abs().max() < 100, name
+        assert torch.equal(back.model.layers[1].post_attention_layernorm.weight, torch.ones(cfg.hidden_size))
+        assert back.model.layers[3].enorm.weight.eq(1).all()
+        assert abs(back.model.layers[3].eh_proj.weight.std() - cfg.initializer_range) < 0.02  # normal(0, std)
+        I = cfg.moe_intermediate_size
+        experts = back.model.layers[2].mlp.experts
+        assert torch.equal(experts.gate_up_proj[4], model.model.layers[2].mlp.experts.gate_up_proj[4])
+        assert not torch.equal(experts.gate_up_proj[5, I:], model.model.layers[2].mlp.experts.gate_up_proj[5, I:])
+        assert torch.equal(experts.gate_up_proj[5, :I], model.model.layers[2].mlp.experts.gate_up_proj[5, :I])
+
+
+def _rewrite_header(path, edit):
+    """Rewrite a safetensors file's JSON header through `edit(header) -> new header`, keeping the data bytes."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = edit(json.loads(data[8: 8 + n]))
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+def _rename_field(h):
+    h["model.norm.weight"]["offsets"] = h["model.norm.weight"].pop("data_offsets")
+    return h
+
+
+def _entry_not_object(h):
+    h["model.norm.weight"] = 5
+    return h
+
+
+def _edit_json(name, edit):
+    def mutate(folder):
+        p = folder / name
+        p.write_text(json.dumps(edit(json.loads(p.read_text()))))
+    return mutate
+
+
+def _edit_tensors(edit):
+    def mutate(folder):
+        sd = load_file(folder / "model.safetensors")
+        edit(sd)
+        save_file(sd, str(folder / "model.safetensors"))
+    return mutate
+
+
+def _weight_map_entry_outside(folder):
+    index = folder / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    name, shard = next(iter(d["weight_map"].items()))
+    (folder.parent / "x.safetensors").write_bytes((folder / shard).read_bytes())  # a real file: only the path is wrong
+    d["weight_map"][name] = "../x.safetensors"
+    index.write_text(json.dumps(d))
+
+
+def _corrupt_tokenizer(folder):
+    (folder / "tokenizer.json").write_text('{"model": 3, "version": ')
+
+
+_BAD_FOLDERS = {
+    # case: (mutation of a saved folder, regex the CheckpointError must match: the file and the field)
+    "header_renamed_key": (lambda f: _rewrite_header(f / "model.safetensors", _rename_field),
+                           r"model\.safetensors.*model\.norm\.weight.*data_offsets"),
+    "header_is_a_list": (lambda f: _rewrite_header(f / "model.safetensors", lambda h: list(h)),
+                         r"model\.safetensors: header is a JSON list"),
+    "header_entry_not_object": (lambda f: _rewrite_header(f / "model.safetensors", _entry_not_object),
+                                r"model\.safetensors.*'model\.norm\.weight' is a JSON int"),
+    "index_weight_map_list": (_edit_json("model.safetensors.index.json", lambda d: {**d, "weight_map": list(d["weight_map"])}),
+                              r"model\.safetensors\.index\.json: field 'weight_map' must be an object"),
+    "index_entry_outside": (_weight_map_entry_outside, r"model\.safetensors\.index\.json.*weight_map.*\.\./x\.safetensors.*outside"),
+    "config_is_a_list": (lambda f: (f / "config.json").write_text("[1, 2]"), r"config\.json: expected a JSON object"),
+    "config_bool_for_int": (_edit_json("config.json", lambda d: {**d, "num_hidden_layers": True}),
+                            r"config\.json.*num_hidden_layers.*True"),
+    "int_tensor": (_edit_tensors(lambda sd: sd.update({"model.norm.weight": torch.ones(64, dtype=torch.int64)})),
+                   r"model\.norm\.weight: dtype I64 in model\.safetensors, expected a floating-point tensor"),
+    "bool_tensor": (_edit_tensors(lambda sd: sd.update({"lm_head.weight": torch.ones(97, 64, dtype=torch.bool)})),
+                    r"lm_head\.weight: dtype BOOL in model\.safetensors"),
+    "corrupt_tokenizer": (_corrupt_tokenizer, r"tokenizer\.json: not a valid tokenizer file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_FOLDERS))
+def test_malformed_checkpoint_files_are_refused_with_one_named_error(tmp_path, case):
+    from nanoseek.tokenizer import Tokenizer, train_tokenizer
+
+    folder = tmp_path / "ckpt"
+    model = random_model(tiny_config(num_nextn_predict_layers=0), seed=23)
+    model.save_pretrained(folder, max_shard_bytes=60_000 if case.startswith("index") else 5 * 1024 ** 3)
+    mutate, match = _BAD_FOLDERS[case]
+    if case == "corrupt_tokenizer":
+        train_tokenizer(["one two three 123"] * 20, vocab_size=300).save(folder)
+    mutate(folder)
+    with pytest.raises(CheckpointError, match=match):
+        if case == "corrupt_tokenizer":
+            Tokenizer.load(folder)
+        else:
+            nanoseek.from_pretrained(folder)

@@ -97,6 +97,47 @@ def test_generate_prints_reasoning_and_answer_apart(run, model_dir):
     assert code == 0 and f"completion: {ANSWER}\n" in out and "thinking:" not in out
 
 
+def test_generate_without_thinking_keeps_reasoning_out_of_the_answer(run, model_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    from nanoseek.engine import Engine
+
+    def reasons_anyway(self, prompts, params=None, callback=None):  # thinking off, yet the model reasons
+        text = f"{REASON}</think>{ANSWER}"
+        return [SimpleNamespace(outputs=[SimpleNamespace(text=text, finish_reason="stop", token_ids=[1, 2])])
+                for _ in prompts]
+
+    monkeypatch.setattr(Engine, "generate", reasons_anyway)
+    code, out, _ = run("generate", "--model", model_dir, "--prompt", USERS[2], "--no-thinking")
+    assert code == 0 and f"thinking: {REASON}\nanswer: {ANSWER}\n" in out and "</think>" not in out
+    code, out, _ = run("generate", "--model", model_dir, "--prompt", USERS[2], "--no-thinking", "--json")
+    rec = json.loads(out)
+    assert (rec["reasoning"], rec["answer"]) == (REASON, ANSWER)
+
+
+def test_chat_without_thinking_streams_reasoning_apart(monkeypatch):
+    from types import SimpleNamespace
+
+    from nanoseek.serve.protocol import split_reasoning
+
+    pieces = [REASON[:4], REASON[4:] + "</th", "ink> ", ANSWER[:3], ANSWER[3:]]
+
+    class Engine:
+        def add_request(self, ids, params, stream):
+            q = queue.Queue()
+            for i, p in enumerate(pieces):
+                q.put(SimpleNamespace(text_delta=p, finished=i == len(pieces) - 1, finish_reason="stop"))
+            return SimpleNamespace(events=q)
+
+    out = io.StringIO()
+    answer, reason = commands._stream_reply(Engine(), [1], None, False, out, SimpleNamespace(check=lambda: None))
+    assert (answer, reason) == (ANSWER, "stop")
+    assert out.getvalue() == f"thinking: {REASON}\nassistant: {ANSWER}\n"
+    # the server's split (non-streamed replies) is the same; a model that answers directly keeps its answer
+    assert split_reasoning("".join(pieces), False) == (REASON, ANSWER)
+    assert split_reasoning(ANSWER, False) == ("", ANSWER)
+
+
 def test_generate_json_lines_from_a_prompts_file(run, model_dir, tmp_path):
     f = tmp_path / "prompts.jsonl"
     f.write_text("\n".join(json.dumps({"prompt": u}) for u in USERS[:2]) + "\n")

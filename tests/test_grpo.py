@@ -354,3 +354,34 @@ def test_log_every_is_honoured(micro_base, tmp_path):
     out = grpo(GRPOConfig(**kw), extra_rewards={"r": _ones_reward})
     steps = [r["step"] for r in read_metrics(out.parent)]
     assert steps == [0, 2, 3, 4, 5]  # the initial eval, every 2nd step, the eval step 3, the last step
+
+
+def test_jsonl_alone_trains_on_that_file_with_an_explicit_holdout_and_says_it_resumes(micro_base, tmp_path, capsys,
+                                                                                       monkeypatch):
+    import json
+
+    import nanoseek.tasks
+
+    monkeypatch.setattr(nanoseek.tasks, "TASKS", dict(nanoseek.tasks.TASKS))  # grpo registers the user's task
+
+    path = tmp_path / "user.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"What is {a} plus 1?", "answer": str(a + 1)}) + "\n"
+                            for a in range(12)))
+    seen = []
+
+    def record(prompts, completions, task, **kw):  # TRL's batched signature: columns arrive as lists
+        seen.extend(task)
+        return [len(c) / 8 for c in completions]
+
+    kw = dict(init_from=str(micro_base), out_dir=str(tmp_path / "run"), jsonl=str(path), eval_fraction=0.25,
+              thinking=False, prompts_per_step=2, num_generations=2, max_tokens=6, eval_every=100, eval_problems=8,
+              tensorboard=False, save_every=100, reward_weights={"accuracy": 1.0}, adam_beta1=0.8, adam_epsilon=1e-6)
+    out = grpo(GRPOConfig(steps=1, **kw), extra_rewards={"record": record})
+    assert seen and set(seen) == {"jsonl:user"}  # no arithmetic mixed in
+    m = read_metrics(out.parent)
+    assert [r["step"] for r in m if "eval_accuracy" in r] == [0, 1]  # the 3 held-out lines, bare answers accepted
+    capsys.readouterr()
+    grpo(GRPOConfig(steps=2, **kw), extra_rewards={"record": record})
+    assert f"resuming grpo from step 1 in {tmp_path / 'run'}" in capsys.readouterr().err
+    st = torch.load(tmp_path / "run" / "checkpoints" / "step_0000002" / "trainer_state.pt", weights_only=True)
+    assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in st["optimizer"]["param_groups"])

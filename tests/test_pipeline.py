@@ -30,6 +30,13 @@ def test_micro_run_end_to_end_killed_and_resumed(tmp_path):
     log = done.stdout
     assert "pretrain: already done, skipped" in log and "dsa: already done, skipped" in log
     assert "[9/9] report" in log and "min left" in log
+    assert f"next: nanoseek chat --model {out / 'grpo' / 'model'}" in log
+    # stderr is a pipe: plain progress lines, no carriage returns; the distill stage says "distill"
+    assert "\r" not in done.stderr and "distill: 4/4" in done.stderr, done.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text()) == {"preset": "micro", "fp8": False, "seed": 0}
+    from nanoseek.cli import main
+
+    assert main(["run", "--preset", "cpu", "--out", str(out)]) == 2  # another preset into this folder: refused
 
     report = (out / "report.md").read_text()
     for section in ("## Model", "## Held-out evaluation", "## Stages", "## Rejection sampling", "Pre-training loss",

@@ -112,8 +112,7 @@ def test_reasoning_splitter_equals_parse_completion_under_any_chunking():
             for k, d in enumerate(sp.finish()):
                 parts[k] += d
                 kinds += [k] if d else []
-            t = text.strip().removesuffix(EOS).strip()
-            assert tuple(parts) == (parse_completion(text, True) if thinking else ("", t)), text
+            assert tuple(parts) == parse_completion(text, thinking), text  # thinking off splits at </think> too
             assert kinds == sorted(kinds), text  # every reasoning delta comes before the first answer delta
 
 

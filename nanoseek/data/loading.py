@@ -41,9 +41,20 @@ def _expand(paths: str | os.PathLike | Iterable[str | os.PathLike], suffixes: tu
     return files
 
 
+def _decode(raw: bytes, path: str, lineno: int | None = None) -> str:
+    """UTF-8 text, or a ValueError naming the file and line (and the byte) that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if lineno is None:  # a whole file: find the line
+            lineno = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r}: {e.reason}); "
+                         f"re-encode the file as UTF-8") from None
+
+
 def _read_txt(path: str, txt_split: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        text = _decode(f.read(), path).replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it
     if txt_split == "file":
         docs = [text]
     elif txt_split == "blank_line":
@@ -57,8 +68,9 @@ def _read_txt(path: str, txt_split: str) -> Iterator[str]:
 
 def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a line that is not a JSON object raises ValueError."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode(raw, path, lineno)
             if not line.strip():
                 continue
             try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, _Reader, check_tensors, write_shards
+from ..checkpoint import CheckpointError, _load_config, _Reader, check_tensors, write_shards
 from .dense import DenseConfig, DenseModel
 
 # tensors some published checkpoints carry that carry no information here
@@ -57,7 +57,7 @@ def load_dense(path, dtype: torch.dtype | None = None, device="cpu", strict: boo
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    config = DenseConfig.load(folder)
+    config = _load_config(DenseConfig, folder)
     if dtype is None:
         dtype = getattr(torch, config.torch_dtype)
     reader = _Reader(folder)

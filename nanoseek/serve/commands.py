@@ -103,7 +103,7 @@ def cmd_generate(args) -> None:
         raise ValueError(f"--speculative decodes greedily, one completion per prompt; got --n {args.n}")
     model, tokenizer = load_model(args.model, args.device)
     ids = [_encode(tokenizer, p, args) for p in prompts]
-    split = args.chat and args.thinking  # the completion opens with reasoning
+    split = args.chat and args.thinking  # the completion opens with reasoning (thinking off: only up to a </think>)
     records, t0 = [], time.perf_counter()
     if args.speculative:
         if getattr(model.config, "num_nextn_predict_layers", 0) < 1:
@@ -143,7 +143,7 @@ def cmd_generate(args) -> None:
         sample = f" sample {r['j'] + 1}/{args.n}" if args.n > 1 else ""
         shown = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
         print(f"[{r['i'] + 1}/{len(prompts)}{sample}] prompt: {shown}")
-        if split:
+        if split or reasoning:  # thinking off, yet the model reasoned and wrote </think>: shown apart as well
             print(f"thinking: {reasoning}")
             print(f"answer: {answer}")
         else:

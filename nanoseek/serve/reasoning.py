@@ -5,8 +5,12 @@ arrives in arbitrary pieces, so `</think>` may be split across them. The splitte
 and, after every piece, works out how much of each part is already certain: it holds back a tail that
 could still grow into `</think>` (or into EOS), a beginning that could still grow into `<think>`, and
 the whitespace `parse_completion` strips from either end of each part. So the concatenated reasoning
-deltas and answer deltas equal `parse_completion(text, thinking=True)`; with thinking=False the whole
-text is the answer (stripped), even if it holds a `</think>`.
+deltas and answer deltas equal `parse_completion(text, thinking=True)`.
+
+With thinking=False (the prompt ends with `</think>`) the text is the answer, unless the model reasons
+anyway and writes a `</think>` itself: then what precedes it is reasoning, as with thinking on, and never
+reaches the answer. Until a `</think>` shows up or the text is complete, the text could still turn out to
+be reasoning, so nothing is emitted; the deltas equal `parse_completion(text, thinking=False)`.
 """
 
 from __future__ import annotations
@@ -50,18 +54,15 @@ class ReasoningSplitter:
         return self._advance(*self._certain())
 
     def finish(self) -> tuple[str, str]:
-        if self.thinking:
-            return self._advance(*parse_completion(self.text, thinking=True))
-        text = self.text.strip()  # parse_completion's stripping, without its split at </think>
-        return self._advance("", (text[: -len(EOS)] if text.endswith(EOS) else text).strip())
+        return self._advance(*parse_completion(self.text, thinking=self.thinking))
 
     def _certain(self) -> tuple[str, str]:
-        if not self.thinking:
-            return "", _certain_part(self.text, strip_think=False)
         cut = self.text.find(END_THINK)
         if cut >= 0:
             reasoning = parse_completion(self.text[:cut] + END_THINK, thinking=True)[0]
             return reasoning, _certain_part(self.text[cut + len(END_THINK):], strip_think=False)
+        if not self.thinking:  # may still be reasoning, if a </think> comes: held until it does or the end
+            return "", ""
         # a </think> may be starting at the end: everything before such a tail is reasoning
         open_part = self.text[: len(self.text) - _held_suffix(self.text, END_THINK)]
         return _certain_part(open_part, strip_think=True), ""

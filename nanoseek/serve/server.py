@@ -546,7 +546,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, ma
                 tokens += len(c.token_ids)
                 reasoning, answer = split_reasoning(c.text, think)
                 message: dict[str, Any] = {"role": "assistant", "content": answer}
-                if think:
+                if think or reasoning:  # thinking off, yet the model reasoned and closed it: apart, as when on
                     message["reasoning_content"] = reasoning
                 choices.append({"index": j, "message": message, "finish_reason": c.finish_reason,
                                 "logprobs": chat_logprobs(c.token_ids, c.logprobs, tokenizer, c.top_logprobs)

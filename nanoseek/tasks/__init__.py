@@ -15,7 +15,7 @@ import random
 from .arithmetic import ArithmeticTask
 from .base import LANGS, LEVELS, SPLITS, Problem, Task, answer_line, sample_problem, split_of
 from .countdown import CountdownTask, check_expression
-from .jsonl import JsonlTask, load_jsonl_task, math_equal
+from .jsonl import JsonlTask, load_jsonl_task, math_equal, split_problems
 from .knights import KnightsTask
 from .sorting import SortingTask
 from .verification import MetaVerificationTask, VerificationTask, parse_score
@@ -75,4 +75,4 @@ def solve(problem: Problem) -> tuple[str, str]:
 __all__ = ["ArithmeticTask", "BUILTIN_TASKS", "CountdownTask", "JsonlTask", "KnightsTask", "LANGS", "LEVELS",
            "Problem", "SPLITS", "SortingTask", "TASKS", "Task", "answer_line", "check_expression", "get_task",
            "load_jsonl_task", "make_problems", "math_equal", "register_task", "sample_problem", "solve",
-           "split_of", "verify_answer"]
+           "split_of", "split_problems", "verify_answer"]

@@ -2,7 +2,13 @@
 
 Each non-blank line is an object with "prompt" and "answer" (any JSON scalar, stored as a string)
 and optionally "lang" ("en"/"zh"), "level" (int), "reasoning" (a worked chain of thought used by
-`solution`, else it is empty). Errors name the file and line. Answers are compared by
+`solution`, else it is empty). Every other key is an extra column, kept in `Problem.meta["columns"]`
+(what a TRL-style reward receives as a keyword argument). With require_answer=False (rewards that read
+their own columns) "answer" may be missing (stored as ""). Errors name the file and line.
+
+Held-out split: a file is never split behind the user's back. `split_problems(problems, fraction, seed)`
+holds out an explicit fraction (a seeded shuffle, at least one problem each side); GRPO uses it for
+`eval_fraction`, or takes a separate `eval_jsonl` file. Answers are compared by
 `math_equal(gold, predicted)`: cheap exact/integer checks first, then math-verify's
 `verify(parse(gold), parse(pred))` (so "\\frac{1}{2}" matches "0.5"). math-verify is imported
 lazily (it is the optional `rl` extra); without it only the cheap checks run. Every failure mode of
@@ -113,22 +119,31 @@ class JsonlTask(Task):
         return problem.prompt
 
 
-def load_jsonl_task(path: str, name: str | None = None, lang: str = "en") -> JsonlTask:
-    """Read {"prompt", "answer", [lang, level, reasoning]} lines into a JsonlTask named
+_KNOWN_KEYS = ("prompt", "answer", "lang", "level", "reasoning")
+
+
+def load_jsonl_task(path: str, name: str | None = None, lang: str = "en", require_answer: bool = True) -> JsonlTask:
+    """Read {"prompt", "answer", [lang, level, reasoning], [extra columns]} lines into a JsonlTask named
     `name` (default "jsonl:<file stem>"); `lang` is the default for lines without one."""
     name = name or "jsonl:" + os.path.splitext(os.path.basename(path))[0]
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r}: {e.reason})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            if not require_answer and "answer" not in rec:
+                rec = {**rec, "answer": ""}
             for k in ("prompt", "answer"):
                 if k not in rec:
                     raise ValueError(f"{where}: missing key {k!r}")
@@ -145,7 +160,25 @@ def load_jsonl_task(path: str, name: str | None = None, lang: str = "en") -> Jso
             meta = {"verifier": "math", "source": where}
             if rec.get("reasoning"):
                 meta["reasoning"] = str(rec["reasoning"])
+            columns = {k: v for k, v in rec.items() if k not in _KNOWN_KEYS}
+            if columns:
+                meta["columns"] = columns
             problems.append(Problem(name, level, rl, rec["prompt"], str(rec["answer"]), meta))
     if not problems:
         raise ValueError(f"{path}: no problems (empty file)")
     return JsonlTask(name, problems)
+
+
+def split_problems(problems: list[Problem], fraction: float, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """(train, held_out): round(fraction * n) problems (at least 1, at most n - 1) held out, chosen by a shuffle
+    seeded with `seed`; both lists keep the file's order."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"eval fraction must be in (0, 1), got {fraction!r}")
+    n = len(problems)
+    if n < 2:
+        raise ValueError(f"cannot hold out a fraction of {n} problem(s): give a separate eval file")
+    k = min(n - 1, max(1, round(fraction * n)))
+    order = list(range(n))
+    random.Random(f"holdout|{seed}").shuffle(order)
+    held = set(order[:k])
+    return [p for i, p in enumerate(problems) if i not in held], [p for i, p in enumerate(problems) if i in held]

@@ -121,6 +121,12 @@ def save_stage_checkpoint(ckpt_root: Path, step: int, model, tokenizer=None, sta
     """Write checkpoints/step_NNNNNNN atomically (temp folder + rename) and point `latest` at it.
     extras: {subfolder: model} saved alongside (e.g. GRPO's reference model)."""
     ckpt_root = Path(ckpt_root)
+    bad = non_finite_tensors(model.state_dict().items())
+    if bad:  # never let a NaN model become `latest` or push a good checkpoint out of the rotation
+        stage = ckpt_root.parent.name
+        raise NonFiniteError(f"{stage}: non-finite weights at step {step} ({', '.join(bad[:5])}"
+                             f"{' ...' if len(bad) > 5 else ''}); checkpoint not written", stage, step,
+                             [f"weight {b}" for b in bad])
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:07d}"
     tmp = ckpt_root / f".tmp_step_{step:07d}"
@@ -137,21 +143,97 @@ def save_stage_checkpoint(ckpt_root: Path, step: int, model, tokenizer=None, sta
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(ckpt_root / "latest", final.name + "\n")
-    olds = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and p != final)
+    # rotation: only checkpoints older than this one; a newer one (left by a run resumed from an earlier
+    # checkpoint) is overwritten when its step comes, so the last good one is never the one deleted
+    olds = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and _step_of(p) < step)
     for p in olds[: max(0, len(olds) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
 
 
+def _step_of(p: Path) -> int:
+    try:
+        return int(p.name.removeprefix("step_"))
+    except ValueError:
+        return -1
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a stage checkpoint cannot be resumed from (None when it can): trainer_state.pt must load, every
+    config.json must parse, and every safetensors file must hold all the bytes its header promises."""
+    from ..checkpoint import CheckpointError, _check_header, _read_index
+
+    ckpt = Path(ckpt)
+    state_file = ckpt / "trainer_state.pt"
+    if not state_file.is_file():
+        return f"{state_file} is missing"
+    try:  # mmap: the zip directory and tensor records are checked without reading the optimizer state into memory
+        state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises RuntimeError / EOFError / UnpicklingError for a torn file
+        return f"{state_file} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if not isinstance(state, dict) or "step" not in state:
+        return f"{state_file} holds no 'step'"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (ckpt / name).exists():
+            try:
+                json.loads((ckpt / name).read_text(encoding="utf-8"))
+            except ValueError as e:
+                return f"{ckpt / name} is not valid JSON ({e})"
+    folders = [ckpt] + [p.parent for p in ckpt.glob("*/config.json")]  # extras such as GRPO's ref/
+    for folder in folders:
+        try:
+            try:
+                cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                return f"{folder / 'config.json'} is not valid JSON ({e})"
+            if not isinstance(cfg, dict):
+                return f"{folder / 'config.json'} is not a JSON object"
+            if (folder / "model.safetensors.index.json").exists():
+                files = sorted(set(_read_index(folder / "model.safetensors.index.json").values()))
+            else:
+                files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                return f"{folder} holds no safetensors weights"
+            for f in files:
+                _check_header(f)
+        except CheckpointError as e:
+            return str(e)
+        except (OSError, ValueError) as e:
+            return f"{folder}: {e}"
+    return None
+
+
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest checkpoint that loads: the one `latest` names, else the newest step_* folder. A damaged one
+    (a torn trainer_state.pt or weights file) is passed over with a warning for the previous intact one."""
+    import warnings
+
     ckpt_root = Path(ckpt_root)
+    candidates = sorted((p for p in ckpt_root.glob("step_*") if p.is_dir()), key=_step_of, reverse=True)
     pointer = ckpt_root / "latest"
     if pointer.exists():
-        p = ckpt_root / pointer.read_text().strip()
-        if (p / "trainer_state.pt").exists():
+        try:
+            named = ckpt_root / pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            named = None
+        if named is not None and named.name.startswith("step_") and named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    damaged = []
+    for p in candidates:
+        if not (p / "trainer_state.pt").exists():
+            continue
+        why = checkpoint_problem(p)
+        if why is None:
+            if damaged:
+                warnings.warn(f"{ckpt_root}: passing over damaged checkpoint(s) ({'; '.join(damaged)}); "
+                              f"using the previous intact one, {p.name}", stacklevel=2)
             return p
-    found = sorted(p for p in ckpt_root.glob("step_*") if (p / "trainer_state.pt").exists())
-    return found[-1] if found else None
+        damaged.append(why)
+    if damaged:
+        warnings.warn(f"{ckpt_root}: no intact checkpoint ({'; '.join(damaged)}); starting from scratch",
+                      stacklevel=2)
+    return None
 
 
 def load_trainer_state(ckpt: Path) -> dict:
@@ -159,8 +241,78 @@ def load_trainer_state(ckpt: Path) -> dict:
     return torch.load(Path(ckpt) / "trainer_state.pt", map_location="cpu", weights_only=True)
 
 
+# ---------------------------------------------------------------------------------------------- faults
+
+
+class NonFiniteError(ValueError):
+    """A training stage met a non-finite loss, gradient norm or weight: it stops before stepping or saving it."""
+
+    def __init__(self, message: str, stage: str, step: int | None, what: list[str]):
+        super().__init__(message)
+        self.stage, self.step, self.what = stage, step, what
+
+
+def _as_float(v) -> float:
+    if isinstance(v, torch.Tensor):
+        return float(v.detach().float().reshape(-1)[0]) if v.numel() == 1 else float(v.detach().float().sum())
+    return float(v)
+
+
+def check_finite(stage: str, step: int | None, ckpt_root: Path | None = None, **values) -> None:
+    """Call after the gradient norm is computed, before the optimizer step: raise NonFiniteError naming the
+    stage, the step (the one about to be taken) and every value (loss=..., grad_norm=...) that is NaN or
+    infinite, so nothing non-finite is stepped or checkpointed. None values are skipped."""
+    bad = []
+    for name, v in values.items():
+        if v is None:
+            continue
+        x = _as_float(v)
+        if not math.isfinite(x):
+            bad.append(f"{name}={x}")
+    if not bad:
+        return
+    at = f"step {step}" if step is not None else "an optimizer step"
+    msg = f"{stage}: non-finite {', '.join(bad)} at {at}; stopped before the optimizer step, nothing was saved"
+    last = latest_checkpoint(ckpt_root) if ckpt_root is not None else None
+    msg += f"; the last checkpoint, {last}, is kept" if last is not None else ""
+    msg += " (try a lower learning rate or more warmup)"
+    raise NonFiniteError(msg, stage, step, bad)
+
+
+def non_finite_tensors(tensors) -> list[str]:
+    """Names of the floating-point tensors in (name, tensor) pairs that hold a NaN or an infinity."""
+    names, flags = [], []
+    for name, t in tensors:
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        if t.element_size() == 1:  # float8: isfinite is not defined for it everywhere
+            t = t.float()
+        names.append(name)
+        flags.append(torch.isfinite(t).all())
+    if not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):  # one device sync
+        return []
+    return [n for n, ok in zip(names, flags) if not bool(ok)]
+
+
+def _folder_non_finite(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    bad = []
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt", device="cpu") as h:
+            bad += non_finite_tensors((k, h.get_tensor(k)) for k in h.keys())
+    return bad
+
+
 def copy_model_folder(src: Path, dst: Path) -> Path:
-    """Publish a checkpoint's HF folder (without trainer state) as a stage output, atomically."""
+    """Publish a checkpoint's HF folder (without trainer state) as a stage output, atomically; a folder
+    holding a NaN or infinite weight is never published (NonFiniteError)."""
+    bad = _folder_non_finite(src)
+    if bad:
+        stage = Path(dst).parent.name
+        raise NonFiniteError(f"{stage}: {src} holds non-finite weights ({', '.join(bad[:5])}"
+                             f"{' ...' if len(bad) > 5 else ''}); not published to {dst}", stage, _step_of(Path(src)),
+                             [f"weight {b}" for b in bad])
     dst = Path(dst)
     tmp = dst.with_name("." + dst.name + ".tmp")
     if tmp.exists():
@@ -184,8 +336,7 @@ class MetricsLogger:
         self.path = self.out_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # drop records past the checkpoint we resume from, so the log matches an uninterrupted run
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", -1) <= resume_step]
+            keep = [json.dumps(rec) for rec in read_metrics(self.path) if rec.get("step", -1) <= resume_step]
             atomic_write_text(self.path, "".join(k + "\n" for k in keep))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -220,7 +371,33 @@ def read_metrics(path: Path) -> list[dict]:
         path = path / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl_records(path)
+
+
+def read_jsonl_records(path: Path) -> list[dict]:
+    """One JSON object per line. A torn LAST line (a run killed mid-write) is skipped with a warning; a bad
+    line anywhere else, or bytes that are not UTF-8, raise ValueError naming file:line."""
+    import warnings
+
+    path = Path(path)
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line.decode("utf-8"))
+            if not isinstance(rec, dict):
+                raise ValueError(f"a JSON {type(rec).__name__}, not an object")
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            if i == last:
+                warnings.warn(f"{path}:{i + 1}: skipping a torn last line ({e})", stacklevel=2)
+                continue
+            raise ValueError(f"{path}:{i + 1}: not a JSON object ({e})") from None
+        out.append(rec)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- progress
@@ -240,24 +417,70 @@ class Progress:
 
 
 class TqdmProgress(Progress):
+    """A tqdm bar on a terminal. When stderr is not a terminal (a log file, a pipe), a plain line every
+    NANOSEEK_PROGRESS_INTERVAL seconds (default 30) and at the end instead: a bar's carriage returns would
+    make one unreadable line. Either way a resumed stage says so: "resuming stage S at step N"."""
+
     def __init__(self, position: int | None = None, leave: bool = True):
         self.bar, self.position, self.leave = None, position, leave
+        self.plain = None  # plain-line state when stderr is not a terminal
 
     def start(self, total: int, desc: str, initial: int = 0) -> None:
+        import sys
+
+        tty = getattr(sys.stderr, "isatty", lambda: False)()
+        if initial > 0:
+            print(f"resuming stage {desc} at step {initial}", file=sys.stderr, flush=True)
+        if not tty:
+            try:
+                every = float(os.environ.get("NANOSEEK_PROGRESS_INTERVAL", "30"))
+            except ValueError:
+                every = 30.0
+            now = time.perf_counter()
+            self.plain = dict(total=total, desc=desc, n=initial, initial=initial, t0=now, last=now, every=every,
+                              metrics={}, printed=None)
+            return
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, desc=desc, initial=initial, position=self.position, leave=self.leave,
                         dynamic_ncols=True)
 
+    def _line(self) -> None:
+        import sys
+
+        p = self.plain
+        elapsed = time.perf_counter() - p["t0"]
+        done = p["n"] - p["initial"]
+        rate = done / elapsed if elapsed > 0 else 0.0
+        pct = f" ({100 * p['n'] / p['total']:.0f}%)" if p["total"] else ""
+        left = f", {(p['total'] - p['n']) / rate:.0f} s left" if rate > 0 and p["total"] else ""
+        metrics = "".join(f" {k}={v}" for k, v in p["metrics"].items())
+        print(f"{p['desc']}: {p['n']}/{p['total']}{pct}, {elapsed:.0f} s elapsed{left}{metrics}", file=sys.stderr,
+              flush=True)
+        p["printed"] = p["n"]
+
     def update(self, n: int = 1, **metrics: Any) -> None:
+        fmt = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items()}
+        if self.plain is not None:
+            p = self.plain
+            p["n"] += n
+            p["metrics"].update(fmt)
+            now = time.perf_counter()
+            if now - p["last"] >= p["every"]:
+                p["last"] = now
+                self._line()
+            return
         if self.bar is None:
             return
-        if metrics:
-            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items()},
-                                 refresh=False)
+        if fmt:
+            self.bar.set_postfix(fmt, refresh=False)
         self.bar.update(n)
 
     def close(self) -> None:
+        if self.plain is not None:
+            if self.plain["printed"] != self.plain["n"]:
+                self._line()  # the final count
+            self.plain = None
         if self.bar is not None:
             self.bar.close()
             self.bar = None

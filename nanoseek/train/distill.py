@@ -20,7 +20,7 @@ from . import common as C
 
 @dataclass
 class DistillConfig:
-    teacher: str = "runs/grpo/model"
+    teacher: str = "runs/nanoseek/grpo/model"  # default: the RL model `nanoseek run` writes
     out_dir: str = "runs/distill"
     data: list[str] = field(default_factory=list)  # SFT JSONL from the teacher; empty = sample it now
     # teacher sampling when data is empty
@@ -83,6 +83,22 @@ def make_student(cfg: DistillConfig, folder: Path) -> Path:
     return folder
 
 
+class _Labelled(C.Progress):
+    """Passes everything on to `inner`, with the stage's own label: distillation runs sft() underneath."""
+
+    def __init__(self, inner: C.Progress, desc: str):
+        self.inner, self.desc = inner, desc
+
+    def start(self, total: int, desc: str, initial: int = 0) -> None:
+        self.inner.start(total, self.desc, initial)
+
+    def update(self, n: int = 1, **metrics) -> None:
+        self.inner.update(n, **metrics)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def distill(cfg: DistillConfig, progress: C.Progress | None = None) -> Path:
     from .rejection import RejectionConfig, rejection_sample
     from .sft import SFTConfig, sft
@@ -116,4 +132,4 @@ def distill(cfg: DistillConfig, progress: C.Progress | None = None) -> Path:
                          lr=cfg.lr, warmup=cfg.warmup, max_len=cfg.max_len, seed=cfg.seed, device=cfg.device,
                          resume=cfg.resume, stop_after=cfg.stop_after, tensorboard=cfg.tensorboard,
                          teacher=cfg.teacher if cfg.logit_kd else None, kd_weight=cfg.kd_weight, eval_every=100,
-                         save_every=100, mtp_weight=0.0), progress)
+                         save_every=100, mtp_weight=0.0), _Labelled(progress or C.Progress(), "distill"))

@@ -204,7 +204,8 @@ def dsa(cfg: DSAConfig, progress: C.Progress | None = None) -> Path:
                     loss = loss + cfg.balance_alpha * o.balance_loss
                 metrics["lm_loss"] = main.item()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        C.check_finite("dsa", step + 1, ckpt_root, loss=loss, grad_norm=gnorm)  # nothing non-finite is stepped
         opt.step()
         opt.zero_grad(set_to_none=True)
         if stage == "sparse" and o.router and cfg.bias_update_speed > 0:  # main MoE layers, then the MTP modules

@@ -19,10 +19,10 @@ from . import common as C
 
 @dataclass
 class EvalConfig:
-    model: str = "runs/grpo/model"  # a model folder (DeepSeek or dense student) with tokenizer files
+    model: str = "runs/nanoseek/grpo/model"  # a model folder (DeepSeek or dense student) with tokenizer files
     out: str | None = None  # JSON file to write; None = do not write
     tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
-    levels: list[int] = field(default_factory=lambda: [1])
+    levels: list[int] = field(default_factory=lambda: [1, 2])  # the levels `nanoseek run` reports
     langs: list[str] = field(default_factory=lambda: ["en"])
     jsonl: str | None = None  # a user task file of {"prompt", "answer"} lines, checked with math-verify
     num_problems: int = 50  # per (task, level, lang)
@@ -31,6 +31,8 @@ class EvalConfig:
     top_p: float = 0.95
     max_tokens: int = 128
     thinking: bool = True
+    prompt_format: str = "chat"  # chat: the V3.1 template; raw: the problem text as-is (CLI --no-chat-template)
+    answer_format: str = "auto"  # sentence | bare | auto (bare with raw prompts or thinking off; see rewards)
     seed: int = 1234
     max_batch_size: int = 64
     num_transcripts: int = 3
@@ -42,19 +44,16 @@ class EvalConfig:
             ("num_problems", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
             ("temperature", lambda v: v >= 0, "must be >= 0"),
             ("max_tokens", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
+            ("prompt_format", lambda v: v in ("chat", "raw"), "must be chat or raw"),
+            ("answer_format", lambda v: v in ("auto", "sentence", "bare"), "must be auto, sentence or bare"),
         ])
 
 
 def load_any_model(path, device="cpu"):
-    """A DeepSeek model or a dense student, by config.json's model_type."""
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    if cfg.get("model_type") == "qwen2":
-        from ..model.dense_checkpoint import load_dense
+    """A DeepSeek model or a dense (Qwen2-layout) one, by config.json's model_type: nanoseek.model.load_model."""
+    from ..model import load_model
 
-        return load_dense(path, dtype=torch.float32, device=device)
-    from ..checkpoint import load_pretrained
-
-    return load_pretrained(path, dtype=torch.float32, device=device)
+    return load_model(path, dtype=torch.float32, device=device)
 
 
 def held_out_problems(cfg: EvalConfig) -> list:
@@ -71,7 +70,13 @@ def held_out_problems(cfg: EvalConfig) -> list:
     return problems
 
 
-def prompt_ids(tokenizer, problem, thinking: bool) -> list[int]:
+def prompt_ids(tokenizer, problem, thinking: bool, prompt_format: str = "chat") -> list[int]:
+    """The prompt of a problem: the chat template's generation prompt (thinking on or off), or with
+    prompt_format="raw" the problem's text encoded as-is (a BOS only if the tokenizer's config adds one)."""
+    if prompt_format == "raw":
+        return tokenizer.encode_prompt(problem.prompt)
+    if prompt_format != "chat":
+        raise ValueError(f"prompt_format must be chat or raw, got {prompt_format!r}")
     return tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], thinking=thinking,
                                          add_generation_prompt=True)
 
@@ -79,15 +84,16 @@ def prompt_ids(tokenizer, problem, thinking: bool) -> list[int]:
 @torch.no_grad()
 def score_problems(model, tokenizer, problems, k: int = 4, temperature: float = 0.6, top_p: float = 0.95,
                    max_tokens: int = 128, thinking: bool = True, seed: int = 0, max_batch_size: int = 64,
-                   num_transcripts: int = 3) -> dict:
+                   num_transcripts: int = 3, prompt_format: str = "chat", answer_format: str = "auto") -> dict:
     from ..engine import Engine, SamplingParams
     from ..tasks import get_task
-    from .rewards import accuracy_reward, extract_answer, format_reward, split_completion
+    from .rewards import accuracy_reward, bare_answers, extract_answer, format_reward, resolve_answer_format, split_completion
 
     if not problems:
         raise ValueError("no problems to evaluate")
     was_training = model.training
-    prompts = [prompt_ids(tokenizer, p, thinking) for p in problems]
+    bare = resolve_answer_format(answer_format, prompt_format, thinking) == "bare"
+    prompts = [prompt_ids(tokenizer, p, thinking, prompt_format) for p in problems]
     max_len = max(len(p) for p in prompts) + max_tokens + 1
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_len=max_len)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
@@ -97,8 +103,9 @@ def score_problems(model, tokenizer, problems, k: int = 4, temperature: float = 
     pass1, maj, fmt, lengths, transcripts = [], [], [], [], []
     for prob, out in zip(problems, outs):
         texts = [c.text for c in out.outputs]
-        correct = [accuracy_reward(t, prob, thinking=thinking) for t in texts]
-        answers = [extract_answer(split_completion(t, thinking=thinking)[1]) for t in texts]
+        correct = [accuracy_reward(t, prob, thinking=thinking, bare=bare) for t in texts]
+        regions = [split_completion(t, thinking=thinking)[1] for t in texts]
+        answers = [extract_answer(r) or (next(iter(bare_answers(r)), None) if bare else None) for r in regions]
         votes = Counter(a for a in answers if a)
         top = votes.most_common(1)[0][0] if votes else None
         maj_ok = float(top is not None and get_task(prob.task).verify(prob, top)) if top is not None else 0.0
@@ -130,7 +137,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     model = load_any_model(cfg.model, device).eval()
     tokenizer = Tokenizer.load(cfg.model)
     res = score_problems(model, tokenizer, held_out_problems(cfg), cfg.k, cfg.temperature, cfg.top_p, cfg.max_tokens,
-                         cfg.thinking, cfg.seed, cfg.max_batch_size, cfg.num_transcripts)
+                         cfg.thinking, cfg.seed, cfg.max_batch_size, cfg.num_transcripts, cfg.prompt_format,
+                         cfg.answer_format)
     res["model"] = str(cfg.model)
     res["config"] = dataclasses.asdict(cfg)
     if cfg.out:

@@ -18,6 +18,14 @@ truncated-completion masking. V3.2-Speciale
 (`speciale=True`, extended thinking): reasoning tasks only, with a relaxed length penalty (`speciale_config`).
 
     grpo(GRPOConfig(init_from="runs/sft/model", out_dir="runs/grpo")) -> Path
+
+Any model, prompt and reward: `init_from` is a DeepSeek folder or a Qwen2-layout dense one (nanoseek's student
+or a transformers Qwen2ForCausalLM folder; nanoseek.model.load_model), with any tokenizer when
+prompt_format="raw" (the problem text as-is; the chat template needs DeepSeek's special tokens). Rewards are
+the built-ins, per-sample callables or TRL-style batched ones fn(prompts, completions, **columns) (in Python
+through `extra_rewards`, or `reward_funcs=["module:function=weight"]`); `jsonl` alone trains on that file only,
+its held-out set is `eval_jsonl` or an explicit `eval_fraction`. TRL's option names are accepted by
+`GRPOConfig.from_trl(**kw)` / `from_dict` and on the CLI (docs/training.md has the table).
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,20 +47,50 @@ from .grpo_loss import (group_advantages, grpo_loss, loss_token_count, off_polic
                         token_entropy, token_logprobs, truncated_importance_weights, zero_spread_groups)
 
 
+# TRL GRPOConfig / GRPOTrainer names -> nanoseek's, where the idea is the same (names equal in both, such as
+# num_generations, loss_type, beta, scale_rewards, temperature, top_p, top_k, num_iterations, weight_decay,
+# adam_beta1/2, adam_epsilon and seed, need no entry). Keep in step with cli.ALIASES["GRPOConfig"].
+TRL_NAMES = {
+    "max_completion_length": "max_tokens",
+    "epsilon": "eps_low",
+    "epsilon_high": "eps_high",
+    "mask_truncated_completions": "mask_truncated",
+    "per_device_train_batch_size": "completions_per_step",  # divided by num_generations: prompts_per_step
+    "generation_batch_size": "completions_per_step",
+    "learning_rate": "lr",
+    "max_grad_norm": "grad_clip",
+    "max_steps": "steps",
+    "warmup_steps": "warmup",
+    "lr_scheduler_type": "lr_schedule",
+    "output_dir": "out_dir",
+    "model_name_or_path": "init_from",
+    "logging_steps": "log_every",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "vllm_importance_sampling_correction": "importance_sampling_correction",
+    "vllm_importance_sampling_cap": "importance_sampling_cap",
+}
+
+
 @dataclass
 class GRPOConfig:
-    init_from: str = "runs/sft/model"
+    init_from: str = "runs/sft/model"  # a DeepSeek or Qwen2-layout (dense / transformers) model folder
     out_dir: str = "runs/grpo"
     # tasks
-    tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
+    tasks: list[str] | None = None  # built-in tasks; None = ["arithmetic"], or none when jsonl is given
     levels: list[int] = field(default_factory=lambda: [1])
     langs: list[str] = field(default_factory=lambda: ["en"])
-    jsonl: str | None = None  # a user task file of {"prompt", "answer"} lines (math-verify)
+    jsonl: str | None = None  # a user task file of {"prompt", ["answer"], extra columns...} lines
+    eval_jsonl: str | None = None  # the held-out set of a user task (a separate file)
+    eval_fraction: float | None = None  # or: hold out this fraction of `jsonl` (seeded); None = no jsonl eval
     thinking: bool = True
+    prompt_format: str = "chat"  # chat: the V3.1 template; raw: the problem text as-is (CLI --no-chat-template)
+    answer_format: str = "auto"  # accuracy reward: sentence | bare | auto (bare with raw or thinking off)
     # sampling
     steps: int = 40
     prompts_per_step: int = 8
     num_generations: int = 8  # G
+    completions_per_step: int | None = None  # TRL's per_device_train_batch_size; sets prompts_per_step = it / G
     max_tokens: int = 96
     rollout_batch_size: int = 256  # sequences the engine decodes together (a whole rollout, up to this)
     temperature: float = 1.0
@@ -62,7 +102,10 @@ class GRPOConfig:
     lr_schedule: str = "constant"  # constant | cosine (after warmup, down to min_lr_ratio * lr)
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95  # TRL / transformers default 0.999
+    adam_epsilon: float = 1e-8
+    grad_clip: float = 1.0  # TRL's max_grad_norm
     num_iterations: int = 1  # optimizer steps per rollout (mu), reusing the stored old log-probs
     minibatch_size: int = 16  # sequences per forward/backward
     skip_zero_advantage: bool = True  # no forward/backward for rows with A = 0 and no KL term (same gradient)
@@ -85,11 +128,16 @@ class GRPOConfig:
     importance_sampling_correction: bool = False  # TIS: weight tokens by min(pi_old_trainer / pi_sampler, cap)
     importance_sampling_cap: float = 2.0  # C of truncated importance sampling
     # rewards
-    reward_weights: dict = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.2})
+    reward_funcs: list[str] = field(default_factory=list)  # "module:function[=weight]" or a built-in name (CLI --reward)
+    # None = auto: {"accuracy": 1.0, "format": 0.2} (no format with bare answers) when no user reward is given,
+    # else only the user's rewards; a dict of name -> weight; or a list aligned with reward_funcs (TRL's form)
+    reward_weights: dict | list | None = None
     length_max: int | None = None  # length penalty window (tokens); None = max_tokens
     length_buffer: int = 32
     # bookkeeping
-    eval_every: int = 10
+    eval: bool = True  # held-out evaluation at step 0, every eval_every steps and at the end
+    eval_metric: str = "auto"  # accuracy (greedy pass@1) | reward (mean training reward, greedy) | auto
+    eval_every: int = 10  # 0 = no evaluation
     eval_problems: int = 64
     eval_levels: list[int] | None = None  # levels of the held-out curve; None = the training levels
     eval_max_tokens: int | None = None
@@ -104,6 +152,18 @@ class GRPOConfig:
     speciale: bool = False  # V3.2-Speciale: reasoning tasks only, relaxed length penalty (see speciale_config)
 
     def __post_init__(self):
+        if isinstance(self.scale_rewards, bool) or self.scale_rewards in ("true", "True", "false", "False"):
+            self.scale_rewards = "group" if self.scale_rewards in (True, "true", "True") else "none"  # TRL's old bool
+        if isinstance(self.reward_weights, (int, float)) and not isinstance(self.reward_weights, bool):
+            self.reward_weights = [float(self.reward_weights)]  # CLI: --reward-weights 0.5 (one reward)
+        if self.tasks is None:  # --jsonl alone trains on that file only
+            self.tasks = [] if self.jsonl else ["arithmetic"]
+        n = self.completions_per_step
+        if n is not None:
+            if not isinstance(n, int) or n < 1 or not isinstance(self.num_generations, int) or n % self.num_generations:
+                raise ValueError(f"GRPOConfig.completions_per_step (TRL's per_device_train_batch_size) must be a positive "
+                                 f"multiple of num_generations={self.num_generations}, got {n!r}")
+            self.prompts_per_step = n // self.num_generations
         C.validate_fields(self, [
             ("steps", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
             ("time_limit_s", lambda v: v is None or v > 0, "must be None or > 0"),
@@ -128,16 +188,79 @@ class GRPOConfig:
             ("max_resample_rounds", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0"),
             ("importance_sampling_cap", lambda v: v > 0, "must be > 0"),
             ("log_every", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
+            ("eval_every", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0 (0 = no evaluation)"),
+            ("eval_metric", lambda v: v in ("auto", "accuracy", "reward"), "must be auto, accuracy or reward"),
+            ("prompt_format", lambda v: v in ("chat", "raw"), "must be chat or raw"),
+            ("answer_format", lambda v: v in ("auto", "sentence", "bare"), "must be auto, sentence or bare"),
+            ("eval_fraction", lambda v: v is None or 0 < v < 1, "must be None or in (0, 1)"),
+            ("adam_beta1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+            ("adam_beta2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+            ("adam_epsilon", lambda v: v > 0, "must be > 0"),
+            ("weight_decay", lambda v: v >= 0, "must be >= 0"),
+            ("grad_clip", lambda v: v > 0, "must be > 0 (TRL's max_grad_norm)"),
         ])
         from ..tasks import TASKS
 
+        if not self.tasks and not self.jsonl:
+            raise ValueError("GRPOConfig.tasks: no tasks and no jsonl: nothing to train on")
+        if (self.eval_jsonl or self.eval_fraction is not None) and not self.jsonl:
+            raise ValueError("GRPOConfig.eval_jsonl / eval_fraction: the held-out set of a user task needs jsonl")
+        if self.eval_jsonl and self.eval_fraction is not None:
+            raise ValueError("GRPOConfig: give eval_jsonl or eval_fraction, not both")
         for t in self.tasks:
             if t not in TASKS:
                 raise ValueError(f"GRPOConfig.tasks: unknown task {t!r}; choose from {sorted(TASKS)}")
-        bad = [k for k in self.reward_weights if k not in ("accuracy", "format", "language", "length")]
-        if bad:
-            raise ValueError(f"GRPOConfig.reward_weights: unknown reward {bad[0]!r} "
-                             "(built-ins: accuracy, format, language, length; pass callables through grpo(extra=...))")
+        if isinstance(self.reward_weights, list):
+            if not self.reward_funcs:
+                pass  # aligned with grpo(extra_rewards=...) (checked there)
+            elif len(self.reward_weights) != len(self.reward_funcs):
+                raise ValueError(f"GRPOConfig.reward_weights: {len(self.reward_weights)} weights for "
+                                 f"{len(self.reward_funcs)} reward_funcs")
+        elif isinstance(self.reward_weights, dict):
+            named = {spec.rpartition("=")[0] if "=" in spec else spec for spec in self.reward_funcs}
+            named = {n.rpartition(":")[2] for n in named}
+            bad = [k for k in self.reward_weights if k not in ("accuracy", "format", "language", "length") and k not in named]
+            if bad:
+                raise ValueError(f"GRPOConfig.reward_weights: unknown reward {bad[0]!r} (built-ins: accuracy, format, "
+                                 "language, length; user rewards through reward_funcs or grpo(extra_rewards=...))")
+        elif self.reward_weights is not None:
+            raise ValueError(f"GRPOConfig.reward_weights must be None, a dict or a list, got {self.reward_weights!r}")
+
+    @classmethod
+    def from_trl(cls, **kw) -> "GRPOConfig":
+        """A config from TRL's GRPOConfig names (and nanoseek's own): max_completion_length, epsilon, epsilon_high,
+        mask_truncated_completions, per_device_train_batch_size (completions; times gradient_accumulation_steps),
+        learning_rate, max_grad_norm, ... (TRL_NAMES), with TRL's meanings: epsilon_high unset = epsilon (a
+        symmetric clip), scale_rewards True/False = group/none, reward_weights a list aligned with reward_funcs.
+        Names that exist in neither raise one ValueError. TRL's defaults are not adopted: unset = nanoseek's."""
+        kw = dict(kw)
+        accum = kw.pop("gradient_accumulation_steps", 1) or 1
+        if "per_device_train_batch_size" in kw and accum != 1:
+            kw["per_device_train_batch_size"] = kw["per_device_train_batch_size"] * accum
+        if "epsilon" in kw and kw.get("epsilon_high") is None and "eps_high" not in kw:
+            kw["epsilon_high"] = kw["epsilon"]  # TRL: epsilon_high defaults to epsilon
+        if "epsilon_high" in kw and kw["epsilon_high"] is None:
+            del kw["epsilon_high"]
+        own = {f.name for f in dataclasses.fields(cls)}
+        out, unknown = {}, []
+        for k, v in kw.items():
+            name = TRL_NAMES.get(k, k)
+            if name not in own:
+                unknown.append(k)
+            elif name in out:
+                raise ValueError(f"GRPOConfig.from_trl: {k} and another name both set {name}")
+            else:
+                out[name] = v
+        if unknown:
+            raise ValueError(f"GRPOConfig.from_trl: no nanoseek option for {', '.join(sorted(unknown))} "
+                             "(docs/training.md lists the TRL names nanoseek takes)")
+        return cls(**out)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GRPOConfig":
+        """A config from a dict of nanoseek's names and/or TRL's (see from_trl), e.g. a saved grpo_config.json."""
+        d = {k: v for k, v in d.items() if k != "speciale"}  # a saved config holds the effective (speciale) values
+        return cls.from_trl(**d)
 
     @property
     def uses_reference(self) -> bool:
@@ -177,8 +300,8 @@ def speciale_config(cfg: GRPOConfig) -> GRPOConfig:
     bad = [t for t in cfg.tasks if t in VERIFICATION_TASKS]
     if bad:
         raise ValueError(f"GRPOConfig.speciale: RL on reasoning tasks only, but tasks include {bad[0]!r}")
-    weights = dict(cfg.reward_weights)
-    if "length" in weights:
+    weights = dict(cfg.reward_weights) if isinstance(cfg.reward_weights, dict) else cfg.reward_weights
+    if isinstance(weights, dict) and "length" in weights:
         weights["length"] *= SPECIALE_LENGTH_WEIGHT
     window = cfg.length_max or cfg.max_tokens
     return dataclasses.replace(cfg, speciale=False, reward_weights=weights,
@@ -191,12 +314,16 @@ def speciale_config(cfg: GRPOConfig) -> GRPOConfig:
 def draw_problems(cfg: GRPOConfig, step: int, tasks, n: int | None = None, round_: int = 0) -> list:
     """n (default prompts_per_step) training problems, a function of (seed, step, round_) alone, so a resumed run
     draws the same ones; round_ > 0 are dynamic sampling's extra draws."""
-    from ..tasks import sample_problem
+    from ..tasks import JsonlTask, sample_problem
 
     rng = random.Random(f"{cfg.seed}/{step}" if round_ == 0 else f"{cfg.seed}/{step}/{round_}")
     out = []
     for _ in range(cfg.prompts_per_step if n is None else n):
         task = rng.choice(tasks)
+        if isinstance(task, JsonlTask) and task.name not in cfg.tasks:
+            # a user file: every line is training data (its held-out set is explicit: eval_jsonl / eval_fraction)
+            out.append(rng.choice(task.problems))
+            continue
         out.append(sample_problem(task, rng, rng.choice(cfg.levels) if task.name in cfg.tasks else 1,
                                   rng.choice(cfg.langs) if task.name in cfg.tasks else task.problems[0].lang,
                                   split="train"))
@@ -211,7 +338,7 @@ def rollout(model, tokenizer, cfg: GRPOConfig, problems, step: int, round_: int 
     from ..engine import Engine, SamplingParams, derive_seed
     from .evaluate import prompt_ids
 
-    prompts = [prompt_ids(tokenizer, p, cfg.thinking) for p in problems]
+    prompts = [prompt_ids(tokenizer, p, cfg.thinking, cfg.prompt_format) for p in problems]
     moe = any(getattr(layer, "is_moe", False) for layer in model.model.layers)
     max_len = max(len(p) for p in prompts) + cfg.max_tokens + 1
     # One engine batch for the whole rollout when it fits: on a CPU a 128-row decode step costs little more
@@ -312,7 +439,9 @@ def sample_groups(model, tokenizer, cfg: GRPOConfig, step: int, tasks, reward_fn
         seqs = rollout(model, tokenizer, cfg, draw_problems(cfg, step, tasks, n=n_draw, round_=rnd), step, rnd)["seqs"]
         ntok = [len(s["completion"].token_ids) for s in seqs]
         totals, comps = reward_fn.batch([s["problem"].prompt for s in seqs], [s["completion"].text for s in seqs],
-                                        [s["problem"] for s in seqs], ntok)
+                                        [s["problem"] for s in seqs], ntok,
+                                        completion_ids=[list(s["completion"].token_ids) for s in seqs],
+                                        trainer_state=SimpleNamespace(global_step=step, max_steps=cfg.steps))
         every += seqs
         rewards_all += totals
         for k, v in comps.items():
@@ -339,7 +468,9 @@ def sample_groups(model, tokenizer, cfg: GRPOConfig, step: int, tasks, reward_fn
                "truncated_frac": sum(s["completion"].finish_reason == "length" for s in every) / len(every)}
     for name, vals in comps_all.items():
         v = torch.tensor(vals, dtype=torch.float32)
-        metrics[f"reward_{name}"], metrics[f"reward_{name}_std"] = v.mean().item(), v.std().item()
+        v = v[~v.isnan()]  # a batched reward's None: that sample is left out of its mean
+        metrics[f"reward_{name}"] = v.mean().item() if len(v) else float("nan")
+        metrics[f"reward_{name}_std"] = v.std().item() if len(v) > 1 else 0.0
     metrics["accuracy"] = metrics.get("reward_accuracy", float("nan"))
     if cfg.dynamic_sampling:
         metrics.update(resample_rounds=rnd, resample_rollouts=len(every) - want * G, informative_groups=len(kept) // G)
@@ -423,6 +554,7 @@ def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tens
                 stats["entropy"] = stats.get("entropy", 0.0) + float((ent * m).sum() / m.sum().clamp_min(1)) / n_mb
         stats["loss"] = stats.get("loss", 0.0) + loss_sum / cfg.num_iterations
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        C.check_finite("grpo", None, f"{cfg.out_dir}/checkpoints", loss=loss_sum, grad_norm=gnorm)  # nothing non-finite is stepped
         opt.step()
         opt.zero_grad(set_to_none=True)
     stats["trained_frac"] = len(train_rows) / max(1, n_seqs)
@@ -433,12 +565,66 @@ def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tens
 # ---------------------------------------------------------------------------------------------- loop
 
 
+def resolve_rewards(cfg: GRPOConfig, extra_rewards: dict | None = None) -> tuple[dict, dict]:
+    """(weights, extra callables) of a run: cfg.reward_funcs (module:function[=w] or built-in names), the Python
+    callables of grpo(extra_rewards=...), and cfg.reward_weights (None = auto, a dict, or a list aligned with
+    reward_funcs, else with extra_rewards). Auto: only the user's rewards when there are any, else the built-in
+    accuracy (1.0) and, unless answers are bare, format (0.2)."""
+    from .rewards import parse_reward_specs, resolve_answer_format
+
+    rw = cfg.reward_weights
+    extra_rewards = dict(extra_rewards or {})
+    spec_w, spec_extra = parse_reward_specs(cfg.reward_funcs, rw if isinstance(rw, list) and cfg.reward_funcs else None)
+    clash = set(spec_extra) & set(extra_rewards)
+    if clash:
+        raise ValueError(f"reward {sorted(clash)[0]!r} is given both in reward_funcs and extra_rewards")
+    extra = {**spec_extra, **extra_rewards}
+    if isinstance(rw, dict):
+        weights = {**spec_w, **rw}
+    elif isinstance(rw, list) and not cfg.reward_funcs:
+        if len(rw) != len(extra_rewards):
+            raise ValueError(f"GRPOConfig.reward_weights: {len(rw)} weights for {len(extra_rewards)} extra_rewards")
+        weights = {k: float(w) for k, w in zip(extra_rewards, rw)}
+    elif spec_w or extra:
+        weights = spec_w
+    else:
+        bare = resolve_answer_format(cfg.answer_format, cfg.prompt_format, cfg.thinking) == "bare"
+        weights = {"accuracy": 1.0} if bare else {"accuracy": 1.0, "format": 0.2}
+    return weights, extra
+
+
+@torch.no_grad()
+def eval_with_reward(model, tokenizer, problems, reward_fn, cfg: GRPOConfig, max_tokens: int) -> dict:
+    """The training reward on greedy completions of held-out problems: eval_reward (mean of the totals) and
+    eval_reward_<name> per component, plus one sample."""
+    from ..engine import Engine, SamplingParams
+    from .evaluate import prompt_ids
+
+    prompts = [prompt_ids(tokenizer, p, cfg.thinking, cfg.prompt_format) for p in problems]
+    engine = Engine(model, tokenizer, max_batch_size=min(cfg.rollout_batch_size, len(prompts)),
+                    max_len=max(len(p) for p in prompts) + max_tokens + 1)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, n=1, seed=cfg.seed))
+    comps = [o.outputs[0] for o in outs]
+    totals, parts = reward_fn.batch([p.prompt for p in problems], [c.text for c in comps], list(problems),
+                                    [len(c.token_ids) for c in comps],
+                                    completion_ids=[list(c.token_ids) for c in comps])
+    res = {"eval_reward": sum(totals) / len(totals), "eval_length": sum(len(c.token_ids) for c in comps) / len(comps),
+           "eval_sample": comps[0].text}
+    for name, vals in parts.items():
+        v = [x for x in vals if not math.isnan(x)]
+        res[f"eval_reward_{name}"] = sum(v) / len(v) if v else float("nan")
+    return res
+
+
 def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dict | None = None) -> Path:
-    from ..checkpoint import load_pretrained
-    from ..tasks import get_task, load_jsonl_task, register_task
+    """Train; returns the final model folder (or the latest checkpoint when stopped early). extra_rewards:
+    {name: callable}, per-sample fn(prompt, completion, problem) -> float or TRL's batched
+    fn(prompts, completions, **columns) -> list[float] (nanoseek.train.rewards.is_batched_reward)."""
+    from ..model import load_model
+    from ..tasks import JsonlTask, get_task, load_jsonl_task, register_task, split_problems
     from ..tokenizer import Tokenizer
     from .evaluate import score_problems
-    from .rewards import RewardConfig, combine_rewards
+    from .rewards import RewardConfig, combine_rewards, resolve_answer_format
 
     progress = progress or C.Progress()
     speciale = cfg.speciale
@@ -452,46 +638,73 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
     device = C.pick_device(cfg.device)
     C.seed_everything(cfg.seed)
     tokenizer = Tokenizer.load(cfg.init_from)
+    answer_format = resolve_answer_format(cfg.answer_format, cfg.prompt_format, cfg.thinking)
+    if cfg.prompt_format == "chat" and not tokenizer.has_chat_template:
+        tokenizer.apply_chat_template([{"role": "user", "content": "x"}])  # raises: no DeepSeek tokens, use raw
+    weights, extra = resolve_rewards(cfg, extra_rewards)
+    eval_metric = cfg.eval_metric
+    if eval_metric == "auto":
+        eval_metric = "accuracy" if weights.get("accuracy", 0) > 0 or not extra else "reward"
+    needs_answer = "accuracy" in weights or eval_metric == "accuracy"
     tasks = [get_task(t) for t in cfg.tasks]
+    held_out = []  # the user task's held-out problems (explicit: eval_jsonl or eval_fraction)
     if cfg.jsonl:
-        tasks.append(register_task(load_jsonl_task(cfg.jsonl), overwrite=True))
+        user = load_jsonl_task(cfg.jsonl, require_answer=needs_answer)
+        if cfg.eval_fraction is not None:
+            train, held_out = split_problems(user.problems, cfg.eval_fraction, seed=cfg.seed)
+            user = JsonlTask(user.name, train)
+        elif cfg.eval_jsonl:
+            held_out = load_jsonl_task(cfg.eval_jsonl, name=user.name, require_answer=needs_answer).problems
+        tasks.append(register_task(user, overwrite=True))
     resume_from = C.latest_checkpoint(ckpt_root) if cfg.resume else None
-    model = load_pretrained(resume_from or cfg.init_from, dtype=torch.float32, device=device)
+    model = load_model(resume_from or cfg.init_from, dtype=torch.float32, device=device)
     ref = None
     if cfg.uses_reference:
         ref_src = resume_from / "ref" if resume_from is not None and (resume_from / "ref").exists() else cfg.init_from
-        ref = load_pretrained(ref_src, dtype=torch.float32, device=device).eval()
+        ref = load_model(ref_src, dtype=torch.float32, device=device).eval()
         ref.requires_grad_(False)
-    opt = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    opt = C.make_optimizer(model, cfg.lr, cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     step = 0
     if resume_from is not None:
         st = C.load_trainer_state(resume_from)
         opt.load_state_dict(st["optimizer"])
         C.set_rng_state(st["rng"])
         step = st["step"]
+        print(f"resuming grpo from step {step} in {out}", file=sys.stderr, flush=True)
     logger = C.MetricsLogger(out, tensorboard=cfg.tensorboard, resume_step=step if resume_from else None)
     if resume_from is None:
         # the effective settings; "speciale" says they came from speciale_config
         C.atomic_write_text(out / "grpo_config.json",
                             json.dumps({**dataclasses.asdict(cfg), "speciale": speciale}, indent=2) + "\n")
-    reward_fn = combine_rewards(dict(cfg.reward_weights), extra_rewards,
-                                RewardConfig(weights=dict(cfg.reward_weights), max_len=cfg.length_max or cfg.max_tokens,
-                                             length_buffer=cfg.length_buffer, thinking=cfg.thinking))
+    reward_fn = combine_rewards(weights, extra,
+                                RewardConfig(weights=weights, max_len=cfg.length_max or cfg.max_tokens,
+                                             length_buffer=cfg.length_buffer, thinking=cfg.thinking,
+                                             answer_format=answer_format))
     from ..tasks import make_problems
 
     eval_levels = cfg.eval_levels or cfg.levels
     eval_set = [p for t in cfg.tasks for lvl in eval_levels for lang in cfg.langs
                 for p in make_problems(t, max(1, cfg.eval_problems // (len(cfg.tasks) * len(eval_levels) * len(cfg.langs))),
                                        level=lvl, lang=lang, seed=cfg.seed + 7, split="test")]
+    eval_set += held_out[: cfg.eval_problems]
+    evaluating_on = cfg.eval and cfg.eval_every > 0
+    if evaluating_on and not eval_set:
+        print(f"grpo: no held-out problems ({cfg.jsonl} is all training data; give eval_jsonl or eval_fraction): "
+              "evaluation off", file=sys.stderr, flush=True)
+        evaluating_on = False
+    eval_tokens = cfg.eval_max_tokens or cfg.max_tokens
 
     def run_eval() -> dict:
         model.eval()
-        r = score_problems(model, tokenizer, eval_set, k=1, temperature=0.0, max_tokens=cfg.eval_max_tokens or cfg.max_tokens,
-                           thinking=cfg.thinking, seed=cfg.seed, num_transcripts=1)
+        if eval_metric == "reward":
+            return eval_with_reward(model, tokenizer, eval_set, reward_fn, cfg, eval_tokens)
+        r = score_problems(model, tokenizer, eval_set, k=1, temperature=0.0, max_tokens=eval_tokens,
+                           thinking=cfg.thinking, seed=cfg.seed, num_transcripts=1, prompt_format=cfg.prompt_format,
+                           answer_format=answer_format)
         return {"eval_accuracy": r["pass@1"], "eval_format": r["format_rate"], "eval_length": r["mean_length"],
                 "eval_sample": r["transcripts"][0]["completion"] if r["transcripts"] else ""}
 
-    if resume_from is None:
+    if resume_from is None and evaluating_on:
         logger.log(0, **run_eval())
     moe_layers = sum(1 for layer in model.model.layers[: model.config.num_hidden_layers] if layer.is_moe) \
         if hasattr(model.config, "n_routed_experts") else 0
@@ -518,11 +731,11 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
         if out_of_time:  # the budget is spent: this is the last step, as if steps had been set to it
             cfg = dataclasses.replace(cfg, steps=step)
             metrics["stopped_by_time_limit"] = 1
-        evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+        evaluating = evaluating_on and (step % cfg.eval_every == 0 or step == cfg.steps)
         if evaluating:
             metrics.update(run_eval())
         stopping = cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.steps
-        if step % cfg.log_every == 0 or evaluating or stopping:  # and always the last step (evaluated)
+        if step % cfg.log_every == 0 or evaluating or stopping or step == cfg.steps:  # and always the last step
             logger.log(step, **metrics)
         progress.update(1, reward=metrics["reward"], acc=metrics["accuracy"])
         if step % cfg.save_every == 0 or step == cfg.steps or stopping:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .. import precision as P
 from ..model import DeepSeekModel
 from . import common as C
 
@@ -56,7 +57,8 @@ class PretrainConfig:
     mtp_switch_frac: float = 0.7  # lambda goes 0.3 -> 0.1 after this share of the steps (V3: first 10T of 14.8T)
     bias_update_speed: float = 1e-3  # gamma; 0 disables aux-loss-free balancing
     balance_alpha: float = 1e-4  # sequence-wise balance loss weight
-    fp8: bool = False
+    precision: str = "auto"  # fp32 | bf16 (bf16 weights, fp32 masters) | fp8 | amp; auto: fp32 on CPU, amp on GPU
+    fp8: bool = False  # deprecated: precision="fp8"
     # bookkeeping
     eval_every: int = 50
     eval_batches: int = 4
@@ -65,7 +67,7 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     device: str | None = None
-    dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    dtype: str = "auto"  # deprecated alias of precision (float32 -> fp32, bfloat16 -> bf16)
     compile: bool = False
     tensorboard: bool = True
     resume: bool = True  # continue from out_dir/checkpoints/latest when present
@@ -85,6 +87,7 @@ class PretrainConfig:
             ("bias_update_speed", lambda v: v >= 0, "must be >= 0"),
             ("balance_alpha", lambda v: v >= 0, "must be >= 0"),
             ("dtype", lambda v: v in ("auto", "float32", "bfloat16"), "must be auto, float32 or bfloat16"),
+            ("precision", lambda v: v in P.PRECISIONS, "must be auto, fp32, bf16, fp8 or amp"),
             ("save_every", lambda v: v > 0, "must be > 0"),
             ("eval_every", lambda v: v > 0, "must be > 0"),
         ])
@@ -225,7 +228,6 @@ def pretrain(cfg: PretrainConfig, progress: C.Progress | None = None) -> Path:
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
     device = C.pick_device(cfg.device)
-    ctx = C.autocast_ctx(device, cfg.dtype)
     C.seed_everything(cfg.seed)
     resume_from = C.latest_checkpoint(ckpt_root) if cfg.resume else None
 
@@ -245,11 +247,9 @@ def pretrain(cfg: PretrainConfig, progress: C.Progress | None = None) -> Path:
     else:
         model = build_model(cfg, tokenizer, device)
     model.train()
-    if cfg.fp8:
-        from ..fp8 import convert_to_fp8_training
-
-        convert_to_fp8_training(model)
-    opt = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    # precision wraps the fp32 model from outside: bf16 weights + fp32 masters in the optimizer, FP8 GEMMs, ...
+    opt, ctx = P.prepare(model, lambda named: C.make_optimizer(model, cfg.lr, cfg.weight_decay, params=named),
+                         P.resolve(cfg.precision, cfg.dtype, cfg.fp8, device), device)
     step = 0
     if resume_from is not None:
         state = C.load_trainer_state(resume_from)
@@ -292,7 +292,8 @@ def pretrain(cfg: PretrainConfig, progress: C.Progress | None = None) -> Path:
                 loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
             (loss / cfg.grad_accum).backward()
             tot["loss"] += main.item() / cfg.grad_accum
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gnorm = P.clip_grad_norm_(model, opt, cfg.grad_clip)  # on the fp32 masters under bf16
+        C.check_finite("pretrain", step + 1, ckpt_root, loss=tot["loss"], grad_norm=gnorm)  # nothing non-finite is stepped
         opt.step()
         opt.zero_grad(set_to_none=True)
         if loads is not None and cfg.bias_update_speed > 0:
@@ -318,7 +319,8 @@ def pretrain(cfg: PretrainConfig, progress: C.Progress | None = None) -> Path:
         stopping = cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.steps
         if step % cfg.save_every == 0 or step == cfg.steps or stopping:
             state = {"step": step, "optimizer": opt.state_dict(), "data": train.state_dict(), "rng": C.rng_state()}
-            C.save_stage_checkpoint(ckpt_root, step, model, tokenizer, state, keep=cfg.keep_checkpoints)
+            with P.full_precision(opt):  # the HF folder is written from the fp32 masters
+                C.save_stage_checkpoint(ckpt_root, step, model, tokenizer, state, keep=cfg.keep_checkpoints)
         if stopping:
             break
     progress.close()

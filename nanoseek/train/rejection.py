@@ -21,7 +21,7 @@ from . import common as C
 
 @dataclass
 class RejectionConfig:
-    model: str = "runs/grpo/model"
+    model: str = "runs/nanoseek/grpo/model"  # default: the RL model `nanoseek run` writes
     out: str = "runs/rejection/data.jsonl"
     tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
     levels: list[int] = field(default_factory=lambda: [1])
@@ -33,6 +33,8 @@ class RejectionConfig:
     top_p: float = 0.95
     max_tokens: int = 96
     thinking: bool = True
+    prompt_format: str = "chat"  # chat: the V3.1 template; raw: the problem text as-is (CLI --no-chat-template)
+    answer_format: str = "auto"  # sentence | bare | auto (bare with raw prompts or thinking off; see rewards)
     min_language_consistency: float = 0.9  # share of the CoT in the prompt's language
     max_completion_tokens: int | None = None  # overlong filter; None = anything that finished before max_tokens
     keep_per_prompt: int = 1
@@ -47,6 +49,8 @@ class RejectionConfig:
             ("temperature", lambda v: v > 0, "must be > 0"),
             ("min_language_consistency", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
             ("keep_per_prompt", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
+            ("prompt_format", lambda v: v in ("chat", "raw"), "must be chat or raw"),
+            ("answer_format", lambda v: v in ("auto", "sentence", "bare"), "must be auto, sentence or bare"),
         ])
 
 
@@ -55,7 +59,7 @@ def rejection_sample(cfg: RejectionConfig, model=None, tokenizer=None) -> tuple[
     from ..tasks import load_jsonl_task, make_problems, register_task
     from ..tokenizer import Tokenizer, parse_completion
     from .evaluate import load_any_model, prompt_ids
-    from .rewards import accuracy_reward, format_reward, language_consistency
+    from .rewards import accuracy_reward, format_reward, language_consistency, resolve_answer_format
 
     device = C.pick_device(cfg.device)
     model = model if model is not None else load_any_model(cfg.model, device)
@@ -67,7 +71,8 @@ def rejection_sample(cfg: RejectionConfig, model=None, tokenizer=None) -> tuple[
     per = max(1, cfg.num_prompts // max(1, len(combos)))
     for t, lvl, lang in combos:  # train split: the held-out problems stay unseen
         problems += make_problems(t, per, level=lvl, lang=lang, seed=cfg.seed, split="train")
-    prompts = [prompt_ids(tokenizer, p, cfg.thinking) for p in problems]
+    bare = resolve_answer_format(cfg.answer_format, cfg.prompt_format, cfg.thinking) == "bare"
+    prompts = [prompt_ids(tokenizer, p, cfg.thinking, cfg.prompt_format) for p in problems]
     engine = Engine(model.eval(), tokenizer, max_batch_size=cfg.max_batch_size,
                     max_len=max(len(p) for p in prompts) + cfg.max_tokens + 1)
     outs = engine.generate(prompts, SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
@@ -80,13 +85,13 @@ def rejection_sample(cfg: RejectionConfig, model=None, tokenizer=None) -> tuple[
         kept, seen = 0, set()
         for c in out.outputs:
             stats["samples"] += 1
-            if not accuracy_reward(c.text, prob, thinking=cfg.thinking):
+            if not accuracy_reward(c.text, prob, thinking=cfg.thinking, bare=bare):
                 continue
             stats["correct"] += 1
             if c.finish_reason == "length" or len(c.token_ids) > limit:
                 stats["dropped_overlong"] += 1
                 continue
-            if not format_reward(c.text, thinking=cfg.thinking):
+            if not bare and not format_reward(c.text, thinking=cfg.thinking):  # bare answers have no format to check
                 stats["dropped_format"] += 1
                 continue
             reasoning, answer = parse_completion(c.text, thinking=cfg.thinking)

@@ -16,15 +16,36 @@ replaces that phrase's candidate. Only the last 4,000 characters are scanned and
 at 300 characters, so a 10,000-digit "answer" or a huge completion costs linear time and never
 reaches int().
 
+Bare answers. When no "The answer is" sentence is asked for (raw prompts, or thinking off: the
+`bare=True` of accuracy_reward, RewardConfig.answer_format="bare"), an explicit answer still wins when
+there is one; else the answer region's first line (cleaned as above, so `5.` and `5 <eos>` give `5`,
+and `2+3 = 5` gives `5` through parse_int) is verified, then, if that fails, the FIRST number in the
+region. The first, not the last: a raw completion goes on writing after its answer (the next "Q: ..."),
+so its first number is the answer, and a completion listing many numbers gets one try, not many.
+
 All rewards are pure Python, return a float and never raise on model text. `combine_rewards` sums
 weighted components (names: accuracy, format, language, length, plus any extra callables) and
 returns both the total and the per-component values.
+
+User rewards come in two signatures (`is_batched_reward` tells them apart):
+- per sample: fn(prompt, completion, problem) -> float;
+- TRL's batched one: fn(prompts, completions, **kwargs) -> list[float | None], called once per rollout with
+  keyword arguments prompts (the problems' prompt texts), completions (decoded texts), completion_ids (token
+  id lists), problems (nanoseek Problems), and every column of the data as a list: answer, task, level, lang
+  and each extra JSONL column (None where a row lacks it). A function without **kwargs gets only the
+  arguments it names. None (TRL: "not applicable") leaves that sample out of this reward: it adds 0 to the
+  total and is left out of the logged mean.
+`load_reward("module:function")` imports one (also "path/to/file.py:function").
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
@@ -122,32 +143,53 @@ def extract_answer(text: str) -> str | None:
     return found[-1] if found else None
 
 
+_NUMBER_RE = re.compile(r"[+-]?\d+(?:\.\d+)?")
+
+
+def bare_answers(text: str) -> list[str]:
+    """Candidates of a bare final answer (no answer sentence), in the order they are tried: the first
+    non-blank line cleaned, then the first number (see the module doc)."""
+    text = (text or "")[:SCAN_CHARS].strip()
+    if not text:
+        return []
+    out = [_clean(text)]
+    m = _NUMBER_RE.search(text)
+    if m:
+        out.append(m.group(0))
+    return list(dict.fromkeys(c for c in out if c))
+
+
 def detect_lang(text: str) -> str:
     """'zh' if `text` contains a CJK ideograph, else 'en'."""
     return "zh" if _CJK_RE.search(text or "") else "en"
 
 
 # ----------------------------------------------------------------------------- rewards
-def accuracy_reward(completion: str, problem: Problem | dict | str, thinking: bool = True) -> float:
+def accuracy_reward(completion: str, problem: Problem | dict | str, thinking: bool = True, bare: bool = False) -> float:
     """1.0 iff the last explicit answer AFTER `</think>` passes the problem's verifier.
 
     `problem` is a Problem (or its to_dict()), verified by its task; a plain string is a gold
     answer compared with math_equal (exact, integer, then math-verify). No `</think>` in a
     thinking completion, no explicit answer, or an answer only inside the reasoning: 0.0.
+    bare: with no explicit answer, the bare answer (first line, then first number) is judged instead.
     """
     if problem is None:
         raise ValueError("accuracy_reward needs a Problem, its dict, or a gold answer string")
     _, region = split_completion(completion, thinking)
     answer = extract_answer(region) if region else None
-    if answer is None:
+    cands = [answer] if answer is not None else (bare_answers(region) if bare and region else [])
+    if not cands:
         return 0.0
     if isinstance(problem, dict):
         problem = Problem.from_dict(problem)
-    try:
-        ok = verify_answer(problem, answer) if isinstance(problem, Problem) else math_equal(str(problem), answer)
-    except Exception:  # a verifier must never take a training run down on odd model text
-        ok = False
-    return 1.0 if ok else 0.0
+    for cand in cands:
+        try:
+            ok = verify_answer(problem, cand) if isinstance(problem, Problem) else math_equal(str(problem), cand)
+        except Exception:  # a verifier must never take a training run down on odd model text
+            ok = False
+        if ok:
+            return 1.0
+    return 0.0
 
 
 def format_reward(completion: str, thinking: bool = True) -> float:
@@ -219,8 +261,130 @@ class RewardResult(NamedTuple):
     components: dict[str, float]
 
 
-ExtraReward = Callable[[str, str, Any], float]  # fn(prompt, completion, problem) -> float
+ExtraReward = Callable[..., Any]  # fn(prompt, completion, problem) -> float, or TRL's batched signature
 BUILTIN_REWARDS = ("accuracy", "format", "language", "length")
+_BATCHED_FIRST = ("prompts", "completions")
+
+
+def is_batched_reward(fn) -> bool:
+    """Whether `fn` takes TRL's batched signature fn(prompts, completions, **kwargs) -> list: an explicit
+    `fn.batched` attribute decides; else a first parameter named prompts or completions, or a **kwargs
+    parameter, means batched; anything else is the per-sample fn(prompt, completion, problem) -> float."""
+    flag = getattr(fn, "batched", None)
+    if flag is not None:
+        return bool(flag)
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return True
+    return bool(params) and params[0].name in _BATCHED_FIRST
+
+
+def _call_batched(fn, kwargs: dict):
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return fn(**kwargs)
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return fn(**kwargs)
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return fn(**{k: v for k, v in kwargs.items() if k in names})
+
+
+def problem_columns(problems) -> dict[str, list]:
+    """The data columns of aligned problems, as TRL passes dataset columns to a reward: answer, task, level, lang,
+    and every extra JSONL column (Problem.meta["columns"]); None where a problem lacks one."""
+    extra: dict[str, None] = {}
+    for p in problems:
+        if isinstance(p, Problem):
+            extra.update(dict.fromkeys((p.meta.get("columns") or {})))
+    cols = {k: [] for k in ("answer", "task", "level", "lang", *[k for k in extra if k not in
+                                                                  ("answer", "task", "level", "lang")])}
+    for p in problems:
+        if isinstance(p, Problem):
+            row = {"answer": p.answer, "task": p.task, "level": p.level, "lang": p.lang, **(p.meta.get("columns") or {})}
+        elif isinstance(p, dict):
+            row = p
+        else:
+            row = {"answer": p}
+        for k in cols:
+            cols[k].append(row.get(k))
+    return cols
+
+
+def load_reward(spec: str) -> tuple[str, Callable]:
+    """(name, function) of "module:function" (an importable module, e.g. on PYTHONPATH) or
+    "path/to/file.py:function"; the name is the function's."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"reward {spec!r}: expected module:function (or path/to/file.py:function)")
+    mod_name, _, fn_name = spec.rpartition(":")
+    if not mod_name or not fn_name:
+        raise ValueError(f"reward {spec!r}: expected module:function")
+    try:
+        if mod_name.endswith(".py"):
+            spec_ = importlib.util.spec_from_file_location(f"nanoseek_reward_{abs(hash(mod_name))}", mod_name)
+            if spec_ is None or spec_.loader is None:
+                raise ImportError(f"cannot load {mod_name}")
+            module = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(module)
+        else:
+            if "" not in sys.path and "." not in sys.path:  # the working folder, as `python -m` would have it
+                sys.path.append("")
+            module = importlib.import_module(mod_name)
+    except (ImportError, OSError, SyntaxError) as e:
+        raise ValueError(f"reward {spec!r}: cannot import {mod_name} ({e})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r}: {mod_name} has no function {fn_name!r}")
+    return fn_name, fn
+
+
+def parse_reward_specs(specs, weights=None) -> tuple[dict[str, float], dict[str, Callable]]:
+    """CLI-style reward specs -> (weights, extra callables). Each spec is a built-in name or module:function,
+    optionally `=weight`; `weights` (a list aligned with specs, TRL's reward_weights) gives the weights of specs
+    without one; else 1.0. Two functions with one name get _2, _3 ... suffixes."""
+    specs = list(specs or [])
+    if weights is not None and len(weights) != len(specs):
+        raise ValueError(f"reward_weights has {len(weights)} values for {len(specs)} rewards")
+    out_w, extra = {}, {}
+    for i, spec in enumerate(specs):
+        body, w = spec, None
+        head, eq, tail = spec.rpartition("=")
+        if eq:
+            try:
+                body, w = head, float(tail)
+            except ValueError:
+                raise ValueError(f"reward {spec!r}: the weight after '=' must be a number") from None
+        if w is None:
+            w = float(weights[i]) if weights is not None else 1.0
+        if body in BUILTIN_REWARDS:
+            name = body
+        else:
+            name, fn = load_reward(body)
+            base, k = name, 2
+            while name in extra or name in BUILTIN_REWARDS:
+                name, k = f"{base}_{k}", k + 1
+            extra[name] = fn
+        out_w[name] = w
+    return out_w, extra
+
+
+PROMPT_FORMATS = ("chat", "raw")
+ANSWER_FORMATS = ("auto", "sentence", "bare")
+
+
+def resolve_answer_format(answer_format: str, prompt_format: str = "chat", thinking: bool = True) -> str:
+    """"sentence" or "bare" for answer_format "auto": bare when the prompt asks for no answer sentence, that is
+    with raw prompts or with thinking off; sentence (an explicit answer only) with the thinking chat template."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    if answer_format != "auto":
+        return answer_format
+    return "bare" if prompt_format == "raw" or not thinking else "sentence"
 
 
 @dataclass
@@ -230,25 +394,28 @@ class RewardConfig:
     max_len: int = 1024  # length penalty: tokens (or characters when no token count is given)
     length_buffer: int = 256
     thinking: bool = True  # prompts open <think>; completions are reasoning</think>answer
+    answer_format: str = "sentence"  # sentence: an explicit answer only; bare: also a bare one (module doc)
 
     def build(self, extra: dict[str, ExtraReward] | None = None) -> "CombinedReward":
         return combine_rewards(self.weights, extra, config=self)
 
 
 class CombinedReward:
-    """Callable (prompt, completion, problem, num_tokens=None) -> RewardResult(total, components)."""
+    """Callable (prompt, completion, problem, num_tokens=None) -> RewardResult(total, components); `batch` scores
+    a whole rollout, calling TRL-style batched rewards once. A NaN component (a batched reward's None) adds 0."""
 
     def __init__(self, weights: dict[str, float], extra: dict[str, ExtraReward], config: RewardConfig):
         self.config = config
         self.extra = dict(extra)
         self.weights = {**{k: 1.0 for k in self.extra}, **weights}
+        self.batched = {k for k, fn in self.extra.items() if is_batched_reward(fn)}
 
     def _builtin(self, name, prompt, completion, problem, num_tokens) -> float:
         cfg = self.config
         if name == "accuracy":
             if problem is None:
                 raise ValueError("the accuracy reward needs a problem or a gold answer")
-            return accuracy_reward(completion, problem, cfg.thinking)
+            return accuracy_reward(completion, problem, cfg.thinking, bare=cfg.answer_format == "bare")
         if name == "format":
             return format_reward(completion, cfg.thinking)
         if name == "language":
@@ -262,28 +429,71 @@ class CombinedReward:
                  num_tokens: int | None = None) -> RewardResult:
         comps = {}
         for name in self.weights:
-            if name in self.extra:
-                v = float(self.extra[name](prompt, completion, problem))
-                if not math.isfinite(v):
-                    raise ValueError(f"reward {name!r} returned a non-finite value {v}")
+            if name in self.batched:
+                v = self._run_batched(name, [prompt], [completion], [problem], None)[0]
+            elif name in self.extra:
+                v = _checked(name, self.extra[name](prompt, completion, problem))
             else:
                 v = self._builtin(name, prompt, completion, problem, num_tokens)
             comps[name] = v
-        total = sum(self.weights[k] * v for k, v in comps.items())
-        return RewardResult(total, comps)
+        return RewardResult(self._total(comps), comps)
 
-    def batch(self, prompts, completions, problems, num_tokens=None) -> tuple[list[float], dict[str, list[float]]]:
-        """Score aligned lists; returns (totals, {component: values})."""
-        num_tokens = num_tokens if num_tokens is not None else [None] * len(completions)
-        results = [self(p, c, q, n) for p, c, q, n in zip(prompts, completions, problems, num_tokens, strict=True)]
-        return [r.total for r in results], {k: [r.components[k] for r in results] for k in self.weights}
+    def _total(self, comps: dict[str, float]) -> float:
+        return sum(self.weights[k] * v for k, v in comps.items() if not math.isnan(v))
+
+    def _run_batched(self, name, prompts, completions, problems, completion_ids, **kwargs) -> list[float]:
+        cols = problem_columns(problems)
+        kw = {**cols, **kwargs, "prompts": list(prompts), "completions": list(completions),
+              "completion_ids": completion_ids if completion_ids is not None else [None] * len(completions),
+              "problems": list(problems)}
+        out = _call_batched(self.extra[name], kw)
+        try:
+            out = list(out)
+        except TypeError:
+            raise ValueError(f"reward {name!r} (batched: fn(prompts, completions, **kwargs)) returned "
+                             f"{type(out).__name__}, not a list of floats") from None
+        if len(out) != len(completions):
+            raise ValueError(f"reward {name!r} returned {len(out)} rewards for {len(completions)} completions "
+                             "(one per completion expected)")
+        return [math.nan if v is None else _checked(name, v) for v in out]
+
+    def batch(self, prompts, completions, problems, num_tokens=None, completion_ids=None,
+              **kwargs) -> tuple[list[float], dict[str, list[float]]]:
+        """Score aligned lists; returns (totals, {component: values}). Batched (TRL-style) rewards are called once,
+        with completion_ids, the data columns and any extra keyword arguments (e.g. trainer_state)."""
+        n = len(completions)
+        num_tokens = num_tokens if num_tokens is not None else [None] * n
+        if not len(prompts) == len(problems) == len(num_tokens) == n:
+            raise ValueError("prompts, completions, problems and num_tokens must have the same length")
+        comps: dict[str, list[float]] = {}
+        for name in self.weights:
+            if name in self.batched:
+                comps[name] = self._run_batched(name, prompts, completions, problems, completion_ids, **kwargs)
+            elif name in self.extra:
+                comps[name] = [_checked(name, self.extra[name](p, c, q)) for p, c, q in zip(prompts, completions, problems)]
+            else:
+                comps[name] = [self._builtin(name, p, c, q, k)
+                               for p, c, q, k in zip(prompts, completions, problems, num_tokens)]
+        totals = [self._total({k: v[i] for k, v in comps.items()}) for i in range(n)]
+        return totals, comps
+
+
+def _checked(name: str, v) -> float:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"reward {name!r} returned {v!r}, not a number") from None
+    if not math.isfinite(v):
+        raise ValueError(f"reward {name!r} returned a non-finite value {v}")
+    return v
 
 
 def combine_rewards(weights: dict[str, float] | None = None, extra: dict[str, ExtraReward] | None = None,
                     config: RewardConfig | None = None) -> CombinedReward:
     """Weighted sum of the built-in rewards (accuracy, format, language, length) named in `weights`
     and any `extra` callables fn(prompt, completion, problem) -> float (weight 1.0 unless
-    `weights` names it). `weights` defaults to config.weights (accuracy 1.0, format 0.1)."""
+    `weights` names it), or TRL-style batched callables fn(prompts, completions, **kwargs) -> list
+    (see is_batched_reward). `weights` defaults to config.weights (accuracy 1.0, format 0.1)."""
     config = config or RewardConfig()
     weights = dict(config.weights if weights is None else weights)
     extra = dict(extra or {})

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import precision as P
 from . import common as C
 from .pretrain import load_stats, update_expert_bias
 
@@ -65,6 +66,9 @@ class SFTConfig:
     embedded_levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     embedded_langs: list[str] = field(default_factory=lambda: ["en", "zh"])
     thinking: bool = True  # V3.1 thinking template: <think>{reasoning}</think> before the answer
+    # chat: the V3.1 template; raw (CLI --no-chat-template): the earlier turns' text as-is (Tokenizer.encode_prompt),
+    # then the final assistant content and EOS, the loss on those: what GRPO's raw prompts continue
+    prompt_format: str = "chat"
     all_assistant_turns: bool = False  # loss on every assistant turn, not only the last
     max_len: int = 1024  # tokens per row (a sample, or several packed); longer samples are truncated
     packing: bool = False
@@ -95,7 +99,8 @@ class SFTConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     device: str | None = None
-    dtype: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    precision: str = "auto"  # fp32 | bf16 (bf16 weights, fp32 masters) | fp8 | amp; auto: fp32 on CPU, amp on GPU
+    dtype: str = "auto"  # deprecated alias of precision (float32 -> fp32, bfloat16 -> bf16)
     tensorboard: bool = True
     resume: bool = True  # continue from out_dir/checkpoints/latest when present
     stop_after: int | None = None  # checkpoint and stop at this step (a later call resumes)
@@ -124,6 +129,7 @@ class SFTConfig:
             ("log_every", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
             ("keep_checkpoints", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
             ("dtype", lambda v: v in ("auto", "float32", "bfloat16"), "must be auto, float32 or bfloat16"),
+            ("precision", lambda v: v in P.PRECISIONS, "must be auto, fp32, bf16, fp8 or amp"),
             ("stop_after", lambda v: v is None or (isinstance(v, int) and v > 0), "must be None or > 0"),
             ("kd_weight", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
             ("kd_temperature", lambda v: v > 0, "must be > 0"),
@@ -201,9 +207,16 @@ def load_records(cfg: SFTConfig) -> list[tuple[str, list[dict]]]:
 def render_samples(chats, tokenizer, cfg: SFTConfig) -> tuple[list[Sample], dict]:
     """Encode each chat with its loss mask, cut to max_len; drop samples left with nothing to learn."""
     samples, truncated, dropped = [], 0, 0
+    if cfg.prompt_format not in ("chat", "raw"):
+        raise ValueError(f"SFTConfig.prompt_format must be chat or raw, got {cfg.prompt_format!r}")
     for _, messages in chats:
-        ids, mask = tokenizer.encode_chat_with_mask(messages, thinking=cfg.thinking,
-                                                    all_assistant_turns=cfg.all_assistant_turns)
+        if cfg.prompt_format == "raw":
+            prompt = tokenizer.encode_prompt("".join(m["content"] for m in messages[:-1]))
+            answer = tokenizer.encode_text(messages[-1]["content"]) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+            ids, mask = prompt + answer, [0] * len(prompt) + [1] * len(answer)
+        else:
+            ids, mask = tokenizer.encode_chat_with_mask(messages, thinking=cfg.thinking,
+                                                        all_assistant_turns=cfg.all_assistant_turns)
         if len(ids) > cfg.max_len:
             truncated += 1
             ids, mask = ids[: cfg.max_len], mask[: cfg.max_len]
@@ -379,7 +392,6 @@ def sft(cfg: SFTConfig, progress: C.Progress | None = None) -> Path:
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
     device = C.pick_device(cfg.device)
-    ctx = C.autocast_ctx(device, cfg.dtype)
     C.seed_everything(cfg.seed)
     resume_from = C.latest_checkpoint(ckpt_root) if cfg.resume else None
     source = resume_from if resume_from is not None else check_init_from(cfg.init_from)
@@ -413,7 +425,9 @@ def sft(cfg: SFTConfig, progress: C.Progress | None = None) -> Path:
         raise ValueError(f"{source}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size} embeddings")
     use_mtp = model.config.num_nextn_predict_layers > 0 and cfg.mtp_weight > 0
-    opt = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
+    # precision wraps the fp32 model from outside: bf16 weights + fp32 masters in the optimizer, FP8 GEMMs, ...
+    opt, ctx = P.prepare(model, lambda named: C.make_optimizer(model, cfg.lr, cfg.weight_decay, params=named),
+                         P.resolve(cfg.precision, cfg.dtype, False, device), device)
     step = 0
     if resume_from is not None:
         state = C.load_trainer_state(resume_from)
@@ -476,7 +490,8 @@ def sft(cfg: SFTConfig, progress: C.Progress | None = None) -> Path:
                 loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
             loss.backward()
             tokens_since += int((batch.seg[:, :-1] >= 0).sum())
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gnorm = P.clip_grad_norm_(model, opt, cfg.grad_clip)  # on the fp32 masters under bf16
+        C.check_finite("sft", step + 1, ckpt_root, loss=tot["loss"], grad_norm=gnorm)  # nothing non-finite is stepped
         opt.step()
         opt.zero_grad(set_to_none=True)
         if loads is not None and cfg.bias_update_speed > 0:
@@ -504,7 +519,8 @@ def sft(cfg: SFTConfig, progress: C.Progress | None = None) -> Path:
         if step % cfg.save_every == 0 or step == total_steps or stopping:
             state = {"step": step, "optimizer": opt.state_dict(), "data": stream.state_dict(), "rng": C.rng_state(),
                      "data_fingerprint": data_hash}
-            C.save_stage_checkpoint(ckpt_root, step, model, tokenizer, state, keep=cfg.keep_checkpoints)
+            with P.full_precision(opt):  # the HF folder is written from the fp32 masters
+                C.save_stage_checkpoint(ckpt_root, step, model, tokenizer, state, keep=cfg.keep_checkpoints)
         if stopping:
             break
     progress.close()
