@@ -385,3 +385,26 @@ def test_jsonl_alone_trains_on_that_file_with_an_explicit_holdout_and_says_it_re
     assert f"resuming grpo from step 1 in {tmp_path / 'run'}" in capsys.readouterr().err
     st = torch.load(tmp_path / "run" / "checkpoints" / "step_0000002" / "trainer_state.pt", weights_only=True)
     assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in st["optimizer"]["param_groups"])
+
+
+def test_a_non_finite_gradient_stops_grpo_naming_the_step(micro_base, tmp_path, monkeypatch):
+    """A NaN gradient at the third step stops the run with a NonFiniteError naming stage grpo and step 2 (0-based:
+    the step about to be taken) before anything non-finite is stepped; nothing is published."""
+    from nanoseek.train import common as C
+
+    real = torch.nn.utils.clip_grad_norm_
+    calls = []
+
+    def poisoned(params, max_norm, *a, **k):  # the third optimizer step sees a NaN gradient norm
+        calls.append(1)
+        n = real(params, max_norm, *a, **k)
+        return n * float("nan") if len(calls) == 3 else n
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", poisoned)
+    cfg = GRPOConfig(init_from=str(micro_base), out_dir=str(tmp_path / "nan"), steps=4, prompts_per_step=2,
+                     num_generations=2, max_tokens=4, reward_weights={}, eval_every=0, tensorboard=False,
+                     save_every=1, skip_zero_advantage=False)
+    with pytest.raises(C.NonFiniteError) as e:
+        grpo(cfg, extra_rewards={"r": lambda prompt, completion, problem: random.random()})
+    assert e.value.stage == "grpo" and e.value.step == 2 and "grad_norm" in str(e.value)
+    assert not (tmp_path / "nan" / "model").exists()

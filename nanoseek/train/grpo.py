@@ -490,8 +490,8 @@ def minibatch_weight(loss_type: str, n_rows: int, n_live_rows: int, n_seqs: int,
 
 
 def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tensor, pad_id: int, moe_layers: int,
-             K: int, device) -> dict:
-    """`num_iterations` optimizer steps over one rollout; returns the metrics (means over minibatches and
+             K: int, device, step: int | None = None) -> dict:
+    """`num_iterations` optimizer steps over one rollout (GRPO step `step`, for error messages); returns the metrics (means over minibatches and
     iterations): loss, the grpo_loss statistics, entropy (first iteration), trained_frac, grad_norm."""
     batch = build_batch(seqs, pad_id, moe_layers, K, cfg.keep_sampling_mask, cfg.keep_routing)
     batch = {k: (v.to(device) if torch.is_tensor(v) else ([r.to(device) for r in v] if isinstance(v, list) else v))
@@ -554,7 +554,7 @@ def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tens
                 stats["entropy"] = stats.get("entropy", 0.0) + float((ent * m).sum() / m.sum().clamp_min(1)) / n_mb
         stats["loss"] = stats.get("loss", 0.0) + loss_sum / cfg.num_iterations
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        C.check_finite("grpo", None, f"{cfg.out_dir}/checkpoints", loss=loss_sum, grad_norm=gnorm)  # nothing non-finite is stepped
+        C.check_finite("grpo", step, f"{cfg.out_dir}/checkpoints", loss=loss_sum, grad_norm=gnorm)  # nothing non-finite is stepped
         opt.step()
         opt.zero_grad(set_to_none=True)
     stats["trained_frac"] = len(train_rows) / max(1, n_seqs)
@@ -721,7 +721,7 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
         metrics["sample_s"] = t_sample
         if seqs:
             adv = group_advantages(sampled["rewards"], cfg.num_generations, scale=cfg.scale_rewards)
-            metrics.update(optimise(model, ref, opt, cfg, seqs, adv, tokenizer.pad_id, moe_layers, K, device))
+            metrics.update(optimise(model, ref, opt, cfg, seqs, adv, tokenizer.pad_id, moe_layers, K, device, step))
         step += 1
         if ref is not None and cfg.ref_refresh_every and step % cfg.ref_refresh_every == 0:
             ref.load_state_dict(model.state_dict())
