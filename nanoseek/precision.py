@@ -12,7 +12,8 @@ Modes (`resolve` maps the config fields to one of them):
   and AdamW run on the masters, and the bf16 weights are then overwritten with the masters rounded to bf16.
   fp32 stays where the DeepSeek-V3 recipe keeps it: RMSNorm statistics (layers.RMSNorm upcasts), the router
   (Gate computes in fp32 and its weight stays an fp32 parameter here; the selection bias is an fp32
-  buffer), rotary frequencies, and the loss (logits are upcast before cross-entropy by the trainers).
+  buffer), rotary frequencies, and the loss (logits are upcast before cross-entropy by the trainers);
+  `fp32_head=True` keeps the output head fp32 as well (fp32 logits).
   Checkpoints are written from the masters (`full_precision`), so the saved HF folder is fp32 and a
   resume is bit-exact.
 - ``fp8``: the V3 FP8 GEMM path (nanoseek.fp8.convert_to_fp8_training) over fp32 master weights; bf16
@@ -64,10 +65,7 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
-FP32_HEAD = True  # bf16 default: the output head runs in fp32 (see fp32_head below)
-
-
-def fp32_parameter_ids(model: nn.Module, fp32_head: bool = FP32_HEAD) -> set[int]:
+def fp32_parameter_ids(model: nn.Module, fp32_head: bool = False) -> set[int]:
     """Parameters that stay fp32 in a bf16 model: the MoE router weights (V3 keeps the gate in fp32; Gate
     computes in fp32 from x.float() and weight.float(), so a bf16 weight would only add a rounding), and
     with fp32_head the output head's weight."""
@@ -98,14 +96,16 @@ class MasterWeights:
     """An optimizer over fp32 master copies of a model whose weights are kept in `dtype` (bf16).
 
     make_optimizer([(name, fp32 param), ...]) builds the inner optimizer (AdamW: its state is fp32).
-    Parameters in `fp32_parameter_ids(model)` stay fp32 in the model and are optimised directly.
+    Parameters in `fp32_parameter_ids(model, fp32_head)` stay fp32 in the model and are optimised directly.
+    fp32_head: the output head too (fp32 logits). Measured in docs/benchmarks.md, it did not narrow the bf16
+    loss gap beyond seed noise; on bf16-capable CPUs it turns the largest GEMM of a small model's step back
+    to fp32, so it is off by default.
     Behaves like the inner optimizer for the trainers: param_groups (set_lr), step, zero_grad,
     state_dict / load_state_dict (the masters are saved with the state: a resume restores them exactly)."""
 
     def __init__(self, model: nn.Module, make_optimizer: Callable, dtype: torch.dtype = torch.bfloat16,
-                 fp32_head: bool | None = None):
+                 fp32_head: bool = False):
         self.model, self.dtype = model, dtype
-        fp32_head = FP32_HEAD if fp32_head is None else fp32_head
         keep = fp32_parameter_ids(model, fp32_head)
         self.hooks = _fp32_head_hooks(model, dtype) if fp32_head and isinstance(getattr(model, "lm_head", None),
                                                                                nn.Linear) else []
@@ -125,7 +125,7 @@ class MasterWeights:
             self.pairs.append((p, master))
             if p.requires_grad:
                 named.append((name, master))
-                p.register_post_accumulate_grad_hook(self._accumulate_into(master))
+                self.hooks.append(p.register_post_accumulate_grad_hook(self._accumulate_into(master)))
         self.optimizer = make_optimizer(named)
 
     @staticmethod
@@ -204,7 +204,8 @@ class MasterWeights:
 # ---------------------------------------------------------------------------------------------- the seam
 
 
-def prepare(model: nn.Module, make_optimizer: Callable, precision: str, device: torch.device | str = "cpu"):
+def prepare(model: nn.Module, make_optimizer: Callable, precision: str, device: torch.device | str = "cpu",
+            fp32_head: bool = False):
     """Apply `precision` (resolved: fp32 | bf16 | fp8 | amp) to a freshly loaded fp32 model.
 
     make_optimizer([(name, param), ...]) -> an optimizer (e.g. common.make_optimizer with params=...).
@@ -218,7 +219,7 @@ def prepare(model: nn.Module, make_optimizer: Callable, precision: str, device: 
 
         convert_to_fp8_training(model)
     if precision == "bf16":
-        opt = MasterWeights(model, make_optimizer, torch.bfloat16)
+        opt = MasterWeights(model, make_optimizer, torch.bfloat16, fp32_head=fp32_head)
     else:
         opt = make_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad])
     autocast = precision == "amp" or (precision == "fp8" and device.type != "cpu")
