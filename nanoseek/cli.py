@@ -52,24 +52,7 @@ ALIASES = {
     "GRPOConfig": {
         "reward": "reward_funcs",  # --reward module:function[=weight], repeatable
         "no_chat_template": _RAW,
-        "max_completion_length": "max_tokens",
-        "epsilon": "eps_low",
-        "epsilon_high": "eps_high",
-        "mask_truncated_completions": "mask_truncated",
-        "per_device_train_batch_size": "completions_per_step",
-        "generation_batch_size": "completions_per_step",
-        "learning_rate": "lr",
-        "max_grad_norm": "grad_clip",
-        "max_steps": "steps",
-        "warmup_steps": "warmup",
-        "lr_scheduler_type": "lr_schedule",
-        "output_dir": "out_dir",
-        "model_name_or_path": "init_from",
-        "logging_steps": "log_every",
-        "save_steps": "save_every",
-        "eval_steps": "eval_every",
-        "vllm_importance_sampling_correction": "importance_sampling_correction",
-        "vllm_importance_sampling_cap": "importance_sampling_cap",
+        # and TRL's names: nanoseek.train.grpo.TRL_NAMES, the one table (see _aliases)
     },
     "EvalConfig": {"no_chat_template": _RAW, "max_completion_length": "max_tokens", "model_name_or_path": "model"},
     "RejectionConfig": {"no_chat_template": _RAW, "max_completion_length": "max_tokens",
@@ -78,11 +61,17 @@ ALIASES = {
 }
 
 
+def _aliases(cls) -> dict:
+    """ALIASES of cls plus the TRL names its module defines (TRL_NAMES, for GRPOConfig), or {}."""
+    trl = getattr(sys.modules.get(cls.__module__), "TRL_NAMES", {})
+    return {**trl, **ALIASES.get(cls.__name__, {})}
+
+
 def _flags(cls, name: str) -> list[str]:
     """The option strings of field `name`: --the-name, plus its ALIASES (and underscore spellings) for cls."""
     flags = ["--" + name.replace("_", "-")]
-    aliases = ALIASES.get(cls.__name__)
-    if aliases is None:
+    aliases = _aliases(cls)
+    if not aliases:
         return flags
     for spelled in [name] + [a for a, target in aliases.items() if target == name]:
         flags += ["--" + spelled.replace("_", "-"), "--" + spelled]
@@ -127,7 +116,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -
         else:
             parser.add_argument(*flag, dest=f.name, type=t, default=None, help=h)
     fields = {f.name for f in dataclasses.fields(cls)} - set(skip)
-    for alias, target in ALIASES.get(cls.__name__, {}).items():
+    for alias, target in _aliases(cls).items():
         if isinstance(target, tuple) and target[0] in fields:  # a flag that sets a value
             parser.add_argument("--" + alias.replace("_", "-"), dest=target[0], action="store_const", const=target[1],
                                 help=f"same as --{target[0].replace('_', '-')} {target[1]}")

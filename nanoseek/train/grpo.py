@@ -49,7 +49,7 @@ from .grpo_loss import (group_advantages, grpo_loss, loss_token_count, off_polic
 
 # TRL GRPOConfig / GRPOTrainer names -> nanoseek's, where the idea is the same (names equal in both, such as
 # num_generations, loss_type, beta, scale_rewards, temperature, top_p, top_k, num_iterations, weight_decay,
-# adam_beta1/2, adam_epsilon and seed, need no entry). Keep in step with cli.ALIASES["GRPOConfig"].
+# adam_beta1/2, adam_epsilon and seed, need no entry). The CLI takes these as flags too (cli._aliases).
 TRL_NAMES = {
     "max_completion_length": "max_tokens",
     "epsilon": "eps_low",
