@@ -36,7 +36,10 @@ HELP = {
     "balance_alpha": "sequence-wise balance loss weight alpha (V3: 0.0001)",
     "fp8": "FP8 GEMMs (V3 recipe: 1x128 activation tiles, 128x128 weight blocks, E4M3)",
     "device": "cuda, mps or cpu (default: the best available)",
-    "dtype": "auto (bf16 autocast on GPU, fp32 on CPU), float32 or bfloat16",
+    "dtype": "auto (bf16 autocast on GPU, fp32 on CPU), float32 or bfloat16; in pretrain and sft a deprecated "
+             "alias of --precision",
+    "precision": "fp32, bf16 (bf16 weights, fp32 master weights and AdamW state), fp8 (V3 FP8 GEMMs) or amp "
+                 "(bf16 autocast); auto: fp32 on CPU, amp on GPU. bf16 pays only on CPUs with bf16 matrix units",
     "resume": "continue from the latest checkpoint in out_dir",
     "stop_after": "checkpoint and stop at this step (run again to resume)",
     "seed": "random seed",
