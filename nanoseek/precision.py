@@ -26,6 +26,7 @@ AVX2-only CPU torch's bf16 GEMMs are several times SLOWER than fp32 (docs/benchm
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterable
 
@@ -228,7 +229,13 @@ def prepare(model: nn.Module, make_optimizer: Callable, precision: str, device: 
 
 
 def clip_grad_norm_(model: nn.Module, optimizer, max_norm: float) -> torch.Tensor:
-    """Gradient clipping over what the optimizer steps: the fp32 master gradients under MasterWeights."""
+    """Gradient clipping over what the optimizer steps: the fp32 master gradients under MasterWeights, the sharded
+    gradients of a parallelized model (the global norm over every rank's shards, nanoseek.parallel)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported: nothing is sharded
+    if fsdp is not None and isinstance(model, fsdp.FSDPModule):
+        from .parallel import clip_grad_norm_ as sharded_clip
+
+        return sharded_clip([p for p in model.parameters() if p.requires_grad], max_norm)
     params: Iterable = optimizer.params() if isinstance(optimizer, MasterWeights) else model.parameters()
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
 

@@ -183,9 +183,12 @@ def test_skipping_zero_advantage_rows_keeps_the_update(micro_base, tmp_path):
     def half(prompt, completion, problem):  # groups of odd answers all score 0: zero spread, A = 0
         return len(completion) / 40 if int(problem.answer) % 2 == 0 else 0.0
 
+    # adam_epsilon 1e-3: Adam's first step moves a weight by lr * g / (|g| + eps), which for eps << |g| is
+    # lr * sign(g) -- a gradient of 1e-10 that round-off flips would move the weight by a full lr. A larger eps
+    # keeps the update proportional to the gradient, so this compares the gradients, not their round-off signs.
     kw = dict(init_from=str(micro_base), steps=1, prompts_per_step=6, num_generations=4, max_tokens=12, lr=1e-3,
-              reward_weights={}, eval_every=100, eval_problems=2, tensorboard=False, minibatch_size=5,
-              levels=[1], seed=3)
+              adam_epsilon=1e-3, reward_weights={}, eval_every=100, eval_problems=2, tensorboard=False,
+              minibatch_size=5, levels=[1], seed=3)
     outs, metrics = {}, {}
     for skip in (True, False):
         out = grpo(GRPOConfig(out_dir=str(tmp_path / str(skip)), skip_zero_advantage=skip, **kw),

@@ -124,6 +124,11 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.fp8 = False  # set by nanoseek.fp8.convert_to_fp8_training
 
+    def grouped(self, x: torch.Tensor, which: str, counts: list[int]) -> torch.Tensor:
+        """The seam for low-precision variants (nanoseek.quant.QuantizedExperts overrides it): rows of x sorted
+        by expert times expert weight `which` ("gate_up_proj" or "down_proj"), only experts with tokens run."""
+        return grouped_linear(x, getattr(self, which), counts, self.fp8)
+
     def forward(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         N, K = ids.shape
         E = self.gate_up_proj.shape[0]
@@ -131,9 +136,9 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)  # token-slots sorted by expert
         counts = torch.bincount(flat, minlength=E).tolist()  # the one host sync of the layer
         token = order // K
-        h = grouped_linear(x[token], self.gate_up_proj, counts, self.fp8)  # (N*K, 2I)
+        h = self.grouped(x[token], "gate_up_proj", counts)  # (N*K, 2I)
         gate, up = h.chunk(2, dim=-1)
-        h = grouped_linear(F.silu(gate) * up, self.down_proj, counts, self.fp8)  # (N*K, D)
+        h = self.grouped(F.silu(gate) * up, "down_proj", counts)  # (N*K, D)
         h = h * w.reshape(-1)[order].unsqueeze(-1).to(h.dtype)
         return torch.zeros_like(x, dtype=h.dtype).index_add_(0, token, h)  # h is bf16 under autocast
 
@@ -157,3 +162,31 @@ class MoE(nn.Module):
             y = y + self.shared_experts(flat)
         K = self.gate.K
         return y.view(B, T, D), RouterOutput(ids.view(B, T, K), w.view(B, T, K), scores.view(B, T, -1))
+
+
+# ---------------------------------------------------------------------------------------------- balancing (training)
+
+
+@torch.no_grad()
+def update_expert_bias(model, loads: list[torch.Tensor], gamma: float) -> None:
+    """Aux-loss-free balancing (V3 sec. 2.1.2): b_i += gamma * sign(mean load - load_i), per MoE layer.
+    `model`: a DeepSeekModel or a list of Gate modules. For a model, `loads` follow its MoE layers in order:
+    the main model's (`out.router`), then the MTP modules' (`out.mtp_router`); a shorter list (no MTP in the
+    forward) updates only the layers it covers."""
+    if isinstance(model, (list, tuple)):
+        gates = model
+    else:
+        gates = [layer.mlp.gate for layer in model.model.layers if layer.is_moe]  # main layers, then MTP modules
+    for gate, load in zip(gates, loads):
+        if gate.e_score_correction_bias is not None:
+            err = load.mean() - load
+            gate.e_score_correction_bias.add_(gamma * torch.sign(err).to(gate.e_score_correction_bias))
+
+
+def load_stats(loads: list[torch.Tensor]) -> dict:
+    """max/min load ratio (worst layer) and MaxVio = max_i load_i / mean load - 1 (mean over layers)."""
+    if not loads:
+        return {}
+    ratios = [float(l.max() / l.min().clamp_min(1.0)) for l in loads]
+    maxvio = [float(l.max() / l.mean().clamp_min(1e-9) - 1) for l in loads]
+    return {"load_max_min_ratio": max(ratios), "maxvio": sum(maxvio) / len(maxvio)}

@@ -117,9 +117,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_stage_checkpoint(ckpt_root: Path, step: int, model, tokenizer=None, state: dict | None = None,
-                          keep: int = 2, extras: dict | None = None) -> Path:
+                          keep: int = 2, extras: dict | None = None,
+                          before_commit: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoints/step_NNNNNNN atomically (temp folder + rename) and point `latest` at it.
-    extras: {subfolder: model} saved alongside (e.g. GRPO's reference model)."""
+    extras: {subfolder: model} saved alongside (e.g. GRPO's reference model); before_commit(tmp) adds anything
+    else to the temp folder before the rename (a distributed run's sharded state)."""
     ckpt_root = Path(ckpt_root)
     bad = non_finite_tensors(model.state_dict().items())
     if bad:  # never let a NaN model become `latest` or push a good checkpoint out of the rotation
@@ -139,6 +141,8 @@ def save_stage_checkpoint(ckpt_root: Path, step: int, model, tokenizer=None, sta
         m.save_pretrained(tmp / name)
     if state is not None:
         torch.save(state, tmp / "trainer_state.pt")
+    if before_commit is not None:
+        before_commit(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -317,7 +321,7 @@ def copy_model_folder(src: Path, dst: Path) -> Path:
     tmp = dst.with_name("." + dst.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("trainer_state.pt", "ref"))
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("trainer_state.pt", "ref", "dcp"))  # dcp: sharded state
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(tmp, dst)

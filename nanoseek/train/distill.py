@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import common as C
+from .trainer import LOOP_FIELD_CHECKS
 
 
 @dataclass
@@ -46,7 +47,9 @@ class DistillConfig:
     seed: int = 0
     device: str | None = None
     resume: bool = True
-    stop_after: int | None = None
+    stop_after: int | None = None  # checkpoint and stop at this step (a later call resumes)
+    time_limit_s: float | None = None  # wall-clock budget: the step that spends it is the last (checkpointed, published)
+    keep_checkpoints: int = 2
     tensorboard: bool = True
 
     def __post_init__(self):
@@ -54,6 +57,7 @@ class DistillConfig:
             ("steps", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
             ("kd_weight", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
             ("num_prompts", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            *LOOP_FIELD_CHECKS,
         ])
         for p in self.data:
             if not Path(p).is_file():
@@ -130,6 +134,7 @@ def distill(cfg: DistillConfig, progress: C.Progress | None = None) -> Path:
     return sft(SFTConfig(init_from=str(init), out_dir=str(out), data=data, records=records, steps=cfg.steps,
                          batch_size=cfg.batch_size,
                          lr=cfg.lr, warmup=cfg.warmup, max_len=cfg.max_len, seed=cfg.seed, device=cfg.device,
-                         resume=cfg.resume, stop_after=cfg.stop_after, tensorboard=cfg.tensorboard,
+                         resume=cfg.resume, stop_after=cfg.stop_after, time_limit_s=cfg.time_limit_s,
+                         keep_checkpoints=cfg.keep_checkpoints, tensorboard=cfg.tensorboard,
                          teacher=cfg.teacher if cfg.logit_kd else None, kd_weight=cfg.kd_weight, eval_every=100,
                          save_every=100, mtp_weight=0.0), _Labelled(progress or C.Progress(), "distill"))

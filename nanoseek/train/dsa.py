@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,9 @@ import torch
 from ..checkpoint import load_pretrained
 from ..model import DeepSeekModel
 from . import common as C
-from .pretrain import PretrainConfig, build_data, lm_losses, mtp_loss, update_expert_bias
+from ..model.moe import update_expert_bias
+from .pretrain import PretrainConfig, build_data, lm_losses, mtp_loss
+from .trainer import LOOP_FIELD_CHECKS, Phases, Trainer
 
 
 @dataclass
@@ -56,11 +57,13 @@ class DSAConfig:
     eval_every: int = 30
     save_every: int = 30
     log_every: int = 5
+    keep_checkpoints: int = 2
     seed: int = 0
     device: str | None = None
     dtype: str = "auto"
     resume: bool = True
-    stop_after: int | None = None
+    stop_after: int | None = None  # checkpoint and stop at this step (a later call resumes)
+    time_limit_s: float | None = None  # wall-clock budget: the step that spends it is the last (checkpointed, published)
     tensorboard: bool = True
 
     def __post_init__(self):
@@ -74,6 +77,10 @@ class DSAConfig:
             ("warmup_lr", lambda v: v > 0, "must be > 0"),
             ("sparse_lr", lambda v: v > 0, "must be > 0"),
             ("balance_alpha", lambda v: v >= 0, "must be >= 0"),
+            ("eval_every", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("save_every", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("log_every", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            *LOOP_FIELD_CHECKS,
         ])
         if self.warmup_steps + self.sparse_steps == 0:
             raise ValueError("DSAConfig: warmup_steps + sparse_steps must be > 0")
@@ -132,70 +139,71 @@ def evaluate_dsa(model, held, cfg: DSAConfig, device, ctx, reference=None) -> di
 def dsa(cfg: DSAConfig, progress: C.Progress | None = None) -> Path:
     from ..tokenizer import Tokenizer
 
-    progress = progress or C.Progress()
-    out = Path(cfg.out_dir)
-    ckpt_root = out / "checkpoints"
-    device = C.pick_device(cfg.device)
+    run = Trainer("dsa", cfg, progress)  # device, seed, the checkpoint to resume from
+    device = run.device
     ctx = C.autocast_ctx(device, cfg.dtype)
-    C.seed_everything(cfg.seed)
     tokenizer = Tokenizer.load(cfg.init_from)
-    data_cfg = PretrainConfig(out_dir=str(out), data=cfg.data, embedded_docs=cfg.embedded_docs, seq_len=cfg.seq_len,
+    data_cfg = PretrainConfig(out_dir=cfg.out_dir, data=cfg.data, embedded_docs=cfg.embedded_docs, seq_len=cfg.seq_len,
                               seed=cfg.seed + 1, steps=1, warmup=0)
     _, train, held = build_data(data_cfg, tokenizer)
     reference = load_pretrained(cfg.init_from, dtype=torch.float32, device=device)
     if reference.config.use_dsa:
         raise ValueError(f"DSAConfig.init_from: {cfg.init_from} already has an indexer (index_topk="
                          f"{reference.config.index_topk}); start from a dense checkpoint")
-    resume_from = C.latest_checkpoint(ckpt_root) if cfg.resume else None
-    step = 0
-    if resume_from is not None:
-        model = load_pretrained(resume_from, dtype=torch.float32, device=device)
-        state = C.load_trainer_state(resume_from)
-        step = state["step"]
+    if run.resumed:
+        model = load_pretrained(run.resume_from, dtype=torch.float32, device=device)
     else:
         model = add_indexer(reference, cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim, cfg.seed)
-        state = None
     reference.eval()
-    total = cfg.warmup_steps + cfg.sparse_steps
-    logger = C.MetricsLogger(out, tensorboard=cfg.tensorboard, resume_step=step if resume_from else None)
-    if resume_from is None:
-        C.atomic_write_text(out / "dsa_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        logger.log(0, stage="init", **evaluate_dsa(model, held, cfg, device, ctx, reference))
+    evaluate = lambda: evaluate_dsa(model, held, cfg, device, ctx, reference)
+    if not run.resumed:
+        init = evaluate()  # before training: the fresh indexers' recall, the sparse and dense losses
 
-    def make_opt(stage: str):
+    def make_opt(stage: str):  # warm-up: the indexers only; sparse: everything
         for n, p in model.named_parameters():
             p.requires_grad_(stage == "sparse" or ".indexer." in n)
-        lr = cfg.warmup_lr if stage == "warmup" else cfg.sparse_lr
-        return C.make_optimizer(model, lr, cfg.weight_decay), lr
+        return C.make_optimizer(model, cfg.warmup_lr if stage == "warmup" else cfg.sparse_lr, cfg.weight_decay)
 
-    stage = "warmup" if step < cfg.warmup_steps else "sparse"
-    opt, base_lr = make_opt(stage)
-    if state is not None:
-        if state.get("stage") == stage:
-            opt.load_state_dict(state["optimizer"])
-        train.load_state_dict(state["data"])
-        C.set_rng_state(state["rng"])
+    run.restore(Phases(lambda step: stage_of(cfg, step), make_opt),
+                load_state=lambda st: train.load_state_dict(st["data"]),
+                config_json=json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    if not run.resumed:
+        run.log(0, stage="init", **init)
     model.train()
-    progress.start(total, "dsa", initial=step)
-    batches = train.batches(cfg.batch_size)
-    t_last, tokens_since = time.perf_counter(), 0
-    while step < total:
-        if step == cfg.warmup_steps and stage == "warmup":
-            stage = "sparse"
-            opt, base_lr = make_opt(stage)
-        n_stage = cfg.warmup_steps if stage == "warmup" else cfg.sparse_steps
-        i_stage = step if stage == "warmup" else step - cfg.warmup_steps
-        C.set_lr(opt, C.lr_at(i_stage, n_stage, base_lr, max(1, n_stage // 10), "cosine", 0.1))
+    return run.fit(make_train_step(cfg, model, train.batches(cfg.batch_size), ctx, device, run.ckpt_root),
+                   cfg.warmup_steps + cfg.sparse_steps, model, tokenizer, lr_at=lambda step, _: dsa_lr(cfg, step),
+                   evaluate=evaluate, eval_also_at=(cfg.warmup_steps,), state=lambda: {"data": train.state_dict()},
+                   progress_keys={"stage": "stage", "indexer_kl": "kl"})
+
+
+def stage_of(cfg: DSAConfig, step: int) -> str:
+    return "warmup" if step < cfg.warmup_steps else "sparse"
+
+
+def dsa_lr(cfg: DSAConfig, step: int) -> float:
+    """Each stage has its own schedule: 10% linear warm-up, then a cosine to 0.1 x its lr."""
+    if stage_of(cfg, step) == "warmup":
+        n, i, lr = cfg.warmup_steps, step, cfg.warmup_lr
+    else:
+        n, i, lr = cfg.sparse_steps, step - cfg.warmup_steps, cfg.sparse_lr
+    return C.lr_at(i, n, lr, max(1, n // 10), "cosine", 0.1)
+
+
+def make_train_step(cfg: DSAConfig, model, batches, ctx, device, ckpt_root: Path):
+    """One optimizer step: the indexers' KL in the warm-up; LM (+MTP, balance) + KL in the sparse stage."""
+    mtp_on = model.config.num_nextn_predict_layers > 0
+
+    def train_step(step: int, opt) -> dict:
+        stage = stage_of(cfg, step)
         batch = next(batches)
         tokens, doc = batch.tokens.to(device), batch.doc_ids.to(device)
-        metrics = {}
+        metrics = {"stage": stage}
         with ctx:
             if stage == "warmup":  # every indexer learns, the MTP block's too (its weights stay frozen)
-                o = model(tokens[:, :-1], dsa_dense=True, indexer_loss=True,
-                          mtp=model.config.num_nextn_predict_layers > 0)
+                o = model(tokens[:, :-1], dsa_dense=True, indexer_loss=True, mtp=mtp_on)
                 loss = o.indexer_loss
             else:
-                o = model(tokens[:, :-1], indexer_loss=True, mtp=model.config.num_nextn_predict_layers > 0)
+                o = model(tokens[:, :-1], indexer_loss=True, mtp=mtp_on)
                 main, mtp = lm_losses(model, o, tokens, doc)
                 loss = main + cfg.indexer_loss_weight * o.indexer_loss
                 if mtp:
@@ -210,27 +218,8 @@ def dsa(cfg: DSAConfig, progress: C.Progress | None = None) -> Path:
         opt.zero_grad(set_to_none=True)
         if stage == "sparse" and o.router and cfg.bias_update_speed > 0:  # main MoE layers, then the MTP modules
             update_expert_bias(model, [r.load for r in o.router + o.mtp_router], cfg.bias_update_speed)
-        step += 1
-        tokens_since += tokens.shape[0] * (tokens.shape[1] - 1)
         metrics["indexer_kl"] = o.indexer_loss.item()
-        if step % cfg.log_every == 0 or step == total:
-            dt = time.perf_counter() - t_last
-            metrics["tokens_per_s"] = tokens_since / max(dt, 1e-9)
-            t_last, tokens_since = time.perf_counter(), 0
-        if step % cfg.eval_every == 0 or step == total or step == cfg.warmup_steps:
-            metrics.update(evaluate_dsa(model, held, cfg, device, ctx, reference))
-        logger.log(step, stage=stage, **metrics)
-        progress.update(1, stage=stage, kl=metrics["indexer_kl"])
-        stopping = cfg.stop_after is not None and step >= cfg.stop_after and step < total
-        if step % cfg.save_every == 0 or step == total or stopping:
-            st = {"step": step, "stage": stage, "optimizer": opt.state_dict(), "data": train.state_dict(),
-                  "rng": C.rng_state()}
-            C.save_stage_checkpoint(ckpt_root, step, model, tokenizer, st)
-        if stopping:
-            break
-    progress.close()
-    logger.close()
-    final = C.latest_checkpoint(ckpt_root)
-    if step < total:
-        return final
-    return C.copy_model_folder(final, out / "model")
+        metrics["num_tokens"] = tokens.shape[0] * (tokens.shape[1] - 1)
+        return metrics
+
+    return train_step

@@ -42,7 +42,9 @@ from pathlib import Path
 
 import torch
 
+from .. import precision as P
 from . import common as C
+from .trainer import LOOP_FIELD_CHECKS, Trainer
 from .grpo_loss import (group_advantages, grpo_loss, loss_token_count, off_policy_sequence_mask, sampling_mask_logprobs,
                         token_entropy, token_logprobs, truncated_importance_weights, zero_spread_groups)
 
@@ -143,13 +145,15 @@ class GRPOConfig:
     eval_max_tokens: int | None = None
     save_every: int = 10
     log_every: int = 1
+    keep_checkpoints: int = 2
     seed: int = 0
     device: str | None = None
     resume: bool = True
-    stop_after: int | None = None
+    stop_after: int | None = None  # checkpoint and stop at this step (a later call resumes)
     time_limit_s: float | None = None  # wall-clock budget: evaluate, checkpoint and finish once it is spent
     tensorboard: bool = True
     speciale: bool = False  # V3.2-Speciale: reasoning tasks only, relaxed length penalty (see speciale_config)
+    ep: int = 1  # expert-parallel ranks under torchrun; each rank rolls out prompts_per_step / world_size groups
 
     def __post_init__(self):
         if isinstance(self.scale_rewards, bool) or self.scale_rewards in ("true", "True", "false", "False"):
@@ -166,7 +170,6 @@ class GRPOConfig:
             self.prompts_per_step = n // self.num_generations
         C.validate_fields(self, [
             ("steps", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
-            ("time_limit_s", lambda v: v is None or v > 0, "must be None or > 0"),
             ("prompts_per_step", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
             ("num_generations", lambda v: isinstance(v, int) and v >= 2, "must be an integer >= 2 (a group)"),
             ("max_tokens", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
@@ -198,6 +201,9 @@ class GRPOConfig:
             ("adam_epsilon", lambda v: v > 0, "must be > 0"),
             ("weight_decay", lambda v: v >= 0, "must be >= 0"),
             ("grad_clip", lambda v: v > 0, "must be > 0 (TRL's max_grad_norm)"),
+            ("save_every", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
+            ("ep", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "must be an integer >= 1"),
+            *LOOP_FIELD_CHECKS,
         ])
         from ..tasks import TASKS
 
@@ -331,10 +337,11 @@ def draw_problems(cfg: GRPOConfig, step: int, tasks, n: int | None = None, round
 
 
 @torch.no_grad()
-def rollout(model, tokenizer, cfg: GRPOConfig, problems, step: int, round_: int = 0) -> dict:
+def rollout(model, tokenizer, cfg: GRPOConfig, problems, step: int, round_: int = 0, first: int = 0) -> dict:
     """Sample G completions per problem; returns per-completion metadata. Every completion draws its own
     random stream, seeded from (cfg.seed, step, round_, problem index, sample index): the same problem twice
-    in a rollout gets independent samples, and the rollout is reproducible."""
+    in a rollout gets independent samples, and the rollout is reproducible. first: the index of problems[0] in the
+    step's draw (a rank's share of it), so a problem gets the same samples at every world size."""
     from ..engine import Engine, SamplingParams, derive_seed
     from .evaluate import prompt_ids
 
@@ -354,7 +361,8 @@ def rollout(model, tokenizer, cfg: GRPOConfig, problems, step: int, round_: int 
                             return_routing=cfg.keep_routing and moe)
     # one seed per problem (the engine derives sample i's stream from it): never one seed for all problems,
     # which would make sample i of every problem draw the same random numbers
-    per_prompt = [dataclasses.replace(params, seed=derive_seed(cfg.seed, step, round_, j)) for j in range(len(prompts))]
+    per_prompt = [dataclasses.replace(params, seed=derive_seed(cfg.seed, step, round_, first + j))
+                  for j in range(len(prompts))]
     outs = engine.generate(prompts, per_prompt)
     seqs = []
     for prob, pr, out in zip(problems, prompts, outs):
@@ -421,8 +429,11 @@ def policy_logprobs(model, batch: dict, rows: torch.Tensor, temperature: float, 
 # ---------------------------------------------------------------------------------------------- one step
 
 
-def sample_groups(model, tokenizer, cfg: GRPOConfig, step: int, tasks, reward_fn) -> dict:
+def sample_groups(model, tokenizer, cfg: GRPOConfig, step: int, tasks, reward_fn, dist=None) -> dict:
     """Roll out and score the step's groups: {"seqs", "rewards" (N,), "metrics", "num_tokens"}.
+
+    Distributed (world size W > 1): every rank draws the same problems and rolls out and scores its share, the
+    groups [r P/W, (r+1) P/W) (a group never splits across ranks), with the samples they get in one process.
 
     Without dynamic sampling: the prompts_per_step problems of `draw_problems`, G completions each. With it
     (DAPO's dynamic sampling): only groups whose rewards differ are kept, and extra rounds draw more problems
@@ -436,7 +447,12 @@ def sample_groups(model, tokenizer, cfg: GRPOConfig, step: int, tasks, reward_fn
     rewards_all, rewards_kept, comps_all = [], [], {}
     rnd, n_draw, drawn = 0, want, 0
     while True:
-        seqs = rollout(model, tokenizer, cfg, draw_problems(cfg, step, tasks, n=n_draw, round_=rnd), step, rnd)["seqs"]
+        problems, first = draw_problems(cfg, step, tasks, n=n_draw, round_=rnd), 0
+        if dist is not None and dist.world_size > 1:  # this rank's groups
+            share = len(problems) // dist.world_size
+            first = dist.rank * share
+            problems = problems[first:first + share]
+        seqs = rollout(model, tokenizer, cfg, problems, step, rnd, first)["seqs"]
         ntok = [len(s["completion"].token_ids) for s in seqs]
         totals, comps = reward_fn.batch([s["problem"].prompt for s in seqs], [s["completion"].text for s in seqs],
                                         [s["problem"] for s in seqs], ntok,
@@ -490,9 +506,14 @@ def minibatch_weight(loss_type: str, n_rows: int, n_live_rows: int, n_seqs: int,
 
 
 def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tensor, pad_id: int, moe_layers: int,
-             K: int, device, step: int | None = None) -> dict:
+             K: int, device, step: int | None = None, dist=None) -> dict:
     """`num_iterations` optimizer steps over one rollout (GRPO step `step`, for error messages); returns the metrics (means over minibatches and
-    iterations): loss, the grpo_loss statistics, entropy (first iteration), trained_frac, grad_norm."""
+    iterations): loss, the grpo_loss statistics, entropy (first iteration), trained_frac, grad_norm.
+
+    Distributed (world size W > 1; `seqs` are this rank's groups): the normalisers (sequences, live sequences, dapo's
+    tokens) count every rank's, each minibatch loss is multiplied by W (FSDP averages the ranks' gradients), and
+    every rank runs as many minibatches as the busiest one (the extra ones with a zero loss: FSDP and expert
+    parallelism need every rank in every forward and backward). bnpo normalises per minibatch, which differ."""
     batch = build_batch(seqs, pad_id, moe_layers, K, cfg.keep_sampling_mask, cfg.keep_routing)
     batch = {k: (v.to(device) if torch.is_tensor(v) else ([r.to(device) for r in v] if isinstance(v, list) else v))
              for k, v in batch.items()}
@@ -503,6 +524,13 @@ def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tens
     rows_all = torch.arange(len(seqs), device=device)
     total_tokens = loss_token_count(batch["mask"], trunc, cfg.mask_truncated)  # dapo: the whole step's tokens
     n_seqs, n_live = len(seqs), int(live.sum())  # normalisers count every row, forwarded or not
+    W = 1 if dist is None else dist.world_size
+    if W > 1:
+        import torch.distributed as torch_dist
+
+        g = torch.tensor([float(total_tokens), n_seqs, n_live], dtype=torch.float64, device=device)
+        torch_dist.all_reduce(g, group=dist.dp_group)
+        total_tokens, n_seqs, n_live = g[0].to(total_tokens.dtype), int(g[1]), int(g[2])
     train_rows = rows_all
     if cfg.skip_zero_advantage and cfg.loss_type != "bnpo":
         # A row with A = 0 and no KL, or a truncated one under mask_truncated, has zero loss and zero gradient;
@@ -521,43 +549,56 @@ def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tens
     model.train()
     stats: dict[str, float] = {}
     n_mb = n_mb_total(train_rows, cfg)
+    n_batches = -(-len(train_rows) // mb)
+    if W > 1:  # every rank runs the busiest rank's number of minibatches
+        t = torch.tensor([n_batches], device=device)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX, group=dist.dp_group)
+        n_batches = int(t)
     gnorm = torch.zeros(())
-    for it in range(cfg.num_iterations if len(train_rows) else 0):
+    for it in range(cfg.num_iterations if n_batches else 0):
         loss_sum = 0.0
-        for i in range(0, len(train_rows), mb):
+        for i in range(0, n_batches * mb, mb):
             rows = train_rows[i:i + mb]
+            idle = len(rows) == 0  # this rank's rows are done: a zero-loss forward and backward on one row
+            if idle:
+                rows = rows_all[:1]
             logp, ent = policy_logprobs(model, batch, rows, cfg.temperature, cfg.keep_routing,
                                         cfg.keep_sampling_mask, want_entropy=(it == 0))
             m, a, sampler_old = batch["mask"][rows], adv_d[rows], batch["old"][rows]
             old, is_w = sampler_old, None
             if trainer_old is not None:  # TIS: pi_old is the trainer's own log-prob before the first update
-                if it == 0:
+                if it == 0 and not idle:
                     trainer_old[rows] = logp.detach()
                 old = trainer_old[rows]
                 is_w = truncated_importance_weights(old, sampler_old, cfg.importance_sampling_cap, m)
             seq_mask = None
             if cfg.off_policy_delta is not None:  # V3.2: the drift from the sampler's own log-probs
                 seq_mask = off_policy_sequence_mask(logp.detach(), sampler_old, a, m, cfg.off_policy_delta)
-            loss, st = grpo_loss(logp, old, a, m, ref_logp=ref_lp[i:i + mb] if ref_lp is not None else None,
+            ref_logp = None if ref is None else logp.detach() if idle else ref_lp[i:i + mb]
+            loss, st = grpo_loss(logp, old, a, m, ref_logp=ref_logp,
                                  beta=beta[rows] if ref is not None else 0.0, kl_kind=cfg.kl_kind,
                                  unbiased_kl=cfg.unbiased_kl, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                                  loss_type=cfg.loss_type, max_completion_length=cfg.max_tokens, seq_mask=seq_mask,
                                  truncated=trunc[rows], mask_truncated=cfg.mask_truncated, num_tokens=total_tokens,
                                  is_weights=is_w)
             loss = loss * minibatch_weight(cfg.loss_type, len(rows), int(live[rows].sum()), n_seqs, n_live)
+            if W > 1:
+                loss = loss * (0 if idle else W)  # W x this rank's share of the global loss
             loss.backward()
             loss_sum += float(loss.detach())
+            if idle:
+                continue
             st.pop("truncated_frac")  # the trained rows' share; the step's own (every completion) is logged
             for k, v in st.items():
                 stats[k] = stats.get(k, 0.0) + float(v) / n_mb / cfg.num_iterations
             if ent is not None:
                 stats["entropy"] = stats.get("entropy", 0.0) + float((ent * m).sum() / m.sum().clamp_min(1)) / n_mb
         stats["loss"] = stats.get("loss", 0.0) + loss_sum / cfg.num_iterations
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gnorm = P.clip_grad_norm_(model, opt, cfg.grad_clip)  # over every rank's shards when parallelized
         C.check_finite("grpo", step, f"{cfg.out_dir}/checkpoints", loss=loss_sum, grad_norm=gnorm)  # nothing non-finite is stepped
         opt.step()
         opt.zero_grad(set_to_none=True)
-    stats["trained_frac"] = len(train_rows) / max(1, n_seqs)
+    stats["trained_frac"] = len(train_rows) / max(1, len(seqs))
     stats["grad_norm"] = float(gnorm)
     return stats
 
@@ -621,22 +662,16 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
     {name: callable}, per-sample fn(prompt, completion, problem) -> float or TRL's batched
     fn(prompts, completions, **columns) -> list[float] (nanoseek.train.rewards.is_batched_reward)."""
     from ..model import load_model
-    from ..tasks import JsonlTask, get_task, load_jsonl_task, register_task, split_problems
     from ..tokenizer import Tokenizer
-    from .evaluate import score_problems
     from .rewards import RewardConfig, combine_rewards, resolve_answer_format
 
-    progress = progress or C.Progress()
     speciale = cfg.speciale
     if speciale:
         cfg = speciale_config(cfg)
     for name in ("config.json", "tokenizer.json"):
         if not (Path(cfg.init_from) / name).exists():
             raise ValueError(f"GRPOConfig.init_from: no {name} in {cfg.init_from}")
-    out = Path(cfg.out_dir)
-    ckpt_root = out / "checkpoints"
-    device = C.pick_device(cfg.device)
-    C.seed_everything(cfg.seed)
+    run = Trainer("grpo", cfg, progress)  # device, seed, the checkpoint to resume from
     tokenizer = Tokenizer.load(cfg.init_from)
     answer_format = resolve_answer_format(cfg.answer_format, cfg.prompt_format, cfg.thinking)
     if cfg.prompt_format == "chat" and not tokenizer.has_chat_template:
@@ -645,9 +680,53 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
     eval_metric = cfg.eval_metric
     if eval_metric == "auto":
         eval_metric = "accuracy" if weights.get("accuracy", 0) > 0 or not extra else "reward"
-    needs_answer = "accuracy" in weights or eval_metric == "accuracy"
+    tasks, held_out = load_tasks(cfg, needs_answer="accuracy" in weights or eval_metric == "accuracy")
+    model = load_model(run.resume_from or cfg.init_from, dtype=torch.float32, device=run.device)
+    sampler = model  # what the engine samples from (rollouts, evaluation)
+    if run.distributed:
+        if cfg.prompts_per_step % run.dist.world_size:
+            raise ValueError(f"GRPOConfig.prompts_per_step={cfg.prompts_per_step} must be divisible by the world size "
+                             f"{run.dist.world_size} (each rank rolls out whole groups)")
+        if cfg.dynamic_sampling:
+            raise ValueError("GRPOConfig.dynamic_sampling does not run distributed yet")
+        # each rank decodes its own groups with a plain copy (no collectives inside the engine), refreshed from
+        # the sharded model after every step
+        sampler = load_model(run.resume_from or cfg.init_from, dtype=torch.float32, device=run.device)
+    ref = None
+    if cfg.uses_reference:
+        ref_src = run.resume_from / "ref" if run.resumed and (run.resume_from / "ref").exists() else cfg.init_from
+        ref = load_model(ref_src, dtype=torch.float32, device=run.device).eval()
+        ref.requires_grad_(False)
+    model, opt, _ = run.prepare(model, lambda named: C.make_optimizer(
+        model, cfg.lr, cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, params=named),
+        "fp32")
+    # the effective settings; "speciale" says they came from speciale_config
+    run.restore(opt, config_json=json.dumps({**dataclasses.asdict(cfg), "speciale": speciale}, indent=2) + "\n",
+                model=model)
+    reward_fn = combine_rewards(weights, extra,
+                                RewardConfig(weights=weights, max_len=cfg.length_max or cfg.max_tokens,
+                                             length_buffer=cfg.length_buffer, thinking=cfg.thinking,
+                                             answer_format=answer_format))
+    evaluate = make_evaluator(cfg, sampler, tokenizer, held_out, reward_fn, eval_metric, answer_format)
+    if evaluate is not None and not run.dist.is_main:
+        evaluate = lambda: {}  # rank 0 evaluates (on its sampler, the full weights) and logs
+    if not run.resumed and evaluate is not None:
+        run.log(0, **evaluate())
+    refreshed = lambda step: ref is not None and cfg.ref_refresh_every and step >= cfg.ref_refresh_every
+    return run.fit(make_train_step(cfg, model, ref, tokenizer, tasks, reward_fn, run.device, sampler, run.dist),
+                   cfg.steps, model,
+                   tokenizer, lr_at=lambda step, elapsed_s: grpo_lr(cfg, step, elapsed_s), evaluate=evaluate,
+                   extras=lambda step: {"ref": ref} if refreshed(step) else None,
+                   progress_keys={"reward": "reward", "accuracy": "acc"}, record_first_step=False)
+
+
+def load_tasks(cfg: GRPOConfig, needs_answer: bool) -> tuple[list, list]:
+    """The training tasks (built-ins, then the user's jsonl task, registered) and the user task's held-out
+    problems (explicit: eval_jsonl or eval_fraction)."""
+    from ..tasks import JsonlTask, get_task, load_jsonl_task, register_task, split_problems
+
     tasks = [get_task(t) for t in cfg.tasks]
-    held_out = []  # the user task's held-out problems (explicit: eval_jsonl or eval_fraction)
+    held_out = []
     if cfg.jsonl:
         user = load_jsonl_task(cfg.jsonl, require_answer=needs_answer)
         if cfg.eval_fraction is not None:
@@ -656,42 +735,25 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
         elif cfg.eval_jsonl:
             held_out = load_jsonl_task(cfg.eval_jsonl, name=user.name, require_answer=needs_answer).problems
         tasks.append(register_task(user, overwrite=True))
-    resume_from = C.latest_checkpoint(ckpt_root) if cfg.resume else None
-    model = load_model(resume_from or cfg.init_from, dtype=torch.float32, device=device)
-    ref = None
-    if cfg.uses_reference:
-        ref_src = resume_from / "ref" if resume_from is not None and (resume_from / "ref").exists() else cfg.init_from
-        ref = load_model(ref_src, dtype=torch.float32, device=device).eval()
-        ref.requires_grad_(False)
-    opt = C.make_optimizer(model, cfg.lr, cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-    step = 0
-    if resume_from is not None:
-        st = C.load_trainer_state(resume_from)
-        opt.load_state_dict(st["optimizer"])
-        C.set_rng_state(st["rng"])
-        step = st["step"]
-        print(f"resuming grpo from step {step} in {out}", file=sys.stderr, flush=True)
-    logger = C.MetricsLogger(out, tensorboard=cfg.tensorboard, resume_step=step if resume_from else None)
-    if resume_from is None:
-        # the effective settings; "speciale" says they came from speciale_config
-        C.atomic_write_text(out / "grpo_config.json",
-                            json.dumps({**dataclasses.asdict(cfg), "speciale": speciale}, indent=2) + "\n")
-    reward_fn = combine_rewards(weights, extra,
-                                RewardConfig(weights=weights, max_len=cfg.length_max or cfg.max_tokens,
-                                             length_buffer=cfg.length_buffer, thinking=cfg.thinking,
-                                             answer_format=answer_format))
+    return tasks, held_out
+
+
+def make_evaluator(cfg: GRPOConfig, model, tokenizer, held_out: list, reward_fn, eval_metric: str, answer_format: str):
+    """The held-out evaluation (greedy pass@1, or the training reward), or None when evaluation is off."""
     from ..tasks import make_problems
+    from .evaluate import score_problems
 
     eval_levels = cfg.eval_levels or cfg.levels
     eval_set = [p for t in cfg.tasks for lvl in eval_levels for lang in cfg.langs
                 for p in make_problems(t, max(1, cfg.eval_problems // (len(cfg.tasks) * len(eval_levels) * len(cfg.langs))),
                                        level=lvl, lang=lang, seed=cfg.seed + 7, split="test")]
     eval_set += held_out[: cfg.eval_problems]
-    evaluating_on = cfg.eval and cfg.eval_every > 0
-    if evaluating_on and not eval_set:
+    if not (cfg.eval and cfg.eval_every > 0):
+        return None
+    if not eval_set:
         print(f"grpo: no held-out problems ({cfg.jsonl} is all training data; give eval_jsonl or eval_fraction): "
               "evaluation off", file=sys.stderr, flush=True)
-        evaluating_on = False
+        return None
     eval_tokens = cfg.eval_max_tokens or cfg.max_tokens
 
     def run_eval() -> dict:
@@ -704,52 +766,55 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
         return {"eval_accuracy": r["pass@1"], "eval_format": r["format_rate"], "eval_length": r["mean_length"],
                 "eval_sample": r["transcripts"][0]["completion"] if r["transcripts"] else ""}
 
-    if resume_from is None and evaluating_on:
-        logger.log(0, **run_eval())
+    return run_eval
+
+
+def make_train_step(cfg: GRPOConfig, model, ref, tokenizer, tasks, reward_fn, device, sampler=None, dist=None):
+    """One GRPO step: sample and score the groups, then `optimise` (num_iterations optimizer steps) on their
+    advantages; the reference model is refreshed every ref_refresh_every steps.
+
+    Distributed (world size W > 1, `model` parallelized): `sampler` is each rank's plain copy, which rolls out and
+    scores this rank's groups and gets the new weights after the update; the advantages are computed over every
+    rank's rewards (all-gathered, so scale_rewards="batch" sees the global batch too) and each rank keeps its own."""
+    sampler = model if sampler is None else sampler
+    W = 1 if dist is None else dist.world_size
     moe_layers = sum(1 for layer in model.model.layers[: model.config.num_hidden_layers] if layer.is_moe) \
         if hasattr(model.config, "n_routed_experts") else 0
     K = getattr(model.config, "num_experts_per_tok", 1)
-    progress.start(cfg.steps, "grpo", initial=step)
-    t_start = time.perf_counter()
-    while step < cfg.steps:
+
+    def train_step(step: int, opt) -> dict:
         t0 = time.perf_counter()
-        C.set_lr(opt, grpo_lr(cfg, step, time.perf_counter() - t_start))
-        model.eval()
-        sampled = sample_groups(model, tokenizer, cfg, step, tasks, reward_fn)
+        sampler.eval()
+        sampled = sample_groups(sampler, tokenizer, cfg, step, tasks, reward_fn, dist)
         seqs, metrics = sampled["seqs"], sampled["metrics"]
         t_sample = time.perf_counter() - t0
         metrics["sample_s"] = t_sample
         if seqs:
-            adv = group_advantages(sampled["rewards"], cfg.num_generations, scale=cfg.scale_rewards)
-            metrics.update(optimise(model, ref, opt, cfg, seqs, adv, tokenizer.pad_id, moe_layers, K, device, step))
-        step += 1
-        if ref is not None and cfg.ref_refresh_every and step % cfg.ref_refresh_every == 0:
-            ref.load_state_dict(model.state_dict())
+            rewards = sampled["rewards"]
+            if W > 1:  # every rank holds the same number of groups
+                import torch.distributed as torch_dist
+
+                parts = [torch.empty_like(rewards) for _ in range(W)]
+                torch_dist.all_gather(parts, rewards, group=dist.dp_group)
+                rewards = torch.cat(parts)
+            adv = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards)
+            if W > 1:
+                n = len(seqs)
+                adv = adv[dist.rank * n:(dist.rank + 1) * n]
+            metrics.update(optimise(model, ref, opt, cfg, seqs, adv, tokenizer.pad_id, moe_layers, K, device, step,
+                                    dist))
+        if sampler is not model:
+            from ..parallel import copy_full_weights
+
+            copy_full_weights(model, sampler)  # the engine samples the next step from the new weights
+        if ref is not None and cfg.ref_refresh_every and (step + 1) % cfg.ref_refresh_every == 0:
+            ref.load_state_dict(sampler.state_dict())
         metrics["step_s"] = time.perf_counter() - t0
-        metrics["tokens_per_s"] = sampled["num_tokens"] / max(t_sample, 1e-9)
-        out_of_time = cfg.time_limit_s is not None and time.perf_counter() - t_start >= cfg.time_limit_s
-        if out_of_time:  # the budget is spent: this is the last step, as if steps had been set to it
-            cfg = dataclasses.replace(cfg, steps=step)
-            metrics["stopped_by_time_limit"] = 1
-        evaluating = evaluating_on and (step % cfg.eval_every == 0 or step == cfg.steps)
-        if evaluating:
-            metrics.update(run_eval())
-        stopping = cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.steps
-        if step % cfg.log_every == 0 or evaluating or stopping or step == cfg.steps:  # and always the last step
-            logger.log(step, **metrics)
-        progress.update(1, reward=metrics["reward"], acc=metrics["accuracy"])
-        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-            st = {"step": step, "optimizer": opt.state_dict(), "rng": C.rng_state()}
-            refreshed = ref is not None and cfg.ref_refresh_every and step >= cfg.ref_refresh_every
-            C.save_stage_checkpoint(ckpt_root, step, model, tokenizer, st, extras={"ref": ref} if refreshed else None)
-        if stopping:
-            break
-    progress.close()
-    logger.close()
-    final = C.latest_checkpoint(ckpt_root)
-    if step < cfg.steps:
-        return final
-    return C.copy_model_folder(final, out / "model")
+        # sampling throughput (every rank's: the ranks' mean times W)
+        metrics["tokens_per_s"] = W * sampled["num_tokens"] / max(t_sample, 1e-9)
+        return metrics
+
+    return train_step
 
 
 def n_mb_total(rows: torch.Tensor, cfg: GRPOConfig) -> int:

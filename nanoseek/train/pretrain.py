@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +19,9 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from .. import precision as P
 from ..model import DeepSeekModel
+from ..model.moe import load_stats, update_expert_bias  # noqa: F401 (their home is model/moe.py)
 from . import common as C
+from .trainer import LOOP_FIELD_CHECKS, Trainer
 
 
 @dataclass
@@ -69,9 +70,11 @@ class PretrainConfig:
     device: str | None = None
     dtype: str = "auto"  # deprecated alias of precision (float32 -> fp32, bfloat16 -> bf16)
     compile: bool = False
+    ep: int = 1  # expert-parallel ranks under torchrun (divides the world size); batch_size is the global batch
     tensorboard: bool = True
     resume: bool = True  # continue from out_dir/checkpoints/latest when present
     stop_after: int | None = None  # checkpoint and stop at this step (a later call resumes); for time-boxed runs
+    time_limit_s: float | None = None  # wall-clock budget: the step that spends it is the last (checkpointed, published)
 
     def __post_init__(self):
         C.validate_fields(self, [
@@ -90,6 +93,9 @@ class PretrainConfig:
             ("precision", lambda v: v in P.PRECISIONS, "must be auto, fp32, bf16, fp8 or amp"),
             ("save_every", lambda v: v > 0, "must be > 0"),
             ("eval_every", lambda v: v > 0, "must be > 0"),
+            ("log_every", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("ep", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "must be an integer >= 1"),
+            *LOOP_FIELD_CHECKS,
         ])
         for p in self.data:
             if not Path(p).exists():
@@ -101,20 +107,29 @@ class PretrainConfig:
 # ---------------------------------------------------------------------------------------------- losses
 
 
-def lm_losses(model, out, tokens: torch.Tensor, doc_ids: torch.Tensor | None):
-    """Main and per-depth MTP cross-entropies for a packed batch `tokens` (B, T+1).
+def lm_targets(tokens: torch.Tensor, doc_ids: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Depth k's targets (B, T-k) of a packed batch `tokens` (B, T+1): position i predicts token i+k+1, -100 where
+    that token lies in another document than the input token, or is padding."""
+    T = tokens.shape[1] - 1
+    tgt = tokens[:, k + 1:]  # (B, T-k)
+    if doc_ids is not None:
+        valid = (doc_ids[:, : T - k] == doc_ids[:, k + 1:]) & (doc_ids[:, k + 1:] >= 0)
+        tgt = tgt.masked_fill(~valid, -100)
+    return tgt
 
-    Position i of depth k (0 = main model) predicts token i+k+1; a target is used only when it lies in
-    the same document as the input token (and is not padding)."""
-    B, T1 = tokens.shape
-    T = T1 - 1
+
+def lm_losses(model, out, tokens: torch.Tensor, doc_ids: torch.Tensor | None, num_targets: list[int] | None = None):
+    """Main and per-depth MTP cross-entropies for a packed batch `tokens` (B, T+1) (lm_targets: which count).
+
+    num_targets (per depth, over the global batch): these rows are one rank's share of it, and each loss is the
+    sum over them divided by the global count, so the ranks' values sum to the global batch's mean."""
     V = out.logits.shape[-1]
 
     def ce(logits, k):
-        tgt = tokens[:, k + 1:]  # (B, T-k)
-        if doc_ids is not None:
-            valid = (doc_ids[:, : T - k] == doc_ids[:, k + 1:]) & (doc_ids[:, k + 1:] >= 0)
-            tgt = tgt.masked_fill(~valid, -100)
+        tgt = lm_targets(tokens, doc_ids, k)
+        if num_targets is not None:
+            return F.cross_entropy(logits.reshape(-1, V).float(), tgt.reshape(-1), ignore_index=-100,
+                                   reduction="sum") / max(1, num_targets[k])
         return F.cross_entropy(logits.reshape(-1, V).float(), tgt.reshape(-1), ignore_index=-100)
 
     main = ce(out.logits, 0)
@@ -125,31 +140,6 @@ def lm_losses(model, out, tokens: torch.Tensor, doc_ids: torch.Tensor | None):
 def mtp_loss(per_depth: list[torch.Tensor], lam: float) -> torch.Tensor:
     """V3 eq. 25: L_MTP = lambda / D * sum_k L^k_MTP, the term added to the main loss."""
     return lam * torch.stack(per_depth).mean()
-
-
-@torch.no_grad()
-def update_expert_bias(model, loads: list[torch.Tensor], gamma: float) -> None:
-    """Aux-loss-free balancing (V3 sec. 2.1.2): b_i += gamma * sign(mean load - load_i), per MoE layer.
-    `model`: a DeepSeekModel or a list of Gate modules. For a model, `loads` follow its MoE layers in order:
-    the main model's (`out.router`), then the MTP modules' (`out.mtp_router`); a shorter list (no MTP in the
-    forward) updates only the layers it covers."""
-    if isinstance(model, (list, tuple)):
-        gates = model
-    else:
-        gates = [layer.mlp.gate for layer in model.model.layers if layer.is_moe]  # main layers, then MTP modules
-    for gate, load in zip(gates, loads):
-        if gate.e_score_correction_bias is not None:
-            err = load.mean() - load
-            gate.e_score_correction_bias.add_(gamma * torch.sign(err).to(gate.e_score_correction_bias))
-
-
-def load_stats(loads: list[torch.Tensor]) -> dict:
-    """max/min load ratio (worst layer) and MaxVio = max_i load_i / mean load - 1 (mean over layers)."""
-    if not loads:
-        return {}
-    ratios = [float(l.max() / l.min().clamp_min(1.0)) for l in loads]
-    maxvio = [float(l.max() / l.mean().clamp_min(1e-9) - 1) for l in loads]
-    return {"load_max_min_ratio": max(ratios), "maxvio": sum(maxvio) / len(maxvio)}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -224,65 +214,70 @@ def evaluate(model, held, cfg: PretrainConfig, device, ctx) -> dict:
 
 
 def pretrain(cfg: PretrainConfig, progress: C.Progress | None = None) -> Path:
-    progress = progress or C.Progress()
-    out = Path(cfg.out_dir)
-    ckpt_root = out / "checkpoints"
-    device = C.pick_device(cfg.device)
-    C.seed_everything(cfg.seed)
-    resume_from = C.latest_checkpoint(ckpt_root) if cfg.resume else None
-
+    run = Trainer("pretrain", cfg, progress)  # device, seed, the checkpoint to resume from
+    device = run.device
     # tokenizer and data (deterministic, so a resumed run rebuilds the same ones)
-    if resume_from is not None:
+    if run.resumed:
         from ..tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.load(resume_from)
+        tokenizer = Tokenizer.load(run.resume_from)
     else:
         tokenizer = get_tokenizer(cfg, lambda: _texts_for_tokenizer(cfg))
     texts, train, held = build_data(cfg, tokenizer)
-
-    if resume_from is not None:
+    if run.resumed:
         from ..checkpoint import load_pretrained
 
-        model = load_pretrained(resume_from, dtype=torch.float32, device=device)
+        model = load_pretrained(run.resume_from, dtype=torch.float32, device=device)
     else:
         model = build_model(cfg, tokenizer, device)
     model.train()
-    # precision wraps the fp32 model from outside: bf16 weights + fp32 masters in the optimizer, FP8 GEMMs, ...
-    opt, ctx = P.prepare(model, lambda named: C.make_optimizer(model, cfg.lr, cfg.weight_decay, params=named),
-                         P.resolve(cfg.precision, cfg.dtype, cfg.fp8, device), device)
-    step = 0
-    if resume_from is not None:
-        state = C.load_trainer_state(resume_from)
-        opt.load_state_dict(state["optimizer"])
-        train.load_state_dict(state["data"])
-        C.set_rng_state(state["rng"])
-        step = state["step"]
-    fwd = torch.compile(model) if cfg.compile else model
-    logger = C.MetricsLogger(out, tensorboard=cfg.tensorboard, resume_step=step if resume_from else None)
-    if resume_from is None:
-        C.atomic_write_text(out / "pretrain_config.json", _json(cfg))
+    # precision wraps the fp32 model from outside: bf16 weights + fp32 masters in the optimizer, FP8 GEMMs, ...;
+    # under torchrun the model is parallelized first (FSDP2 + expert parallelism)
+    model, opt, ctx = run.prepare(model, lambda named: C.make_optimizer(model, cfg.lr, cfg.weight_decay, params=named),
+                                  P.resolve(cfg.precision, cfg.dtype, cfg.fp8, device))
+    run.restore(opt, load_state=lambda st: train.load_state_dict(st["data"]), config_json=_json(cfg), model=model)
+    step_fn = make_train_step(cfg, model, train.batches(cfg.batch_size), ctx, device, run.ckpt_root, run.dist)
+    return run.fit(step_fn, cfg.steps, model, tokenizer,
+                   lr_at=lambda step, _: C.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio),
+                   evaluate=lambda: evaluate(model, held, cfg, device, ctx), state=lambda: {"data": train.state_dict()},
+                   progress_keys={"loss": "loss", "tokens_per_s": "tok/s"}, flops_per_token=C.flops_per_token(model))
 
-    fpt, peak = C.flops_per_token(model), C.peak_flops(device)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    progress.start(cfg.steps, "pretrain", initial=step)
-    batches = train.batches(cfg.batch_size)
-    t_last, tokens_since = time.perf_counter(), 0
-    while step < cfg.steps:
-        lr = C.lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
-        C.set_lr(opt, lr)
+
+def make_train_step(cfg: PretrainConfig, model, batches, ctx, device, ckpt_root: Path, dist=None):
+    """One optimizer step of pre-training: grad_accum micro-batches of LM + MTP + balance loss, clip, step, then
+    the aux-loss-free bias update from the step's expert loads.
+
+    Distributed (dist.world_size W > 1): every rank draws the same global micro-batch and trains on its rows; its
+    losses are its share of the global means (lm_losses' num_targets) times W, as FSDP averages the ranks'
+    gradients; the balance loss is per sequence (the ranks' mean is the global one); the bias update sees the
+    global loads, so every rank keeps the same biases. The losses logged per rank average to the global ones."""
+    fwd = torch.compile(model) if cfg.compile else model
+    mtp_on = model.config.num_nextn_predict_layers > 0
+    W = 1 if dist is None else dist.world_size
+
+    def train_step(step: int, opt) -> dict:
         lam = cfg.mtp_weight if step < cfg.mtp_switch_frac * cfg.steps else cfg.mtp_weight_late
         loads = None
         tot = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         for _ in range(cfg.grad_accum):
             batch = next(batches)
             tokens, doc = batch.tokens.to(device), batch.doc_ids.to(device)
+            counts = None
+            if W > 1:  # the normalisers count the global batch; this rank keeps its rows
+                from ..parallel import shard_batch
+
+                depths = model.config.num_nextn_predict_layers if mtp_on else 0
+                counts = [int((lm_targets(tokens, doc, k) != -100).sum()) for k in range(depths + 1)]
+                tokens, doc = shard_batch(tokens, dist), shard_batch(doc, dist)
             with ctx:
-                out_ = fwd(tokens[:, :-1], mtp=model.config.num_nextn_predict_layers > 0)
-            main, mtp = lm_losses(model, out_, tokens, doc)
+                out_ = fwd(tokens[:, :-1], mtp=mtp_on)
+            main, mtp = lm_losses(model, out_, tokens, doc, counts)
             loss = main
             if mtp:
                 loss = loss + mtp_loss(mtp, lam)  # lambda / D * sum over depths (V3 eq. 25)
-                tot["mtp_loss"] += torch.stack(mtp).mean().item() / cfg.grad_accum
+                tot["mtp_loss"] += torch.stack(mtp).mean().item() * W / cfg.grad_accum
+            if W > 1:
+                loss = loss * W  # FSDP averages over the ranks: W x each share sums to the global loss
             routers = out_.router + out_.mtp_router  # main MoE layers, then MTP modules (update_expert_bias order)
             if routers:
                 bal = out_.balance_loss  # over the same layers, MTP modules included
@@ -291,44 +286,24 @@ def pretrain(cfg: PretrainConfig, progress: C.Progress | None = None) -> Path:
                 step_loads = [r.load for r in routers]
                 loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
             (loss / cfg.grad_accum).backward()
-            tot["loss"] += main.item() / cfg.grad_accum
+            tot["loss"] += main.item() * W / cfg.grad_accum
         gnorm = P.clip_grad_norm_(model, opt, cfg.grad_clip)  # on the fp32 masters under bf16
         C.check_finite("pretrain", step + 1, ckpt_root, loss=tot["loss"], grad_norm=gnorm)  # nothing non-finite is stepped
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if loads is not None and W > 1:
+            from ..parallel import global_loads
+
+            loads = global_loads(loads, dist)  # the global batch's loads, the same on every rank
         if loads is not None and cfg.bias_update_speed > 0:
             update_expert_bias(model, loads, cfg.bias_update_speed)
-        step += 1
-        tokens_since += tokens_per_step
-        metrics = {}
-        if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
-            dt = time.perf_counter() - t_last
-            tps = tokens_since / max(dt, 1e-9)
-            t_last, tokens_since = time.perf_counter(), 0
-            metrics = {**tot, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": tps, "mtp_lambda": lam}
-            if peak:
-                metrics["mfu"] = tps * fpt / peak
-            if loads is not None:
-                metrics.update(load_stats(loads))
-                metrics["expert_load"] = [(l / l.sum()).tolist() for l in loads]
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            metrics.update(evaluate(model, held, cfg, device, ctx))
-        if metrics:
-            logger.log(step, **metrics)
-        progress.update(1, loss=tot["loss"], **({"tok/s": metrics["tokens_per_s"]} if "tokens_per_s" in metrics else {}))
-        stopping = cfg.stop_after is not None and step >= cfg.stop_after and step < cfg.steps
-        if step % cfg.save_every == 0 or step == cfg.steps or stopping:
-            state = {"step": step, "optimizer": opt.state_dict(), "data": train.state_dict(), "rng": C.rng_state()}
-            with P.full_precision(opt):  # the HF folder is written from the fp32 masters
-                C.save_stage_checkpoint(ckpt_root, step, model, tokenizer, state, keep=cfg.keep_checkpoints)
-        if stopping:
-            break
-    progress.close()
-    logger.close()
-    final = C.latest_checkpoint(ckpt_root)
-    if step < cfg.steps:
-        return final  # stopped early: no final model yet
-    return C.copy_model_folder(final, out / "model")
+        metrics = {**tot, "grad_norm": float(gnorm), "mtp_lambda": lam,
+                   "num_tokens": cfg.batch_size * cfg.grad_accum * cfg.seq_len}
+        if loads is not None:  # computed only when the step is recorded
+            metrics["load"] = lambda: {**load_stats(loads), "expert_load": [(l / l.sum()).tolist() for l in loads]}
+        return metrics
+
+    return train_step
 
 
 def _texts_for_tokenizer(cfg: PretrainConfig) -> list[str]:

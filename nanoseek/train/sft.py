@@ -40,7 +40,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -51,7 +50,8 @@ import torch.nn.functional as F
 
 from .. import precision as P
 from . import common as C
-from .pretrain import load_stats, update_expert_bias
+from ..model.moe import load_stats, update_expert_bias
+from .trainer import LOOP_FIELD_CHECKS, Trainer
 
 
 @dataclass
@@ -104,6 +104,8 @@ class SFTConfig:
     tensorboard: bool = True
     resume: bool = True  # continue from out_dir/checkpoints/latest when present
     stop_after: int | None = None  # checkpoint and stop at this step (a later call resumes)
+    time_limit_s: float | None = None  # wall-clock budget: the step that spends it is the last (checkpointed, published)
+    ep: int = 1  # expert-parallel ranks under torchrun (divides the world size); batch_size is the global batch
 
     def __post_init__(self):
         C.validate_fields(self, [
@@ -127,12 +129,12 @@ class SFTConfig:
             ("eval_batches", lambda v: v is None or (isinstance(v, int) and v > 0), "must be None or > 0"),
             ("save_every", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
             ("log_every", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
-            ("keep_checkpoints", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
             ("dtype", lambda v: v in ("auto", "float32", "bfloat16"), "must be auto, float32 or bfloat16"),
             ("precision", lambda v: v in P.PRECISIONS, "must be auto, fp32, bf16, fp8 or amp"),
-            ("stop_after", lambda v: v is None or (isinstance(v, int) and v > 0), "must be None or > 0"),
             ("kd_weight", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
             ("kd_temperature", lambda v: v > 0, "must be > 0"),
+            ("ep", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "must be an integer >= 1"),
+            *LOOP_FIELD_CHECKS,
         ])
         if isinstance(self.data, (str, Path)):
             self.data = [str(self.data)]
@@ -325,10 +327,12 @@ def masked_ce_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=-100, reduction="sum")
 
 
-def masked_router_stats(router, valid: torch.Tensor):
+def masked_router_stats(router, valid: torch.Tensor, num_rows: int | None = None):
     """Expert loads and the sequence-wise balance loss (V3 eq. 17-20) over real tokens only.
 
-    router: RouterOutput with expert_ids (B, T, K) and scores (B, T, E); valid: (B, T) bool.
+    router: RouterOutput with expert_ids (B, T, K) and scores (B, T, E); valid: (B, T) bool. num_rows: the rows
+    with a real token in the global batch these rows are one rank's share of (the loss is then the share: the sum
+    over these rows divided by num_rows; a row without a real token adds 0).
     The model's own RouterOutput.load / balance_loss count padding too; this is their masked twin
     (a candidate to move into nanoseek.model.moe as an optional `valid` argument)."""
     ids, scores = router.expert_ids, router.scores
@@ -342,8 +346,27 @@ def masked_router_stats(router, valid: torch.Tensor):
     f = counts * (E / K) / n.clamp_min(1).unsqueeze(-1)
     P = ((scores / scores.sum(-1, keepdim=True)) * v.unsqueeze(-1)).sum(1) / n.clamp_min(1).unsqueeze(-1)
     per_row = (f * P).sum(-1)
+    if num_rows is not None:
+        return load, per_row.sum() / max(1, num_rows)
     balance = per_row[n > 0].mean() if bool((n > 0).any()) else per_row.sum() * 0
     return load, balance
+
+
+def real_rows(valid: torch.Tensor, depths: int) -> list[int]:
+    """Rows with a real input token, per depth (0 = main; depth k reads from position k): masked_balance's
+    num_rows for a global batch."""
+    return [int((valid[:, k:].sum(1) > 0).sum()) for k in range(depths + 1)]
+
+
+def masked_balance(out, valid: torch.Tensor, num_rows: list[int] | None = None
+                   ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Expert loads per MoE layer (main layers, then MTP modules: the update_expert_bias order) and the balance loss
+    summed over them (as ModelOutput.balance_loss), over the real input tokens `valid` (B, T) only; depth k's
+    position i reads token i+k. num_rows (real_rows of the global batch): this is one rank's share of it."""
+    rows = lambda k: None if num_rows is None else num_rows[k]
+    stats = [masked_router_stats(r, valid, rows(0)) for r in out.router]
+    stats += [masked_router_stats(r, valid[:, k:], rows(k)) for k, r in enumerate(out.mtp_router, start=1)]
+    return [ld for ld, _ in stats], torch.stack([b for _, b in stats]).sum()
 
 
 def _forward(model, batch: SFTBatch, device, ctx, mtp: bool):
@@ -384,19 +407,60 @@ def evaluate(model, samples: list[Sample], cfg: SFTConfig, pad_id: int, device, 
 def sft(cfg: SFTConfig, progress: C.Progress | None = None) -> Path:
     """Fine-tune cfg.init_from on chat data; returns out_dir/model (weights + tokenizer), or the
     latest checkpoint when stopped early by stop_after."""
-    from ..data import split_documents
     from ..tokenizer import Tokenizer
     from .evaluate import load_any_model
 
-    progress = progress or C.Progress()
-    out = Path(cfg.out_dir)
-    ckpt_root = out / "checkpoints"
-    device = C.pick_device(cfg.device)
-    C.seed_everything(cfg.seed)
-    resume_from = C.latest_checkpoint(ckpt_root) if cfg.resume else None
-    source = resume_from if resume_from is not None else check_init_from(cfg.init_from)
-
+    run = Trainer("sft", cfg, progress)  # device, seed, the checkpoint to resume from
+    source = run.resume_from if run.resumed else check_init_from(cfg.init_from)
     tokenizer = Tokenizer.load(str(source))
+    data = build_data(cfg, tokenizer)
+    model = load_any_model(source, run.device)  # a DeepSeek model or a dense student
+    model.train()
+    teacher = load_teacher(cfg, model, run.device)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{source}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size} embeddings")
+    # precision wraps the fp32 model from outside: bf16 weights + fp32 masters in the optimizer, FP8 GEMMs, ...;
+    # under torchrun the model is parallelized first (FSDP2 + expert parallelism)
+    model, opt, ctx = run.prepare(model, lambda named: C.make_optimizer(model, cfg.lr, cfg.weight_decay, params=named),
+                                  P.resolve(cfg.precision, cfg.dtype, False, run.device))
+
+    def load_state(state: dict) -> None:
+        if state.get("data_fingerprint") != data.fingerprint:
+            raise ValueError(f"cannot resume from {run.resume_from}: the SFT data (or its rendering: thinking, "
+                             f"max_len, ...) differs from the run that wrote it; use resume=False or a new out_dir")
+        data.stream.load_state_dict(state["data"])
+
+    run.restore(opt, load_state=load_state, config_json=_json(cfg), model=model)
+    if not run.resumed:
+        run.log(0, **{**data.stats, "train_samples": data.train_samples, "eval_samples": len(data.eval_samples),
+                      "total_steps": data.total_steps})
+    use_mtp = model.config.num_nextn_predict_layers > 0 and cfg.mtp_weight > 0
+    evaluate_ = lambda: evaluate(model, data.eval_samples, cfg, tokenizer.pad_id, run.device, ctx, use_mtp)
+    return run.fit(make_train_step(cfg, model, teacher, data, ctx, run.device, use_mtp, run.ckpt_root, run.dist),
+                   data.total_steps, model, tokenizer,
+                   lr_at=lambda step, _: C.lr_at(step, data.total_steps, cfg.lr, cfg.warmup, cfg.schedule,
+                                                 cfg.min_lr_ratio),
+                   evaluate=evaluate_ if data.eval_samples else None,
+                   state=lambda: {"data": data.stream.state_dict(), "data_fingerprint": data.fingerprint},
+                   progress_keys={"loss": "loss"})
+
+
+class SFTData(NamedTuple):
+    stream: SFTStream
+    eval_samples: list[Sample]
+    stats: dict  # render statistics (samples, truncated, dropped)
+    fingerprint: str
+    train_samples: int
+    total_steps: int
+    total_micro: int | None  # micro-batches of the whole run (epochs), None with fixed steps
+
+
+def build_data(cfg: SFTConfig, tokenizer) -> SFTData:
+    """Records -> train/eval split -> rendered samples -> the training stream, and the length of the run: fixed
+    steps, or every micro-batch of `epochs` epochs."""
+    from ..data import split_documents
+
     chats = load_records(cfg)
     if cfg.eval_fraction > 0 and len(chats) >= 2:
         train_chats, eval_chats = split_documents(chats, cfg.eval_fraction, seed=cfg.seed)
@@ -405,63 +469,71 @@ def sft(cfg: SFTConfig, progress: C.Progress | None = None) -> Path:
     train_samples, stats = render_samples(train_chats, tokenizer, cfg)
     eval_samples, _ = render_samples(eval_chats, tokenizer, cfg)
     stream = SFTStream(train_samples, cfg.batch_size, cfg.max_len, cfg.packing, cfg.seed, tokenizer.pad_id)
-    data_hash = fingerprint(train_samples)
-
-    # the length of the run: fixed steps, or every micro-batch of `epochs` epochs
     total_micro = None if cfg.steps else sum(stream.num_batches(e) for e in range(cfg.epochs))
     total_steps = cfg.steps or math.ceil(total_micro / cfg.grad_accum)
     if cfg.warmup >= total_steps:
         raise ValueError(f"SFTConfig.warmup must be below the run's {total_steps} steps, got {cfg.warmup}")
+    return SFTData(stream, eval_samples, stats, fingerprint(train_samples), len(train_samples), total_steps,
+                   total_micro)
 
-    model = load_any_model(source, device)  # a DeepSeek model or a dense student
-    model.train()
-    teacher = None
-    if cfg.teacher:
-        teacher = load_any_model(check_init_from(cfg.teacher), device).eval().requires_grad_(False)
-        if teacher.config.vocab_size != model.config.vocab_size:
-            raise ValueError(f"SFTConfig.teacher: vocab_size {teacher.config.vocab_size} differs from the student's "
-                             f"{model.config.vocab_size}; logit distillation needs one vocabulary")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{source}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                         f"{model.config.vocab_size} embeddings")
-    use_mtp = model.config.num_nextn_predict_layers > 0 and cfg.mtp_weight > 0
-    # precision wraps the fp32 model from outside: bf16 weights + fp32 masters in the optimizer, FP8 GEMMs, ...
-    opt, ctx = P.prepare(model, lambda named: C.make_optimizer(model, cfg.lr, cfg.weight_decay, params=named),
-                         P.resolve(cfg.precision, cfg.dtype, False, device), device)
-    step = 0
-    if resume_from is not None:
-        state = C.load_trainer_state(resume_from)
-        if state.get("data_fingerprint") != data_hash:
-            raise ValueError(f"cannot resume from {resume_from}: the SFT data (or its rendering: thinking, "
-                             f"max_len, ...) differs from the run that wrote it; use resume=False or a new out_dir")
-        opt.load_state_dict(state["optimizer"])
-        stream.load_state_dict(state["data"])
-        C.set_rng_state(state["rng"])
-        step = state["step"]
-    logger = C.MetricsLogger(out, tensorboard=cfg.tensorboard, resume_step=step if resume_from else None)
-    if resume_from is None:
-        C.atomic_write_text(out / "sft_config.json", _json(cfg))
-        logger.log(0, **{**stats, "train_samples": len(train_samples), "eval_samples": len(eval_samples),
-                         "total_steps": total_steps})
 
-    progress.start(total_steps, "sft", initial=step)
-    t_last, tokens_since = time.perf_counter(), 0
-    while step < total_steps:
-        lr = C.lr_at(step, total_steps, cfg.lr, cfg.warmup, cfg.schedule, cfg.min_lr_ratio)
-        C.set_lr(opt, lr)
-        n_micro = cfg.grad_accum if total_micro is None else min(cfg.grad_accum, total_micro - step * cfg.grad_accum)
+def load_teacher(cfg: SFTConfig, model, device):
+    """The frozen logit-distillation teacher (None for plain SFT); it must share the student's vocabulary."""
+    from .evaluate import load_any_model
+
+    if not cfg.teacher:
+        return None
+    teacher = load_any_model(check_init_from(cfg.teacher), device).eval().requires_grad_(False)
+    if teacher.config.vocab_size != model.config.vocab_size:
+        raise ValueError(f"SFTConfig.teacher: vocab_size {teacher.config.vocab_size} differs from the student's "
+                         f"{model.config.vocab_size}; logit distillation needs one vocabulary")
+    return teacher
+
+
+def shard_rows(batch: SFTBatch, dist, pad_id: int) -> SFTBatch:
+    """This rank's rows of a global micro-batch, after padding it with empty rows (pads, no loss, no load) to a
+    multiple of the world size (an epoch's last micro-batch may be short)."""
+    from ..parallel import shard_batch
+
+    extra = -batch.tokens.shape[0] % dist.world_size
+    if extra:
+        L = batch.tokens.shape[1]
+        batch = SFTBatch(torch.cat([batch.tokens, torch.full((extra, L), pad_id, dtype=torch.long)]),
+                         torch.cat([batch.mask, torch.zeros(extra, L, dtype=torch.bool)]),
+                         torch.cat([batch.seg, torch.full((extra, L), -1, dtype=torch.long)]))
+    return SFTBatch(*(shard_batch(t, dist) for t in batch))
+
+
+def make_train_step(cfg: SFTConfig, model, teacher, data: SFTData, ctx, device, use_mtp: bool, ckpt_root: Path,
+                    dist=None):
+    """One optimizer step of SFT over grad_accum micro-batches (fewer at the end of an epochs-long run).
+
+    Distributed (world size W > 1): every rank draws the same global micro-batches (the normalisers above count
+    them whole) and trains on its rows (shard_rows); each loss is then this rank's share of the global one and is
+    multiplied by W, as FSDP averages the ranks' gradients; the bias update sees the global expert loads."""
+    stream = data.stream
+    W = 1 if dist is None else dist.world_size
+
+    def train_step(step: int, opt) -> dict:
+        n_micro = cfg.grad_accum if data.total_micro is None else min(cfg.grad_accum,
+                                                                      data.total_micro - step * cfg.grad_accum)
         micro = [stream.next() for _ in range(n_micro)]
         # normalisers over the whole step: every assistant token of the step weighs the same
         n_main = sum(int((shifted_targets(b) != -100).sum()) for b in micro)
         depths = model.config.num_nextn_predict_layers if use_mtp else 0
         n_mtp = [sum(int((shifted_targets(b, k) != -100).sum()) for b in micro) for k in range(1, depths + 1)]
-        loads, tot = None, {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        loads, tot, num_tokens = None, {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}, 0
         for batch in micro:
+            num_tokens += int((batch.seg[:, :-1] >= 0).sum())
+            rows = None
+            if W > 1:  # the balance loss averages over the global batch's rows
+                rows = real_rows(batch.seg[:, :-1] >= 0, depths)
+                batch = shard_rows(batch, dist, stream.pad_id)
             out_ = _forward(model, batch, device, ctx, use_mtp)
             tgt = shifted_targets(batch).to(device)
             main = masked_ce_sum(out_.logits, tgt) / max(1, n_main)
             loss = main
-            tot["loss"] += main.item()
+            tot["loss"] += main.item() * W
             if teacher is not None:
                 from .distill_loss import logit_distillation_loss
 
@@ -471,64 +543,41 @@ def sft(cfg: SFTConfig, progress: C.Progress | None = None) -> Path:
                 kd = logit_distillation_loss(out_.logits, t_logits, valid, cfg.kd_temperature)
                 kd = kd * valid.sum() / max(1, n_main)  # token-weighted like the CE
                 loss = (1 - cfg.kd_weight) * main + cfg.kd_weight * kd
-                tot["kd_loss"] = tot.get("kd_loss", 0.0) + kd.item()
+                tot["kd_loss"] = tot.get("kd_loss", 0.0) + kd.item() * W
             if out_.mtp_logits:
                 mtp = [masked_ce_sum(lg, shifted_targets(batch, k).to(device)) / max(1, n_mtp[k - 1])
                        for k, lg in enumerate(out_.mtp_logits, start=1)]
                 mtp_mean = torch.stack(mtp).mean()  # averaged over depths (V3 eq. 25)
                 loss = loss + cfg.mtp_weight * mtp_mean
-                tot["mtp_loss"] += mtp_mean.item()
+                tot["mtp_loss"] += mtp_mean.item() * W
             if out_.router or out_.mtp_router:
-                valid = (batch.seg[:, :-1] >= 0).to(device)  # (B, T) real input tokens
-                # main MoE layers, then MTP modules (update_expert_bias order); depth k's position i reads token i+k
-                stats_ = [masked_router_stats(r, valid) for r in out_.router]
-                stats_ += [masked_router_stats(r, valid[:, k:]) for k, r in enumerate(out_.mtp_router, start=1)]
-                bal = torch.stack([b for _, b in stats_]).sum()  # summed over layers, as ModelOutput.balance_loss
+                step_loads, bal = masked_balance(out_, (batch.seg[:, :-1] >= 0).to(device), rows)
                 loss = loss + cfg.balance_alpha * bal / n_micro
-                tot["balance_loss"] += bal.item() / n_micro
-                step_loads = [ld for ld, _ in stats_]
+                tot["balance_loss"] += bal.item() * W / n_micro
                 loads = step_loads if loads is None else [a + b for a, b in zip(loads, step_loads)]
+            if W > 1:
+                loss = loss * W  # FSDP averages over the ranks: W x each share sums to the global loss
             loss.backward()
-            tokens_since += int((batch.seg[:, :-1] >= 0).sum())
         gnorm = P.clip_grad_norm_(model, opt, cfg.grad_clip)  # on the fp32 masters under bf16
         C.check_finite("sft", step + 1, ckpt_root, loss=tot["loss"], grad_norm=gnorm)  # nothing non-finite is stepped
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if loads is not None and W > 1:
+            from ..parallel import global_loads
+
+            loads = global_loads(loads, dist)  # the global batch's loads, the same on every rank
         if loads is not None and cfg.bias_update_speed > 0:
             update_expert_bias(model, loads, cfg.bias_update_speed)
-        step += 1
-        metrics = {}
-        if step % cfg.log_every == 0 or step == total_steps or step == 1:
-            dt = time.perf_counter() - t_last
-            epoch = stream.epoch + stream.position / len(stream.epoch_rows(stream.epoch))
-            metrics = {**tot, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": tokens_since / max(dt, 1e-9),
-                       "assistant_tokens": n_main, "epoch": epoch, "truncated_frac": stats["truncated_frac"]}
-            t_last, tokens_since = time.perf_counter(), 0
-            if not out_.mtp_logits:
-                metrics.pop("mtp_loss")
-            if loads is not None:
-                metrics.update(load_stats(loads))
-            else:
-                metrics.pop("balance_loss")
-        if eval_samples and (step % cfg.eval_every == 0 or step == total_steps):
-            metrics.update(evaluate(model, eval_samples, cfg, tokenizer.pad_id, device, ctx, use_mtp))
-        if metrics:
-            logger.log(step, **metrics)
-        progress.update(1, loss=tot["loss"])
-        stopping = cfg.stop_after is not None and step >= cfg.stop_after and step < total_steps
-        if step % cfg.save_every == 0 or step == total_steps or stopping:
-            state = {"step": step, "optimizer": opt.state_dict(), "data": stream.state_dict(), "rng": C.rng_state(),
-                     "data_fingerprint": data_hash}
-            with P.full_precision(opt):  # the HF folder is written from the fp32 masters
-                C.save_stage_checkpoint(ckpt_root, step, model, tokenizer, state, keep=cfg.keep_checkpoints)
-        if stopping:
-            break
-    progress.close()
-    logger.close()
-    final = C.latest_checkpoint(ckpt_root)
-    if step < total_steps:
-        return final  # stopped early: no final model yet
-    return C.copy_model_folder(final, out / "model")
+        if not out_.mtp_logits:
+            tot.pop("mtp_loss")
+        if loads is None:
+            tot.pop("balance_loss")
+        epoch = stream.epoch + stream.position / len(stream.epoch_rows(stream.epoch))
+        return {**tot, "grad_norm": float(gnorm), "assistant_tokens": n_main, "epoch": epoch,
+                "truncated_frac": data.stats["truncated_frac"], "num_tokens": num_tokens,
+                **({"load": lambda: load_stats(loads)} if loads is not None else {})}
+
+    return train_step
 
 
 def _json(cfg: SFTConfig) -> str:

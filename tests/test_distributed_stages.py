@@ -1,0 +1,259 @@
+"""The training stages under torchrun: `python -m nanoseek <stage>` on 2 ranks (gloo, 1 thread each, launched as
+plain subprocesses with torchrun's environment variables) against the same command in one process, fp32, the same
+global batch: the logged losses agree to 1e-5 for 10 steps (pretrain with FSDP only and with FSDP + EP 2, SFT with
+EP 2 and a short last batch, GRPO with EP 2 and the same rollouts); a 2-rank run resumes from its sharded checkpoint
+bit-exactly (and at 1 rank, and a 1-rank checkpoint at 2 ranks, to 1e-5); rank 0's consolidated model folder is
+the one-process format; keep routing replays the sampler's experts under EP.
+
+Run as a script (`python tests/test_distributed_stages.py routing OUT MODEL`), this file is the routing check's
+worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 10
+MODEL = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
+         "num_attention_heads": 2, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+         "qk_rope_head_dim": 8, "v_head_dim": 16}  # 8 routed experts in 2 groups: an ep rank can get no rows
+
+
+def distinct_chars(prompt, completion, problem) -> float:
+    """GRPO's reward in these runs: it differs between a group's completions, so advantages are not zero."""
+    return len(set(completion)) / 8.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, *argv: str, script: Path | None = None, timeout: float = 240) -> None:
+    """`python -m nanoseek *argv` (or `python script *argv`) on `world` ranks, torchrun's environment."""
+    port = _free_port()
+    procs = []
+    for r in range(world):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", PYTHONWARNINGS="ignore")
+        if world > 1:
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), LOCAL_RANK=str(r),
+                       WORLD_SIZE=str(world))
+        cmd = [sys.executable, str(script), *argv] if script else [sys.executable, "-m", "nanoseek", *argv]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} of {world} failed: {' '.join(argv)}\n{log[-6000:]}"
+
+
+def metrics(out: Path) -> dict[int, dict]:
+    return {d["step"]: d for d in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def max_diff(a: dict, b: dict, key: str, steps=range(1, STEPS + 1)) -> float:
+    assert all(key in a[s] and key in b[s] for s in steps), key
+    return max(abs(a[s][key] - b[s][key]) for s in steps)
+
+
+class Runs:
+    """Each run once per session, on demand (a test asks for the runs it compares)."""
+
+    def __init__(self, root: Path):
+        self.root, self.done = root, {}
+
+    def tokenizer(self) -> Path:
+        folder = self.root / "tok"
+        if not folder.exists():
+            from nanoseek.data.corpus import embedded_corpus
+            from nanoseek.tokenizer import train_tokenizer
+
+            train_tokenizer(embedded_corpus(200, seed=0), vocab_size=400).save(str(folder))
+        return folder
+
+    def get(self, name: str) -> Path:
+        if name not in self.done:
+            self.done[name] = self._run(name)
+        return self.done[name]
+
+    def _run(self, name: str) -> Path:
+        out = self.root / name
+        stage, world, *rest = name.split("-")
+        ep = ("--ep", rest[0]) if rest else ()
+        if stage == "pretrain":
+            args = ("--tokenizer", str(self.tokenizer()), "--embedded-docs", "100", "--seq-len", "32",
+                    "--batch-size", "4", "--warmup", "2", "--eval-every", "5", "--eval-batches", "1",
+                    "--save-every", "5", "--model-overrides", json.dumps(MODEL))
+        elif stage == "sft":  # batch 3 on 2 ranks: every micro-batch is padded with an empty row
+            args = ("--init-from", str(self.get("pretrain-1") / "model"), "--embedded-records", "24",
+                    "--max-len", "96", "--batch-size", "3", "--warmup", "1", "--lr", "1e-3", "--eval-every", "5",
+                    "--eval-batches", "1", "--save-every", "10")
+        else:  # grpo: a KL term, two updates per rollout (the second one off-policy), 3-row minibatches
+            args = ("--init-from", str(self.get("pretrain-1") / "model"), "--prompts-per-step", "2",
+                    "--num-generations", "4", "--max-tokens", "8", "--no-eval", "--minibatch-size", "3",
+                    "--num-iterations", "2", "--lr", "1e-3", "--beta", "0.04", "--save-every", "10",
+                    "--reward", "test_distributed_stages:distinct_chars")
+        launch(int(world), stage, "--out-dir", str(out), "--steps", str(STEPS), "--log-every", "1",
+               "--no-tensorboard", *ep, *args)
+        return out
+
+    def resumed(self, src: str, world: int, at: int = 5) -> Path:
+        """`src`'s run rolled back to its checkpoint at step `at` and run again on `world` ranks."""
+        name = f"{src}-resumed-at-{world}"
+        if name not in self.done:
+            out = self.root / name
+            shutil.copytree(self.get(src), out)
+            shutil.rmtree(out / "model")
+            for ckpt in (out / "checkpoints").glob("step_*"):
+                if int(ckpt.name.removeprefix("step_")) > at:
+                    shutil.rmtree(ckpt)
+            (out / "checkpoints" / "latest").write_text(f"step_{at:07d}\n")
+            stage, _, *rest = src.split("-")
+            argv = json.loads((out / f"{stage}_config.json").read_text())
+            ep = ("--ep", rest[0]) if rest and world > 1 else ()
+            launch(world, stage, "--out-dir", str(out), "--steps", str(STEPS), "--log-every", "1", "--no-tensorboard",
+                   "--tokenizer", argv["tokenizer"], "--embedded-docs", "100", "--seq-len", "32", "--batch-size", "4",
+                   "--warmup", "2", "--eval-every", "5", "--eval-batches", "1", "--save-every", "5",
+                   "--model-overrides", json.dumps(MODEL), *ep)
+            self.done[name] = out
+        return self.done[name]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory.mktemp("dist_stages"))
+
+
+def test_pretrain_fsdp_ep_two_ranks_logs_the_one_process_losses(runs):
+    one, two = metrics(runs.get("pretrain-1")), metrics(runs.get("pretrain-2-2"))
+    assert max_diff(one, two, "loss") < 1e-5
+    assert max_diff(one, two, "mtp_loss") < 1e-5
+    assert max_diff(one, two, "balance_loss") < 1e-5
+    assert max_diff(one, two, "grad_norm") < 1e-4
+    assert max_diff(one, two, "eval_loss", steps=(5, 10)) < 1e-5
+    assert one[STEPS]["loss"] < one[1]["loss"] - 0.3  # it trains: the comparison is not of constants
+
+
+@pytest.mark.slow
+def test_pretrain_fsdp_only_two_ranks_logs_the_one_process_losses(runs):
+    one, two = metrics(runs.get("pretrain-1")), metrics(runs.get("pretrain-2"))
+    assert max_diff(one, two, "loss") < 1e-5
+    assert max_diff(one, two, "grad_norm") < 1e-4
+
+
+def test_two_rank_run_resumes_from_its_sharded_checkpoint_bit_exactly(runs):
+    full, resumed = runs.get("pretrain-2-2"), runs.resumed("pretrain-2-2", world=2)
+    assert (full / "checkpoints" / "step_0000005" / "dcp" / ".metadata").exists()  # the sharded state it resumed
+    a, b = metrics(full), metrics(resumed)
+    assert sorted(b) == sorted(a)
+    for s in range(6, STEPS + 1):
+        for key in ("loss", "mtp_loss", "balance_loss", "grad_norm"):
+            assert a[s][key] == b[s][key], (s, key)
+    assert (full / "model" / "model.safetensors").read_bytes() == (resumed / "model" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_resume_across_world_sizes_gives_the_same_losses(runs):
+    one = metrics(runs.get("pretrain-1"))
+    two_to_one = metrics(runs.resumed("pretrain-2-2", world=1))
+    one_to_two = metrics(runs.resumed("pretrain-1", world=2))
+    steps = range(6, STEPS + 1)
+    assert max_diff(one, two_to_one, "loss", steps) < 1e-5
+    assert max_diff(one, one_to_two, "loss", steps) < 1e-5
+
+
+def test_consolidated_model_folder_is_the_one_process_folder(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    from nanoseek.checkpoint import load_pretrained
+
+    one, two = runs.get("pretrain-1") / "model", runs.get("pretrain-2-2") / "model"
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    for name in ("config.json", "tokenizer.json"):
+        assert (one / name).read_bytes() == (two / name).read_bytes()
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4  # the same training, to float tolerance
+    # the bytes one process writes for the 2-rank weights are the 2-rank folder's bytes
+    load_pretrained(two, dtype=torch.float32).save_pretrained(tmp_path / "resaved")
+    assert (tmp_path / "resaved" / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
+
+
+def test_sft_ep_two_ranks_logs_the_one_process_losses(runs):
+    one, two = metrics(runs.get("sft-1")), metrics(runs.get("sft-2-2"))
+    assert max_diff(one, two, "loss") < 1e-5
+    assert max_diff(one, two, "mtp_loss") < 1e-5
+    assert max_diff(one, two, "balance_loss") < 1e-5
+    assert max_diff(one, two, "eval_loss", steps=(5, 10)) < 1e-5
+    assert max_diff(one, two, "grad_norm") < 1e-4
+
+
+@pytest.mark.slow
+def test_grpo_ep_two_ranks_logs_the_one_process_losses(runs):
+    one, two = metrics(runs.get("grpo-1")), metrics(runs.get("grpo-2-2"))
+    # the same rollouts: every completion's seed follows its problem's index in the step's draw
+    assert all(one[s]["reward"] == two[s]["reward"] for s in range(1, STEPS + 1))
+    assert all(one[s]["completion_length"] == two[s]["completion_length"] for s in range(1, STEPS + 1))
+    assert max_diff(one, two, "loss") < 1e-5
+    assert max_diff(one, two, "grad_norm") < 1e-3
+    assert max(abs(one[s]["loss"]) for s in range(1, STEPS + 1)) > 1e-3  # the losses are not all zero
+
+
+@pytest.mark.slow
+def test_keep_routing_is_replayed_under_expert_parallelism(runs):
+    out = runs.root / "routing"
+    out.mkdir(exist_ok=True)
+    launch(2, "routing", str(out), str(runs.get("pretrain-1") / "model"), script=Path(__file__))
+    for r in range(2):
+        rec = torch.load(out / f"rank{r}.pt")
+        assert rec["ep_vs_plain_forced"] < 1e-5  # EP's forward follows the forced experts...
+        assert rec["forced_vs_free"] > 1e-3  # ...which are not the ones it would pick
+
+
+def _routing_worker(out: str, model_dir: str) -> None:
+    """Each rank: the model plain and parallelized (FSDP + EP 2); random forced experts for its rows of a batch;
+    the EP logits with them against the plain model's with them, and against the plain model's free routing."""
+    from nanoseek.checkpoint import load_pretrained
+    from nanoseek.parallel import destroy, init_distributed, parallelize, shard_batch
+
+    torch.set_num_threads(1)
+    dist = init_distributed(ep=2)
+    plain = load_pretrained(model_dir, dtype=torch.float32).eval()
+    ep = parallelize(load_pretrained(model_dir, dtype=torch.float32), dist.mesh).eval()
+    cfg = plain.config
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (4, 12), generator=g)
+    moe = sum(1 for layer in plain.model.layers[: cfg.num_hidden_layers] if layer.is_moe)
+    forced = [torch.rand(4, 12, cfg.n_routed_experts, generator=g).argsort(-1)[..., :cfg.num_experts_per_tok]
+              for _ in range(moe)]
+    ids, forced = shard_batch(ids, dist), [shard_batch(f, dist) for f in forced]
+    with torch.no_grad():
+        a = ep(ids, forced_expert_ids=forced, mtp=False).logits
+        b = plain(ids, forced_expert_ids=forced, mtp=False).logits
+        c = plain(ids, mtp=False).logits
+    torch.save({"ep_vs_plain_forced": float((a - b).abs().max()), "forced_vs_free": float((b - c).abs().max())},
+               Path(out) / f"rank{dist.rank}.pt")
+    destroy()
+
+
+if __name__ == "__main__" and sys.argv[1] == "routing":
+    _routing_worker(sys.argv[2], sys.argv[3])
