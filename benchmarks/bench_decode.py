@@ -139,6 +139,9 @@ def main() -> None:
                     help="MTP fitting steps (minibatch 8) before the speculative run")
     ap.add_argument("--mtp-seqs", type=int, default=64, help="self-generated sequences the MTP module is fitted on")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a few seconds")
+    ap.add_argument("--quantize", default=None, choices=["fp32", "bf16", "int8", "int8-g128", "int4-g128", "fp8"],
+                    help="nanoseek's weights in this format (nanoseek.quant; transformers stays fp32, bf16 for bf16); "
+                         "int and fp8 weights run the generic forward (no FastDecoder, no compile, no MTP section)")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="leave out Engine(compile=True) (torch.compile of the decode step; needs a C++ compiler)")
     args = ap.parse_args()
@@ -151,9 +154,20 @@ def main() -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     ref = hf_twin(model)
+    if args.quantize not in (None, "fp32"):
+        from nanoseek.engine.fast_decode import unsupported_reason
+        from nanoseek.quant import quantize, state_bytes
+
+        quantize(model, args.quantize)
+        if args.quantize == "bf16":
+            ref.to(torch.bfloat16)
+        print(f"nanoseek weights in {args.quantize}: {state_bytes(model):,} bytes in memory")
+        if unsupported_reason(model) is not None:
+            args.compile, args.mtp_steps = False, 0
     n = args.new_tokens
     print(f"config {'tiny (quick)' if args.quick else args.config}: {cfg.num_parameters() / 1e6:.1f}M parameters, "
-          f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts (top-{cfg.num_experts_per_tok}), fp32, "
+          f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts (top-{cfg.num_experts_per_tok}), "
+          f"{args.quantize or 'fp32'}, "
           f"{args.threads} threads, prompt {args.prompt_len}, {n} new tokens, greedy\n")
 
     rows, compile_s = [], {}
@@ -202,6 +216,9 @@ def main() -> None:
     mha = H * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * L * f32
     print(f"| expanded per-head K, V (an MHA cache; computed) | {mha:,} | {mha / our_cache:.2f}x |")
 
+    if args.mtp_steps == 0:
+        print("\nMTP section skipped (--mtp-steps 0, or quantised weights, which the MTP fit cannot train through)")
+        return
     # MTP speculative decoding after a quick fit of the MTP module on self-generated text
     train_prompts = torch.randint(0, cfg.vocab_size, (args.mtp_seqs, args.prompt_len)).tolist()
     t = time.perf_counter()

@@ -46,7 +46,11 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return f"{type(model).__name__} is not a DeepSeekModel"
     if model.config.use_dsa:
         return "DSA models select keys with the indexer (the generic forward handles them)"
+    from ..quant import QUANTIZED_MODULES
+
     for name, m in model.named_modules():
+        if isinstance(m, QUANTIZED_MODULES):
+            return f"{name} keeps quantised weights (FP8 or int {type(m).__name__}: the generic forward dequantises them)"
         if isinstance(m, nn.Linear) and type(m) is not nn.Linear:
             return f"{name} is a {type(m).__name__} (FP8 layers use the generic forward)"
         if type(m).__name__ == "QuantizedLinear":
