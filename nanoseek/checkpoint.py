@@ -481,7 +481,46 @@ def save_pretrained(model: DeepSeekModel, path, max_shard_bytes: int = 5 * 1024 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     write_shards(folder, tensors, max_shard_bytes)
     config.save(folder)
+    write_generation_config(folder, config.bos_token_id, config.eos_token_id)
     if tokenizer is not None:
         tokenizer.save(folder)
     return folder
+
+
+# DeepSeek-V3's published generation_config.json: what `nanoseek generate/chat`, the server and transformers'
+# generate() use when the caller names no temperature / top_p.
+GENERATION_DEFAULTS = {"temperature": 0.6, "top_p": 0.95}
+
+
+def write_generation_config(folder, bos_token_id, eos_token_id) -> None:
+    """generation_config.json (transformers' GenerationConfig) with GENERATION_DEFAULTS, atomically."""
+    import json
+    import os
+    import tempfile
+
+    data = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "do_sample": True, **GENERATION_DEFAULTS}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="generation_config.json")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, Path(folder) / "generation_config.json")
+
+
+def generation_defaults(folder) -> dict:
+    """{temperature, top_p} from a model folder's generation_config.json (either may be missing there), else
+    GENERATION_DEFAULTS' for a folder without one. A damaged file is a CheckpointError naming it."""
+    import json
+
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return dict(GENERATION_DEFAULTS)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"not a JSON object but {type(data).__name__}")
+        out = {k: float(data[k]) for k in ("temperature", "top_p") if data.get(k) is not None}
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from None
+    if data.get("do_sample") is False:  # transformers: greedy whatever the temperature says
+        out["temperature"] = 0.0
+    return out
 

@@ -42,9 +42,10 @@ def build_chat_model(folder: Path) -> str:
         for thinking in (True, False):
             msgs = [{"role": "user", "content": u},
                     {"role": "assistant", "content": ANSWER, "reasoning_content": REASON}]
-            if (i + thinking) % 2:  # some two-turn conversations, as chat sends
-                msgs = [{"role": "user", "content": USERS[i - 1]}, {"role": "assistant", "content": ANSWER}] + msgs
             seqs.append(tok.encode_chat_with_mask(msgs, thinking=thinking))
+            if (i + thinking) % 2:  # some two-turn conversations too, as chat sends
+                msgs = [{"role": "user", "content": USERS[i - 1]}, {"role": "assistant", "content": ANSWER}] + msgs
+                seqs.append(tok.encode_chat_with_mask(msgs, thinking=thinking))
     L = max(len(s) for s, _ in seqs)
     x = torch.full((len(seqs), L), tok.pad_id)
     mask = torch.zeros(len(seqs), L)
@@ -134,7 +135,7 @@ def test_chat_without_thinking_streams_reasoning_apart(monkeypatch):
     assert (answer, reason) == (ANSWER, "stop")
     assert out.getvalue() == f"thinking: {REASON}\nassistant: {ANSWER}\n"
     # the server's split (non-streamed replies) is the same; a model that answers directly keeps its answer
-    assert split_reasoning("".join(pieces), False) == (REASON, ANSWER)
+    assert split_reasoning("".join(pieces), False) == (REASON, " " + ANSWER)  # the server keeps content's whitespace
     assert split_reasoning(ANSWER, False) == ("", ANSWER)
 
 

@@ -303,16 +303,18 @@ def test_serve_cli_exposes_the_limits_with_the_protocol_defaults():
 # ---------------------------------------------------------------------------------------------- item 9
 UNSUPPORTED = [
     ("/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("/chat/completions", {"min_p": 0.1}, "min_p"),
-    ("/chat/completions", {"repetition_penalty": 1.1}, "repetition_penalty"),
+    ("/chat/completions", {"min_p": 1.5}, "min_p"),  # implemented (item 9): out of range is refused by name
+    ("/chat/completions", {"repetition_penalty": 0}, "repetition_penalty"),
+    ("/chat/completions", {"guided_json": {}}, "guided_json"),
     ("/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
     ("/chat/completions", {"continue_final_message": True}, "continue_final_message"),
     ("/chat/completions", {"messages": [{"role": "user", "content": "hi", "tool_call_id": "x"}]}, "messages"),
     ("/chat/completions", {"max_tokens": "8"}, "max_tokens"),  # no silent coercion
     ("/chat/completions", {"logprobs": 1}, "logprobs"),
-    ("/completions", {"min_tokens": 4}, "min_tokens"),
-    ("/completions", {"skip_special_tokens": False}, "skip_special_tokens"),
-    ("/completions", {"include_stop_str_in_output": True}, "include_stop_str_in_output"),
+    ("/completions", {"min_tokens": 5}, "min_tokens"),  # more than max_tokens (4)
+    ("/completions", {"skip_special_tokens": "no"}, "skip_special_tokens"),
+    ("/completions", {"include_stop_str_in_output": 1}, "include_stop_str_in_output"),
+    ("/completions", {"prompt_logprobs": 1}, "prompt_logprobs"),
     ("/completions", {"temprature": 0.5}, "temprature"),
     ("/completions", {"n": 2.0}, "n"),
 ]

@@ -13,7 +13,9 @@ first position past its kept prefix, so it never touches a live row nor its own 
 
 Stops: `stop_token_ids` and the EOS ids end a sample with finish_reason "stop"; the stop token is KEPT in
 token_ids but not in text. A stop string ends it when the decoded completion contains it; token_ids keep
-every generated token, text is cut before the stop string. max_tokens (or a full cache) gives "length".
+every generated token, text is cut before the stop string (after it with include_stop_str_in_output). Before
+min_tokens tokens, the end tokens cannot be sampled and stop strings do not count. max_tokens (or a full cache)
+gives "length". Text is decoded with the request's skip_special_tokens.
 
 Routing (return_routing): entry i holds the experts chosen at the position whose logits produced token i
 (the last prompt token for i = 0), i.e. what a full forward over prompt + tokens[:-1] routes there;
@@ -36,7 +38,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..model import DeepSeekModel
-from .sampling import SamplingParams, derive_seed, make_generator, sample
+from .sampling import SamplingParams, derive_seed, make_generator, penalize, sample
 
 
 FAST_DECODE_MAX_BYTES = 2 << 30  # auto fast decode only for models whose weights fit twice in memory comfortably
@@ -363,6 +365,11 @@ class Engine:
                            ) -> list[StreamEvent]:
         want_mask = any(q.params.return_sampling_mask for q in seqs)
         top_n = max(q.params.top_logprobs for q in seqs)
+        params = [q.params for q in seqs]
+        if any(p.repetition_penalty != 1 or len(q.tokens) < p.min_tokens for p, q in zip(params, seqs)):
+            logits = penalize(logits, params, [q.handle.prompt_ids + q.tokens if p.repetition_penalty != 1 else []
+                                               for p, q in zip(params, seqs)],
+                              [len(q.tokens) for q in seqs], [self._end_ids(p) for p in params])
         res = sample(logits, [q.params for q in seqs], [q.generator for q in seqs], return_support=want_mask,
                      top_n=top_n)
         tokens, lps = res.tokens.tolist(), res.logprobs.tolist()  # the step's host sync
@@ -384,11 +391,14 @@ class Engine:
         return events
 
     # ------------------------------------------------------------------ stops, text, finishing
+    def _end_ids(self, p: SamplingParams) -> set[int]:
+        """The tokens that end a sample with these params: stop_token_ids and (unless ignore_eos) the EOS ids."""
+        return set(p.stop_token_ids or []) | (set() if p.ignore_eos else self.eos_token_ids)
+
     def _check_stop(self, seq: _Seq, logprob: float) -> StreamEvent:
         p, tok = seq.params, seq.tokens[-1]
         reason = None
-        stop_ids = set(p.stop_token_ids or []) | (set() if p.ignore_eos else self.eos_token_ids)
-        if tok in stop_ids:
+        if tok in self._end_ids(p):
             reason = "stop"
         elif len(seq.tokens) >= p.max_tokens or len(self.kept[seq.slot]) >= self.max_len:
             reason = "length"  # the next token would need a position beyond the cache
@@ -396,10 +406,12 @@ class Engine:
         if self.tokenizer is not None:
             n = len(seq.tokens) - 1 if reason == "stop" else len(seq.tokens)
             # finished: one full decode (the final text is exactly decode(tokens)); running: incremental
-            text = self.tokenizer.decode(seq.tokens[:n]) if reason else self._decode_text(seq, n)
-            hits = [text.find(s) for s in (p.stop or []) if s in text]
+            text = (self.tokenizer.decode(seq.tokens[:n], skip_special_tokens=True) if p.skip_special_tokens
+                    else self.tokenizer.decode(seq.tokens[:n])) if reason else self._decode_text(seq, n)
+            hits = [(text.find(s), s) for s in (p.stop or []) if s in text] if len(seq.tokens) >= p.min_tokens else []
             if hits:
-                text, reason = text[: min(hits)], "stop"
+                at, s = min(hits, key=lambda h: h[0])
+                text, reason = text[: at + len(s) if p.include_stop_str_in_output else at], "stop"
             seq.text = text
             safe = len(text) if reason else _stream_safe(text, p.stop or [])
             if safe > seq.emitted:
@@ -414,10 +426,15 @@ class Engine:
         last point where the text ended on a whole character are decoded, after the tokens before that point
         as context (merges and leading-space rules then match the full decode)."""
         toks, ctx, done = seq.tokens, seq.dec_ctx, seq.dec_done
-        head = self.tokenizer.decode(toks[ctx:done])
-        tail = self.tokenizer.decode(toks[ctx:n])
+        skip = seq.handle is not None and seq.params.skip_special_tokens
+
+        def decode(ids):
+            return self.tokenizer.decode(ids, skip_special_tokens=True) if skip else self.tokenizer.decode(ids)
+
+        head = decode(toks[ctx:done])
+        tail = decode(toks[ctx:n])
         if not tail.startswith(head):  # a decoder whose output is not prefix-stable: decode everything
-            return self.tokenizer.decode(toks[:n])
+            return decode(toks[:n])
         text = seq.dec_text + tail[len(head):]
         if not tail.endswith("\ufffd"):  # ends on a whole character: a new stable point
             seq.dec_text, seq.dec_ctx, seq.dec_done = text, done, n

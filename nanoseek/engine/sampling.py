@@ -2,8 +2,11 @@
 
 Shape legend: B = rows (one per live sequence), V = vocabulary.
 
-Processing order (as in vLLM and transformers' warpers): logits / temperature -> top-k -> top-p over
-the top-k-renormalised distribution -> sample from the renormalised support. Every row draws its
+Processing order (as in vLLM and transformers' warpers): `penalize` first (repetition_penalty over the prompt and
+the tokens so far, and min_tokens: the end tokens at -inf until that many were generated; the engine applies it,
+so greedy rows and log-probs see it too), then logits / temperature -> min-p (drop tokens less likely than
+min_p x the most likely one) and top-k -> top-p over the remaining renormalised distribution -> sample from the
+renormalised support. Every row draws its
 randomness from its own torch.Generator, and exactly V uniforms per step (Gumbel-max), so a seeded
 request gives the same samples whatever else shares its batch. Sample i of a seeded request draws from a
 generator seeded with `derive_seed(seed, i, *prompt_ids)`: every sample and every distinct prompt has its own
@@ -18,6 +21,7 @@ since the greedy "distribution" is a point mass whose log-prob (0) says nothing.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -36,6 +40,9 @@ class SamplingParams:
     temperature: float = 1.0  # 0 (or anything below GREEDY_EPS): greedy (argmax)
     top_p: float = 1.0  # nucleus: smallest set with cumulative prob >= top_p; 1 = off
     top_k: int | None = 0  # 0 or None = off
+    min_p: float = 0.0  # keep tokens with prob >= min_p x the top token's (after temperature); 0 = off
+    min_tokens: int = 0  # the end tokens (EOS, stop_token_ids) cannot be sampled, nor stop strings end a sample, before
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the completion (HF / vLLM's)
     stop: list[str] | None = None  # stop strings (need a tokenizer with .decode)
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False  # do not stop at the engine's EOS ids
@@ -45,6 +52,9 @@ class SamplingParams:
     top_logprobs: int = 0  # also return the top-N (token id, log-prob) of each step's distribution (0-20)
     return_sampling_mask: bool = False  # return the (len, V) bool support of each step's distribution
     return_routing: bool = False  # return (len, num_moe_layers, K) expert ids that produced each token
+    skip_special_tokens: bool = False  # text without special tokens (BOS, EOS, turn tags; `</think>` and tool tags
+    # are not special and stay). False here so training sees the raw text; the server defaults to True, as vLLM
+    include_stop_str_in_output: bool = False  # a matched stop string stays at the end of text
 
     def __post_init__(self):
         self.validate()
@@ -59,6 +69,12 @@ class SamplingParams:
             bad("temperature", "must be >= 0")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty < math.inf:
+            bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
             bad("top_k", "must be an integer >= 0 (0 or None = off)")
         if not isinstance(self.n, int) or self.n < 1:
@@ -81,8 +97,9 @@ class SamplingParams:
 
 
 def _filtered_rows(params: Sequence[SamplingParams], V: int) -> list[int]:
-    """Rows whose support is cut by top-k or top-p (the only ones that need a sort)."""
-    return [i for i, p in enumerate(params) if not p.greedy and ((p.top_k and p.top_k < V) or p.top_p < 1)]
+    """Rows whose support is cut by top-k, top-p or min-p (the only ones that need a sort)."""
+    return [i for i, p in enumerate(params)
+            if not p.greedy and ((p.top_k and p.top_k < V) or p.top_p < 1 or p.min_p > 0)]
 
 
 def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], want_support: bool = True
@@ -107,8 +124,12 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], want_
         sub = scaled[rows]  # (b, V)
         top_k = torch.tensor([min(params[i].top_k or V, V) for i in rows], device=dev)  # min first: 2**63 overflows
         top_p = torch.tensor([float(params[i].top_p) for i in rows], device=dev)
+        # min-p: p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p) (temperature-scaled logits)
+        min_p = torch.tensor([math.log(params[i].min_p) if params[i].min_p > 0 else -math.inf for i in rows],
+                             device=dev)
         vals, idx = sub.sort(dim=-1, descending=True)  # (b, V)
         keep = torch.arange(V, device=dev).unsqueeze(0) < top_k.unsqueeze(1)  # top-k in sorted order
+        keep &= vals >= vals[:, :1] + min_p.unsqueeze(1)
         probs = vals.masked_fill(~keep, float("-inf")).softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
         keep &= before < top_p.unsqueeze(1)  # smallest prefix reaching top_p
@@ -124,6 +145,30 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], want_
         support[g] = torch.zeros(len(greedy), V, dtype=torch.bool, device=dev).scatter_(
             1, logits[g].max(dim=-1, keepdim=True).indices, True)
     return logp, support
+
+
+def penalize(logits: torch.Tensor, params: Sequence[SamplingParams], seen: Sequence[Sequence[int]],
+             num_generated: Sequence[int], end_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """logits (B, V) adjusted before sampling, per row: repetition_penalty (CTRL's, as HF and vLLM apply it: a
+    positive logit of a token in seen[i], the prompt and the tokens so far, divided by it, a negative one multiplied),
+    and while num_generated[i] < min_tokens the end_ids[i] (EOS, stop_token_ids) at -inf. Rows that ask for
+    neither are untouched; logits itself is never written (a copy is returned when anything changes)."""
+    rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1 or num_generated[i] < p.min_tokens]
+    if not rows:
+        return logits
+    out = logits.float().clone()  # (B, V)
+    V = out.shape[1]
+    for i in rows:
+        p = params[i]
+        if p.repetition_penalty != 1 and seen[i]:
+            idx = torch.tensor(sorted(set(seen[i])), device=out.device)
+            v = out[i, idx]
+            out[i, idx] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        if num_generated[i] < p.min_tokens:
+            ends = [t for t in end_ids[i] if 0 <= t < V]
+            if ends:
+                out[i, ends] = float("-inf")
+    return out
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: SamplingParams | Sequence[SamplingParams]

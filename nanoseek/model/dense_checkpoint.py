@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, _load_config, _Reader, check_tensors, write_shards
+from ..checkpoint import CheckpointError, _load_config, _Reader, check_tensors, write_generation_config, write_shards
 from .dense import DenseConfig, DenseModel
 
 # tensors some published checkpoints carry that carry no information here
@@ -43,6 +43,7 @@ def save_dense(model: DenseModel, path, max_shard_bytes: int = 5 * 1024 ** 3, dt
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     write_shards(folder, tensors, max_shard_bytes)
     config.save(folder)
+    write_generation_config(folder, config.bos_token_id, config.eos_token_id)
     if tokenizer is not None:
         tokenizer.save(folder)
     return folder

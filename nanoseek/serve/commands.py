@@ -21,8 +21,9 @@ from pathlib import Path
 CHAT_COMMANDS = "/think, /nothink, /reset, /exit (or end of input)"
 
 
-def load_model(path: str, device: str | None = None):
-    """(model, tokenizer) from a Hugging Face model folder (DeepSeek or a dense student), in eval mode."""
+def load_model(path: str, device: str | None = None, quantize: str | None = None):
+    """(model, tokenizer) from a Hugging Face model folder (DeepSeek or a dense student), in eval mode;
+    quantize: the weight format to quantise to at load (nanoseek.quant.FORMATS)."""
     from ..tokenizer import Tokenizer
     from ..train.common import pick_device
     from ..train.evaluate import load_any_model
@@ -34,7 +35,7 @@ def load_model(path: str, device: str | None = None):
         raise FileNotFoundError(f"{path} has no config.json: --model must be a Hugging Face model folder "
                                 "(e.g. runs/nanoseek/sft/model)")
     tokenizer = Tokenizer.load(str(folder))
-    model = load_any_model(str(folder), pick_device(device)).eval()
+    model = load_any_model(str(folder), pick_device(device), quantize).eval()
     return model, tokenizer
 
 
@@ -87,6 +88,17 @@ def _encode(tokenizer, prompt, args) -> list[int]:
     return tokenizer.encode(prompt)
 
 
+def _generation_defaults(args) -> None:
+    """--temperature / --top-p left unset: the model folder's generation_config.json (as the server and
+    transformers read it), else checkpoint.GENERATION_DEFAULTS."""
+    from ..checkpoint import generation_defaults
+
+    defaults = generation_defaults(args.model)
+    for name in ("temperature", "top_p"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults.get(name, {"temperature": 0.6, "top_p": 0.95}[name]))
+
+
 def _cut_at_stop(text: str, stops) -> str:
     hits = [text.find(s) for s in stops or [] if s in text]
     return text[: min(hits)] if hits else text
@@ -97,11 +109,12 @@ def cmd_generate(args) -> None:
     from ..tokenizer import parse_completion
 
     prompts = _read_prompts(args)
+    _generation_defaults(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, n=args.n, seed=args.seed, stop=args.stop or None)
     if args.speculative and args.n != 1:
         raise ValueError(f"--speculative decodes greedily, one completion per prompt; got --n {args.n}")
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_model(args.model, args.device, args.quantize)
     ids = [_encode(tokenizer, p, args) for p in prompts]
     split = args.chat and args.thinking  # the completion opens with reasoning (thinking off: only up to a </think>)
     records, t0 = [], time.perf_counter()
@@ -195,8 +208,10 @@ class _Printer:
         self.out.flush()
 
 
-def _stream_reply(engine, ids, params, thinking: bool, out, worker: _EngineThread) -> tuple[str, str]:
-    """Stream one reply to out; returns (answer, finish_reason). Ctrl-C cancels the reply ("abort")."""
+def _stream_reply(engine, ids, params, thinking: bool, out, worker: _EngineThread,
+                  reasoning_out: list | None = None) -> tuple[str, str]:
+    """Stream one reply to out; returns (answer, finish_reason), and appends the reasoning to reasoning_out if
+    given. Ctrl-C cancels the reply ("abort")."""
     from .reasoning import ReasoningSplitter
 
     handle = engine.add_request(ids, params, stream=True)
@@ -215,6 +230,8 @@ def _stream_reply(engine, ids, params, thinking: bool, out, worker: _EngineThrea
             printer.write(dr, da)
             if ev.finished:
                 printer.end("max tokens reached" if ev.finish_reason == "length" else "")
+                if reasoning_out is not None:
+                    reasoning_out.append(splitter.reasoning)
                 return splitter.answer, ev.finish_reason
     except KeyboardInterrupt:
         handle.cancel()
@@ -258,7 +275,8 @@ class _EngineThread(threading.Thread):
 def cmd_chat(args) -> None:
     from ..engine import Engine, SamplingParams
 
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = load_model(args.model, args.device, args.quantize)
+    _generation_defaults(args)
     engine = Engine(model, tokenizer, max_batch_size=1, max_len=_context(model, args.max_len), compile=args.compile)
     worker = _EngineThread(engine)
     worker.start()
@@ -266,7 +284,15 @@ def cmd_chat(args) -> None:
     thinking = args.thinking
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
-    print(f"nanoseek chat: {args.model} (thinking {'on' if thinking else 'off'}; {CHAT_COMMANDS})", flush=True)
+    tools = None
+    if args.tools:
+        from ..tools import tool_schemas
+
+        tools = tool_schemas()
+        tokenizer.apply_chat_template([{"role": "user", "content": ""}], tools=tools)  # ValueError: no tool tokens
+    print(f"nanoseek chat: {args.model} (thinking {'on' if thinking else 'off'}; "
+          f"{'tools: ' + ', '.join(t['function']['name'] for t in tools) + '; ' if tools else ''}{CHAT_COMMANDS})",
+          flush=True)
     try:
         while True:
             line = _read_line(sys.stdin, interactive)
@@ -291,20 +317,53 @@ def cmd_chat(args) -> None:
             if not interactive:
                 print(f"you> {line}", flush=True)
             messages = history + [{"role": "user", "content": line}]
-            ids = tokenizer.apply_chat_template(messages, thinking=thinking)
-            room = engine.max_len - len(ids)
-            if room < 1:
-                print(f"(the conversation holds {len(ids)} tokens and no longer fits in {engine.max_len}; "
-                      f"/reset to start over)", flush=True)
-                continue
-            params = SamplingParams(max_tokens=min(args.max_tokens, room), temperature=args.temperature,
-                                    top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-            answer, reason = _stream_reply(engine, ids, params, thinking, sys.stdout, worker)
+            for _ in range(MAX_TOOL_ROUNDS + 1):  # with --tools: call, run, go on, until a plain answer
+                ids = tokenizer.apply_chat_template(messages, thinking=thinking, tools=tools)
+                room = engine.max_len - len(ids)
+                if room < 1:
+                    print(f"(the conversation holds {len(ids)} tokens and no longer fits in {engine.max_len}; "
+                          f"/reset to start over)", flush=True)
+                    reason = "abort"
+                    break
+                params = SamplingParams(max_tokens=min(args.max_tokens, room), temperature=args.temperature,
+                                        top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                reasoning = []
+                answer, reason = _stream_reply(engine, ids, params, thinking, sys.stdout, worker, reasoning)
+                calls = _run_tool_calls(answer, tools) if tools and reason == "stop" else None
+                if not calls:
+                    break
+                content, calls, outputs = calls
+                messages = messages + [{"role": "assistant", "content": content, "tool_calls": calls,
+                                        "reasoning_content": reasoning[0]}] + outputs  # kept this turn (V3.2)
+            else:
+                print(f"(stopped after {MAX_TOOL_ROUNDS} rounds of tool calls)", flush=True)
             if reason != "abort":  # the template drops this turn's reasoning from later prompts anyway
                 history = messages + [{"role": "assistant", "content": answer}]
     finally:
         worker.stop.set()
         worker.join()
+
+
+MAX_TOOL_ROUNDS = 8  # tool-call rounds per user message in `chat --tools`
+
+
+def _run_tool_calls(answer: str, tools) -> tuple[str | None, list, list] | None:
+    """The tool calls in a chat answer, run and shown: (content, tool_calls, tool messages), or None when the
+    answer holds no well-formed call (it is then the reply, as the server would return it)."""
+    from ..tools import call_tool
+    from .tool_calls import parse_tool_calls
+
+    content, calls = parse_tool_calls(answer, {t["function"]["name"] for t in tools})
+    if not calls:
+        return None
+    outputs = []
+    for c in calls:
+        f = c["function"]
+        print(f"tool call: {f['name']}({f['arguments']})", flush=True)
+        result = call_tool(f["name"], f["arguments"])
+        print("tool result: " + result.rstrip("\n"), flush=True)
+        outputs.append({"role": "tool", "tool_call_id": c["id"], "content": result})
+    return content, calls, outputs
 
 
 # ---------------------------------------------------------------------------------------------- serve
@@ -316,11 +375,14 @@ def cmd_serve(args) -> None:
     from .server import create_app
 
     api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
-    model, tokenizer = load_model(args.model, args.device)
+    from ..checkpoint import generation_defaults
+
+    model, tokenizer = load_model(args.model, args.device, args.quantize)
     name = args.served_model_name or args.model
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_len=_context(model, args.max_len), thinking=args.thinking, compile=args.compile,
-                     max_body_bytes=args.max_body_bytes, max_samples=args.max_samples)
+                     max_body_bytes=args.max_body_bytes, max_samples=args.max_samples,
+                     generation_defaults=generation_defaults(args.model))
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host} without an API key (set --api-key or NANOSEEK_API_KEY)",
               file=sys.stderr)
@@ -336,6 +398,8 @@ def cmd_serve(args) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="Hugging Face model folder (config.json, weights, tokenizer)")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    p.add_argument("--quantize", default=None, choices=["fp32", "bf16", "int8", "int8-g128", "int4-g128", "fp8"],
+                   help="weight-only quantisation at load (nanoseek.quant; a quantised folder loads as stored)")
     p.add_argument("--max-len", type=int, default=None,
                    help="context length per sequence, prompt + completion (default: what the run needs, at most "
                         "the model's max_position_embeddings and 4096)")
@@ -347,9 +411,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens,
                    help=f"tokens to generate at most (default: {max_tokens})")
-    p.add_argument("--temperature", type=float, default=temperature,
-                   help=f"sampling temperature; 0 = greedy (default: {temperature})")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: 0.95; 1 = off)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature; 0 = greedy (default: the model's generation_config.json, else 0.6)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling mass; 1 = off (default: the model's generation_config.json, else 0.95)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default: 0 = off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (sample i of n draws from a stream hashed from (seed, i, prompt))")
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
@@ -368,7 +433,7 @@ def register(subparsers) -> None:
                    help='one prompt per line, or JSONL with a "prompt" string (or "messages" list) per line')
     s.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap each prompt in the chat template as a user turn (default: on)")
-    _sampling_args(s, max_tokens=256, temperature=0.6)
+    _sampling_args(s, max_tokens=1024, temperature=0.6)  # as chat: one default per idea
     s.add_argument("--n", type=int, default=1, help="completions per prompt (default: 1)")
     s.add_argument("--stop", nargs="+", default=None, metavar="TEXT", help="stop strings")
     s.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together (default: 16)")
@@ -382,6 +447,9 @@ def register(subparsers) -> None:
     s = subparsers.add_parser("chat", help=f"interactive chat, streaming the reply ({CHAT_COMMANDS})")
     _model_args(s)
     _sampling_args(s, max_tokens=1024, temperature=0.6)
+    s.add_argument("--tools", action="store_true",
+                   help="let the model call the built-in tools (nanoseek/tools.py: calculator, python in a limited "
+                        "subprocess); calls and results are shown. Needs a tokenizer with the tool tokens")
     s.set_defaults(fn=cmd_chat)
 
     s = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")

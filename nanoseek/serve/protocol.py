@@ -83,7 +83,7 @@ def _unsupported(body: dict) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise APIError(400, f"{name} is not supported by this server (only 0)", param=name)
-    for name in ("logit_bias", "tools", "functions", "suffix"):
+    for name in ("logit_bias", "functions", "suffix"):
         if body.get(name):
             raise APIError(400, f"{name} is not supported by this server", param=name)
     if body.get("best_of") not in (None, 1, body.get("n", 1)):
@@ -91,10 +91,14 @@ def _unsupported(body: dict) -> None:
 
 
 def sampling_params(body: dict, max_tokens_default: int, vocab_size: int, max_len: int,
-                    max_tokens_names=("max_tokens",), logprobs: bool = False, top_logprobs: int = 0) -> SamplingParams:
-    """SamplingParams from a request (OpenAI fields, plus vLLM's top_k, stop_token_ids and ignore_eos). Every
-    field is checked against the range the engine can use (vocab_size, max_len: the engine's), so what passes
-    here cannot fail inside an engine step; `dry_run` then proves it on the real sampler."""
+                    max_tokens_names=("max_tokens",), logprobs: bool = False, top_logprobs: int = 0,
+                    defaults: dict | None = None) -> SamplingParams:
+    """SamplingParams from a request (OpenAI fields, plus vLLM's top_k, min_p, min_tokens, repetition_penalty,
+    stop_token_ids, ignore_eos, skip_special_tokens (default true) and include_stop_str_in_output). Every field is
+    checked against the range the engine can use (vocab_size, max_len: the engine's), so what passes here cannot
+    fail inside an engine step; `dry_run` then proves it on the real sampler. defaults: the temperature / top_p a
+    request that names neither gets (the model's generation_config.json; else OpenAI's 1 and 1)."""
+    defaults = defaults or {}
     _unsupported(body)
     max_tokens = max_tokens_default
     for name in max_tokens_names:
@@ -113,11 +117,17 @@ def sampling_params(body: dict, max_tokens_default: int, vocab_size: int, max_le
         raise APIError(400, f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids in "
                             f"[0, {vocab_size}), got {_short(stop_ids)}", param="stop_token_ids")
     top_k = integer_field(body, "top_k", 0, lo=-1, hi=vocab_size)  # vLLM extension; -1 or 0 = off
-    temperature = number_field(body, "temperature", 1.0, lo=0.0)
+    temperature = number_field(body, "temperature", defaults.get("temperature", 1.0), lo=0.0)
     try:
         return SamplingParams(
             max_tokens=max_tokens, temperature=0.0 if temperature < SAMPLING_EPS else temperature,
-            top_p=number_field(body, "top_p", 1.0, lo=0.0, hi=1.0, lo_open=True), top_k=max(top_k, 0),
+            top_p=number_field(body, "top_p", defaults.get("top_p", 1.0), lo=0.0, hi=1.0, lo_open=True),
+            top_k=max(top_k, 0), min_p=number_field(body, "min_p", 0.0, lo=0.0, hi=1.0),
+            min_tokens=integer_field(body, "min_tokens", 0, lo=0, hi=max_tokens),
+            repetition_penalty=number_field(body, "repetition_penalty", 1.0, lo=0.0, hi=100.0,
+                                            lo_open=True),
+            skip_special_tokens=bool_field(body, "skip_special_tokens", True),
+            include_stop_str_in_output=bool_field(body, "include_stop_str_in_output", False),
             n=integer_field(body, "n", 1, lo=1, hi=MAX_N), seed=integer_field(body, "seed", None, SEED_MIN, SEED_MAX),
             stop=stop or None, stop_token_ids=stop_ids, ignore_eos=bool_field(body, "ignore_eos", False),
             logprobs=logprobs, top_logprobs=top_logprobs)
@@ -127,7 +137,20 @@ def sampling_params(body: dict, max_tokens_default: int, vocab_size: int, max_le
 
 
 def with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    if params.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens {params.min_tokens} is more than the {max_tokens} tokens left in the context "
+                            "after the prompt", param="min_tokens")
     return dataclasses.replace(params, max_tokens=max_tokens)
+
+
+def check_context(prompt_len: int, body: dict, names, max_len: int) -> None:
+    """A max_tokens that the prompt leaves no room for is a 400 naming the field (as vLLM), not a silent "length"."""
+    for name in names:
+        m = body.get(name)
+        if m is not None and prompt_len + m > max_len:
+            raise APIError(400, f"this model's maximum context length is {max_len} tokens; the request asks for "
+                                f"{prompt_len + m} ({prompt_len} in the prompt, {name}={m}): lower {name}",
+                           param=name, code="context_length_exceeded")
 
 
 def dry_run(params: SamplingParams, vocab_size: int, sampler=sample) -> None:
@@ -191,7 +214,9 @@ def _check_tree(body: dict) -> None:
 
 
 def chat_messages(body: dict) -> list[dict]:
-    """OpenAI messages -> the tokenizer's {role, content}: text parts joined, `developer` read as `system`."""
+    """OpenAI messages -> the tokenizer's {role, content, [reasoning_content], [tool_calls]}: text parts joined,
+    `developer` read as `system`. A tool message's tool_call_id, when given, must name a call of the assistant turn
+    it answers (the template itself renders tool outputs in order, as DeepSeek's does)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, f"messages must be a non-empty list, got {_short(messages)}", param="messages")
@@ -204,19 +229,68 @@ def chat_messages(body: dict) -> list[dict]:
             raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)} (or developer), got "
                                 f"{_short(m.get('role'))}", param="messages")
         content = m.get("content")
-        if content is None and role == "assistant":
+        if content is None and role == "assistant" and not m.get("tool_calls"):
             content = ""
         if isinstance(content, list):  # content parts: only text
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
                 raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
             content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
+        if not isinstance(content, str) and not (content is None and m.get("tool_calls")):
             raise APIError(400, f"messages[{i}].content must be a string or a list of text parts, got "
                                 f"{_short(content)}",
                            param="messages")
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        if role == "assistant" and isinstance(m.get("reasoning_content"), str):
+            msg["reasoning_content"] = m["reasoning_content"]  # kept within the current user turn (V3.2)
+        if m.get("tool_calls"):
+            msg["tool_calls"] = m["tool_calls"]
+        for name, owner in (("tool_call_id", "tool"), ("tool_calls", "assistant")):
+            if m.get(name) is not None and role != owner:
+                raise APIError(400, f"messages[{i}].{name} is only valid on {owner} messages, got it on a {role} "
+                                    "message", param="messages")
+        if role == "tool" and m.get("tool_call_id") is not None:
+            prev = next((x for x in reversed(messages[:i]) if x.get("role") != "tool"), {})
+            ids = [c.get("id") for c in prev.get("tool_calls") or [] if isinstance(c, dict)]
+            if m["tool_call_id"] not in ids:
+                raise APIError(400, f"messages[{i}].tool_call_id {_short(m['tool_call_id'])} answers no tool call of "
+                                    f"the assistant message before it (its ids: {_short(ids)})", param="messages")
+        out.append(msg)
     return out
+
+
+def chat_tools(body: dict, tokenizer) -> tuple[list | None, str]:
+    """(tools, choice) of a chat request: choice is "auto", "none", "required" or a function name. tool_choice
+    defaults to "auto" with tools, "none" without (OpenAI)."""
+    tools = body.get("tools") or None
+    choice = body.get("tool_choice")
+    if tools is not None:
+        names = [t["function"]["name"] for t in tools]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise APIError(400, f"tools: each function name must be unique, got {_short(dup)} more than once",
+                           param="tools")
+        if not getattr(tokenizer, "has_tool_tokens", False):
+            raise APIError(400, "tools need DeepSeek-V3.1's tool tokens, which this model's tokenizer lacks (it was "
+                                "trained before nanoseek added them)", param="tools")
+    if choice is None:
+        return tools, "auto" if tools else "none"
+    if isinstance(choice, dict):
+        name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise APIError(400, 'tool_choice must be "auto", "none", "required" or {"type": "function", "function": '
+                                f'{{"name": ...}}}}, got {_short(choice)}', param="tool_choice")
+        choice = name
+        if tools is None or name not in [t["function"]["name"] for t in tools]:
+            raise APIError(400, f"tool_choice names the function {_short(name)}, which is not in tools",
+                           param="tool_choice")
+        return tools, name
+    if choice not in ("auto", "none", "required"):
+        raise APIError(400, f'tool_choice must be "auto", "none", "required" or a named function, got {_short(choice)}',
+                       param="tool_choice")
+    if choice != "none" and tools is None:
+        raise APIError(400, f"tool_choice {choice!r} needs tools", param="tool_choice")
+    return tools, choice
 
 
 def chat_thinking(body: dict, default: bool) -> bool:
@@ -273,8 +347,8 @@ def usage(prompts: list[list[int]], completion_tokens: int) -> dict:
 
 
 def split_reasoning(text: str, thinking: bool) -> tuple[str, str]:
-    """The (reasoning, answer) a stream of `text` reassembles to."""
-    sp = ReasoningSplitter(thinking)
+    """The (reasoning, answer) a stream of `text` reassembles to; the answer keeps its whitespace (as vLLM)."""
+    sp = ReasoningSplitter(thinking, strip_answer=False)
     sp.feed(text)
     sp.finish()
     return sp.reasoning, sp.answer
@@ -307,10 +381,13 @@ def finite_logprob(lp: float | None) -> float | None:
     return lp if lp is None or lp >= LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
-def completion_logprobs(token_ids, logprobs, tokenizer, tops=None, offset: int = 0) -> dict:
+def completion_logprobs(token_ids, logprobs, tokenizer, tops=None, offset: int = 0, skip_special: bool = False
+                        ) -> dict:
     """The legacy completions `logprobs` object. tops: per token, [(id, log-prob)] (the `logprobs=N`
-    alternatives) or None (the echoed first prompt token has neither a log-prob nor alternatives)."""
-    tokens = [tokenizer.decode([t]) for t in token_ids]
+    alternatives) or None (the echoed first prompt token has neither a log-prob nor alternatives). skip_special:
+    a special token's string is "" (the request's skip_special_tokens), so the tokens still join to the text."""
+    tokens = [tokenizer.decode([t], skip_special_tokens=True) if skip_special else tokenizer.decode([t])
+              for t in token_ids]
     offsets, pos = [], offset
     for t in tokens:
         offsets.append(pos)
@@ -374,6 +451,14 @@ class _SamplingRequest(_Strict):
     stop: Any = Field(None, description=f"a string or at most {MAX_STOP} strings of 1-{MAX_STOP_CHARS} characters")
     stop_token_ids: list[int] | None = Field(None, description="vLLM: token ids ending a sample")
     ignore_eos: bool | None = Field(None, description="vLLM: do not stop at the end-of-sentence token")
+    min_p: float | None = Field(None, description="vLLM: in [0, 1]; drop tokens less likely than min_p x the top one")
+    min_tokens: int | None = Field(None, description="vLLM: no end token or stop string before this many tokens")
+    repetition_penalty: float | None = Field(None, description="vLLM / HF: > 0; > 1 discourages tokens already seen "
+                                                               "in the prompt or completion (default 1 = off)")
+    skip_special_tokens: bool | None = Field(None, description="vLLM: hide special tokens from the text (default "
+                                                               "true; `</think>` and tool tags are not special)")
+    include_stop_str_in_output: bool | None = Field(None, description="vLLM: keep the matched stop string in the "
+                                                                      "text")
     user: str | None = Field(None, description="an end-user id (accepted, not used)")
     presence_penalty: float | None = Field(None, description="only 0")
     frequency_penalty: float | None = Field(None, description="only 0")
@@ -393,12 +478,37 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str = Field(..., description="the arguments as a JSON string")
+
+
+class ToolCall(_Strict):
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = Field(None, description="accepted, not used")
-    reasoning_content: str | None = Field(None, description="accepted, dropped (earlier turns' reasoning is not shown "
-                                                            "to the model)")
+    reasoning_content: str | None = Field(None, description="kept (thinking) on the assistant turns after the last "
+                                                            "user message (DeepSeek-V3.2), dropped on earlier ones")
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant turn's calls")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
+
+
+class FunctionSpec(_Strict):
+    name: str = Field(..., min_length=1)
+    description: str | None = None
+    parameters: dict | None = Field(None, description="a JSON Schema object")
+    strict: bool | None = Field(None, description="accepted, not enforced")
+
+
+class ToolSpec(_Strict):
+    type: Literal["function"]
+    function: FunctionSpec
 
 
 class Thinking(_Strict):
@@ -412,9 +522,29 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = Field(None, description="0-20, with logprobs")
     thinking: Any = Field(None, description='DeepSeek: {"type": "enabled" | "disabled"}')
     chat_template_kwargs: Any = Field(None, description='vLLM: {"thinking": bool} or {"enable_thinking": bool}')
-    tools: list | None = Field(None, description="not supported (only empty)")
+    tools: list[ToolSpec] | None = Field(None, description="functions the model may call (DeepSeek-V3.1 format)")
+    tool_choice: Any = Field(None, description='"auto" | "none" | "required" | {"type": "function", "function": '
+                                               '{"name": ...}}')
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call (generation stops after it)")
     functions: list | None = Field(None, description="not supported (only empty)")
     echo: bool | None = Field(None, description="not supported")
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = Field(None, description="text, encoded as /v1/completions encodes it")
+    messages: list[ChatMessage] | None = Field(None, description="a chat, rendered as /v1/chat/completions does")
+    add_generation_prompt: bool | None = Field(None, description="with messages: end with the assistant's opening "
+                                                                 "(default true)")
+    thinking: Any = Field(None, description='with messages: {"type": "enabled" | "disabled"}')
+    chat_template_kwargs: Any = Field(None, description='with messages: {"thinking": bool}')
+    tools: list[ToolSpec] | None = None
+    tool_choice: Any = None
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int] = Field(..., description="token ids")
 
 
 def check_fields(model: type[BaseModel], body: dict) -> None:

@@ -11,6 +11,9 @@ With thinking=False (the prompt ends with `</think>`) the text is the answer, un
 anyway and writes a `</think>` itself: then what precedes it is reasoning, as with thinking on, and never
 reaches the answer. Until a `</think>` shows up or the text is complete, the text could still turn out to
 be reasoning, so nothing is emitted; the deltas equal `parse_completion(text, thinking=False)`.
+
+strip_answer=False (the server's): the answer keeps its whitespace, as vLLM's reasoning parsers do; only a
+trailing EOS is held back. The deltas then equal `parse_completion(text, thinking, strip_answer=False)`.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ def _certain_part(text: str, strip_think: bool) -> str:
 class ReasoningSplitter:
     """feed(delta) -> (reasoning_delta, answer_delta); finish() -> the rest, once the text is complete."""
 
-    def __init__(self, thinking: bool):
+    def __init__(self, thinking: bool, strip_answer: bool = True):
         self.thinking = thinking
+        self.strip_answer = strip_answer
         self.text = ""
         self.reasoning = ""  # emitted so far
         self.answer = ""
@@ -54,13 +58,16 @@ class ReasoningSplitter:
         return self._advance(*self._certain())
 
     def finish(self) -> tuple[str, str]:
-        return self._advance(*parse_completion(self.text, thinking=self.thinking))
+        return self._advance(*parse_completion(self.text, thinking=self.thinking, strip_answer=self.strip_answer))
 
     def _certain(self) -> tuple[str, str]:
         cut = self.text.find(END_THINK)
         if cut >= 0:
             reasoning = parse_completion(self.text[:cut] + END_THINK, thinking=True)[0]
-            return reasoning, _certain_part(self.text[cut + len(END_THINK):], strip_think=False)
+            answer = self.text[cut + len(END_THINK):]
+            if not self.strip_answer:  # as it is, less a tail that could still become the final EOS
+                return reasoning, answer[: len(answer) - _held_suffix(answer, EOS, whole=True)]
+            return reasoning, _certain_part(answer, strip_think=False)
         if not self.thinking:  # may still be reasoning, if a </think> comes: held until it does or the end
             return "", ""
         # a </think> may be starting at the end: everything before such a tail is reasoning
