@@ -42,7 +42,11 @@ HELP = {
                  "(bf16 autocast); auto: fp32 on CPU, amp on GPU. bf16 pays only on CPUs with bf16 matrix units",
     "resume": "continue from the latest checkpoint in out_dir",
     "stop_after": "checkpoint and stop at this step (run again to resume)",
+    "time_limit_s": "wall-clock budget in seconds: the step that spends it is the last (checkpointed, published)",
+    "keep_checkpoints": "how many of the newest checkpoints to keep",
     "seed": "random seed",
+    "ep": "expert-parallel ranks under torchrun (`torchrun --nproc_per_node N -m nanoseek <stage> --ep E`; E divides "
+          "N); batch sizes stay global",
 }
 
 
@@ -153,6 +157,19 @@ def cmd_info(args) -> None:
     per_tok = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     mha = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
     print(f"KV cache per token  {per_tok:,} values (expanded K/V would be {mha:,}: {mha / per_tok:.0f}x)")
+    print("KV cache bytes/token " + "  ".join(f"{name} {per_tok * b:,}" for name, b in (("fp32", 4), ("bf16", 2),
+                                                                                       ("fp8", 1))))
+    # weight bytes: embeddings, heads, router and norms stay in the model dtype (bf16 here) in every quantised
+    # format, as published checkpoints keep them; scales: fp32 per 128x128 block (fp8), per 128 channels (int)
+    total_mtp = cfg.num_parameters(include_mtp=True)
+    from .quant import quantizable_parameters
+
+    lin = quantizable_parameters(cfg)
+    rest = total_mtp - lin
+    fmts = (("fp32", 4 * total_mtp), ("bf16", 2 * total_mtp), ("fp8", lin * (1 + 4 / 128 ** 2) + 2 * rest),
+            ("int8", lin * (1 + 4 / 128) + 2 * rest), ("int4", lin * (0.5 + 4 / 128) + 2 * rest))
+    print("weight bytes        " + "  ".join(f"{name} {b / 1e9:,.1f} GB" for name, b in fmts)
+          + "  (with MTP; int8/int4 group 128)")
 
 
 # the training stages: (command, help, module, config class, function, config fields not exposed as flags)
@@ -257,8 +274,17 @@ def cmd_convert(args) -> None:
     from .checkpoint import load_pretrained
 
     model = load_pretrained(args.src, dtype=torch.float32)
-    dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
-    model.save_pretrained(args.dst, fp8=args.fp8, dtype=dtype, max_shard_bytes=int(args.shard_gb * 1024 ** 3))
+    max_shard_bytes = int(args.shard_gb * 1024 ** 3)
+    if args.quantize is not None:
+        from .quant import quantize, save_quantized
+
+        if args.fp8 or args.dtype != "keep":
+            raise ValueError("--quantize sets the weight format: leave out --fp8 and --dtype with it")
+        quantize(model, args.quantize)
+        save_quantized(model, args.dst, max_shard_bytes=max_shard_bytes)
+    else:
+        dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
+        model.save_pretrained(args.dst, fp8=args.fp8, dtype=dtype, max_shard_bytes=max_shard_bytes)
     tok = Path(args.src) / "tokenizer.json"
     if tok.exists():
         import shutil
@@ -267,6 +293,37 @@ def cmd_convert(args) -> None:
             if (Path(args.src) / name).exists():
                 shutil.copy(Path(args.src) / name, Path(args.dst) / name)
     print(f"wrote {args.dst}")
+
+
+def cmd_prune(args) -> None:
+    from .prune import prune
+
+    info = prune(args.model, args.out, args.keep_experts, args.calib, args.num_samples, args.ablate_routed,
+                 args.ablate_shared)
+    if args.keep_experts is not None:
+        groups = (f"group-limited routing kept (n_group {info['n_group']}, topk_group {info['topk_group']})"
+                  if info["group_limited"] else "group-limited routing off (n_group = topk_group = 1)")
+        print(f"kept {info['n_routed_experts']} of {info['n_routed_experts_before']} routed experts per MoE layer "
+              f"(router load over {info['calibration_tokens']:,} calibration tokens); {groups}")
+        for layer, ids in info["kept"].items():
+            print(f"  layer {layer}: experts {ids}")
+    print(f"wrote {args.out}")
+
+
+def cmd_plan(args) -> None:
+    from .config import ModelConfig
+    from .parallel.plan import STANDARD_PLANS, format_table, simulate
+
+    cfg = ModelConfig.load(args.config) if args.config else ModelConfig.from_preset(args.preset)
+    if args.dp is None:
+        plans = STANDARD_PLANS
+    else:
+        plans = [dict(name=f"dp {args.dp} x pp {args.pp}, EP {args.ep}", world=args.dp * args.pp, pp=args.pp,
+                      ep=args.ep)]
+    reports = [simulate(cfg, micro_batch=args.micro_batch, seq_len=args.seq_len, **p) for p in plans]
+    print(format_table(reports))
+    print(f"\nper rank, GB (1e9 bytes); {cfg.num_parameters(include_mtp=True) / 1e9:.1f}B parameters with MTP; "
+          "simulated with torch's fake process group (docs/training.md, Scaling out)")
 
 
 # ---------------------------------------------------------------------------------------------- requirements
@@ -362,7 +419,37 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--fp8", action="store_true", help="write FP8 e4m3 weights with 128x128 weight_scale_inv")
     s.add_argument("--dtype", default="keep", help="float32, bfloat16 or keep")
     s.add_argument("--shard-gb", type=float, default=5.0, help="maximum shard size in GiB")
+    s.add_argument("--quantize", default=None, choices=["fp32", "bf16", "int8", "int8-g128", "int4-g128", "fp8"],
+                   help="weight-only format to write (nanoseek.quant): bf16 and fp8 folders load in transformers, "
+                        "int8/int4 folders in nanoseek")
     s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("prune", help="drop the least-used routed experts per MoE layer (router load on a calibration set)")
+    s.add_argument("--model", required=True, help="a DeepSeek model folder")
+    s.add_argument("--out", required=True, help="folder to write the pruned model to")
+    s.add_argument("--keep-experts", type=int, default=None,
+                   help="routed experts to keep per MoE layer (default: all, e.g. for ablations alone)")
+    s.add_argument("--calib", default="embedded",
+                   help="calibration set: 'embedded' (the embedded tasks' worked problems) or a JSONL of text, "
+                        "prompt[+completion|solution|answer] or messages lines")
+    s.add_argument("--num-samples", type=int, default=128, help="calibration sequences (default: 128)")
+    s.add_argument("--ablate-routed", type=int, nargs="+", default=[], metavar="LAYER",
+                   help="zero these MoE layers' routed experts (their output becomes exactly 0)")
+    s.add_argument("--ablate-shared", type=int, nargs="+", default=[], metavar="LAYER",
+                   help="zero these MoE layers' shared expert")
+    s.set_defaults(fn=cmd_prune)
+
+    s = sub.add_parser("plan", help="per-rank memory of a parallelism plan, simulated on a fake process group")
+    s.add_argument("--preset", default="deepseek-v3", help="model preset (default: deepseek-v3, 671B)")
+    s.add_argument("--config", help="a config.json or model folder instead of a preset")
+    s.add_argument("--dp", type=int, default=None,
+                   help="data-parallel ranks per pipeline stage (EP borrows from them); default: the standard plans "
+                        "(DeepSeek's 2048 H800s, 64 and 256 H100s)")
+    s.add_argument("--ep", type=int, default=1, help="expert-parallel group size (must divide --dp)")
+    s.add_argument("--pp", type=int, default=1, help="pipeline stages (simulated split, no schedule)")
+    s.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (activation estimate)")
+    s.add_argument("--seq-len", type=int, default=4096, help="sequence length (activation estimate)")
+    s.set_defaults(fn=cmd_plan)
 
     for register in _EXTRA_COMMANDS:
         register(sub)
