@@ -81,6 +81,34 @@ def plot_load_heatmap(path: Path, records: list[dict]) -> Path | None:
     return path
 
 
+def _pm(e: dict) -> str:
+    se = e.get("pass@1_se")
+    return f"{e['pass@1']:.3f}" + (f" +- {se:.3f}" if isinstance(se, float) else "")
+
+
+def _sampling(summary: dict, k: int) -> str:
+    t = summary.get("eval_temperature", 0.6)
+    return "greedy decoding, one answer per problem" if t == 0 else f"{k} samples per problem at temperature {t}"
+
+
+def _headline(summary: dict) -> list[str]:
+    """The run's result in its first lines: SFT, GRPO and the student on the same held-out problems."""
+    evals = summary.get("evals", {})
+    sft, rl, student = evals.get("SFT"), evals.get("GRPO"), evals.get("distilled student")
+    if not (sft and rl):
+        return []
+    k = sft.get("k", 1)
+    md = ["## Result\n", f"Held-out pass@1 on {sft.get('num_problems', '?')} test problems per row "
+          f"({', '.join(sft.get('per_task', {})) or 'held out'}; {_sampling(summary, k)}; +- one standard error):\n",
+          "| model | pass@1 | against the stage before |", "|---|---|---|",
+          f"| SFT (cold start) | {_pm(sft)} | |",
+          f"| GRPO | {_pm(rl)} | {100 * (rl['pass@1'] - sft['pass@1']):+.1f} points over SFT |"]
+    if student:
+        ratio = student["pass@1"] / rl["pass@1"] if rl["pass@1"] > 0 else float("nan")
+        md.append(f"| distilled dense student | {_pm(student)} | {100 * ratio:.0f}% of the GRPO teacher |")
+    return md + [""]
+
+
 def _img_html(p: Path) -> str:
     data = base64.b64encode(p.read_bytes()).decode()
     return f'<img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}" style="max-width:100%">'
@@ -123,6 +151,7 @@ def build_report(run_dir: Path, summary: dict) -> tuple[Path, Path]:
 
     md = ["# nanoseek run report\n", f"Run folder: `{run_dir}`; preset `{summary.get('preset')}`; "
           f"total time {summary.get('total_seconds', 0) / 60:.1f} min on {summary.get('machine', '?')}.\n"]
+    md += _headline(summary)
     p = summary.get("params", {})
     if p:
         md += ["## Model\n", "| model | total parameters | active per token |", "|---|---|---|"]
@@ -133,12 +162,13 @@ def build_report(run_dir: Path, summary: dict) -> tuple[Path, Path]:
     if evals:
         k = next(iter(evals.values())).get("k", 1)
         md += ["## Held-out evaluation\n",
-               f"Problems never seen in training (test split); {k} samples per problem at temperature "
-               f"{summary.get('eval_temperature', 0.6)}.\n",
-               f"| stage | pass@1 | maj@{k} | format rate | mean length |", "|---|---|---|---|---|"]
+               f"Problems never seen in training (test split); {_sampling(summary, k)}; +- one standard error.\n",
+               f"| stage | problems | pass@1 | maj@{k} | format rate | mean length | per level |",
+               "|---|---|---|---|---|---|---|"]
         for name, e in evals.items():
-            md.append(f"| {name} | {e['pass@1']:.3f} | {e[f'maj@{k}']:.3f} | {e['format_rate']:.3f} | "
-                      f"{e['mean_length']:.1f} |")
+            levels = ", ".join(f"{t.split('/')[1]} {v['pass@1']:.3f}" for t, v in e.get("per_task", {}).items())
+            md.append(f"| {name} | {e.get('num_problems', '?')} | {_pm(e)} | {e[f'maj@{k}']:.3f} | "
+                      f"{e['format_rate']:.3f} | {e['mean_length']:.1f} | {levels} |")
         md.append("")
     stages = summary.get("stages", {})
     if stages:

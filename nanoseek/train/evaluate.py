@@ -22,7 +22,7 @@ class EvalConfig:
     model: str = "runs/nanoseek/grpo/model"  # a model folder (DeepSeek or dense student) with tokenizer files
     out: str | None = None  # JSON file to write; None = do not write
     tasks: list[str] = field(default_factory=lambda: ["arithmetic"])
-    levels: list[int] = field(default_factory=lambda: [1, 2])  # the levels `nanoseek run` reports
+    levels: list[int] = field(default_factory=lambda: [2])  # the level `nanoseek run` judges
     langs: list[str] = field(default_factory=lambda: ["en"])
     jsonl: str | None = None  # a user task file of {"prompt", "answer"} lines, checked with math-verify
     num_problems: int = 50  # per (task, level, lang)
@@ -37,8 +37,13 @@ class EvalConfig:
     max_batch_size: int = 64
     num_transcripts: int = 3
     device: str | None = None
+    quantize: str | None = None  # load-time weight format: fp32 bf16 int8 int8-g128 int4-g128 fp8 (nanoseek.quant)
 
     def __post_init__(self):
+        if self.quantize is not None:
+            from ..quant import check_format
+
+            check_format(self.quantize)
         C.validate_fields(self, [
             ("k", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
             ("num_problems", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
@@ -49,11 +54,13 @@ class EvalConfig:
         ])
 
 
-def load_any_model(path, device="cpu"):
-    """A DeepSeek model or a dense (Qwen2-layout) one, by config.json's model_type: nanoseek.model.load_model."""
-    from ..model import load_model
+def load_any_model(path, device="cpu", quantize: str | None = None):
+    """A DeepSeek model or a dense (Qwen2-layout) one, by config.json's model_type: nanoseek.model.load_model;
+    quantize: weight format to quantise to at load (nanoseek.quant.load_for_inference; quantised folders load
+    as stored either way)."""
+    from ..quant import load_for_inference
 
-    return load_model(path, dtype=torch.float32, device=device)
+    return load_for_inference(path, quantize, device)
 
 
 def held_out_problems(cfg: EvalConfig) -> list:
@@ -123,18 +130,29 @@ def score_problems(model, tokenizer, problems, k: int = 4, temperature: float = 
     model.train(was_training)
     mean = lambda xs: sum(xs) / max(1, len(xs))
     return {
-        "pass@1": mean(pass1), f"maj@{k}": mean(maj), "format_rate": mean(fmt), "mean_length": mean(lengths),
-        "num_problems": len(problems), "k": k,
-        "per_task": {name: {m: mean(v) for m, v in d.items()} for name, d in per_task.items()},
+        "pass@1": mean(pass1), "pass@1_se": standard_error(pass1), f"maj@{k}": mean(maj), "format_rate": mean(fmt),
+        "mean_length": mean(lengths), "num_problems": len(problems), "k": k,
+        "per_task": {name: {**{m: mean(v) for m, v in d.items()}, "pass@1_se": standard_error(d["pass@1"]),
+                            "num_problems": len(d["pass@1"])} for name, d in per_task.items()},
         "transcripts": transcripts,
     }
+
+
+def standard_error(scores: list[float]) -> float:
+    """Standard error of the mean of per-problem scores: with one sample per problem (scores 0 / 1) the
+    binomial sqrt(p (1 - p) / n); with k samples the spread of the per-problem pass@1 over problems."""
+    n = len(scores)
+    if n == 0:
+        return float("nan")
+    m = sum(scores) / n
+    return (sum((x - m) ** 2 for x in scores) / n / n) ** 0.5
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     from ..tokenizer import Tokenizer
 
     device = C.pick_device(cfg.device)
-    model = load_any_model(cfg.model, device).eval()
+    model = load_any_model(cfg.model, device, cfg.quantize).eval()
     tokenizer = Tokenizer.load(cfg.model)
     res = score_problems(model, tokenizer, held_out_problems(cfg), cfg.k, cfg.temperature, cfg.top_p, cfg.max_tokens,
                          cfg.thinking, cfg.seed, cfg.max_batch_size, cfg.num_transcripts, cfg.prompt_format,
