@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import importlib.util
+import inspect
 import json
+import re
 import sys
 import types
 import typing
 from pathlib import Path
 
-# one line of help per config field; fields not listed get their type and default
+# one line of help per config field: HELP["Class.field"], else the trailing comment of the field's line in its
+# dataclass, else HELP["field"]; "(default: ...)" is appended unless the text already says what the default is
 HELP = {
     "out_dir": "output folder (checkpoints, metrics.jsonl, tb/, and the final HF model folder `model/`)",
     "preset": "model preset: tiny, small, deepseek-v2-lite, deepseek-v3, deepseek-v3.2",
@@ -40,14 +44,104 @@ HELP = {
              "alias of --precision",
     "precision": "fp32, bf16 (bf16 weights, fp32 master weights and AdamW state), fp8 (V3 FP8 GEMMs) or amp "
                  "(bf16 autocast); auto: fp32 on CPU, amp on GPU. bf16 pays only on CPUs with bf16 matrix units",
-    "resume": "continue from the latest checkpoint in out_dir",
+    "resume": "continue from the latest checkpoint in the output folder",
     "stop_after": "checkpoint and stop at this step (run again to resume)",
     "time_limit_s": "wall-clock budget in seconds: the step that spends it is the last (checkpointed, published)",
     "keep_checkpoints": "how many of the newest checkpoints to keep",
     "seed": "random seed",
     "ep": "expert-parallel ranks under torchrun (`torchrun --nproc_per_node N -m nanoseek <stage> --ep E`; E divides "
           "N); batch sizes stay global",
+    # fields whose dataclass line has no comment
+    "model_overrides": "ModelConfig fields to change from the preset, a JSON object: '{\"num_hidden_layers\": 4}'",
+    "embedded_docs": "documents of the embedded corpus to train on (when no --data is given)",
+    "embedded_records": "embedded cold-start chat records to train on (when no --data is given)",
+    "embedded_levels": "embedded data: task difficulty levels",
+    "embedded_langs": "embedded data: languages (en, zh)",
+    "vocab_size": "vocabulary size of the tokenizer trained on the data (when no --tokenizer is given)",
+    "seq_len": "tokens per training sequence",
+    "eval_fraction": "share of the data held out for the eval loss",
+    "min_lr_ratio": "the learning rate decays to this fraction of the peak",
+    "warmup": "linear learning-rate warm-up steps",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "clip the global gradient norm to this (TRL's max_grad_norm)",
+    "eval_every": "evaluate every this many steps",
+    "eval_batches": "micro-batches of held-out data per evaluation",
+    "save_every": "checkpoint every this many steps",
+    "log_every": "log metrics every this many steps",
+    "compile": "run the model through torch.compile",
+    "tensorboard": "also write TensorBoard event files to <out>/tb",
+    "index_head_dim": "DSA indexer head dimension; None: the config's index_head_dim",
+    "warmup_lr": "learning rate of the indexer warm-up stage",
+    "sparse_lr": "learning rate of the sparse training stage",
+    "indexer_loss_weight": "weight of the indexer's KL loss to the main attention's distribution",
+    "prompt_format": "chat (the V3.1 template) or raw (the earlier turns' text as-is; --no-chat-template)",
+    "packing": "pack several samples into each row of max_len tokens",
+    "kd_temperature": "softmax temperature of the logit-distillation KL",
+    "kd_weight": "logit distillation: loss = (1 - kd_weight) * CE + kd_weight * KD",
+    "tasks": "built-in tasks (nanoseek/tasks): arithmetic, countdown, sorting, knights, ...",
+    "levels": "task difficulty levels",
+    "langs": "problem languages (en, zh)",
+    "thinking": "prompt with the thinking template: the completion opens with reasoning (<think>)",
+    "prompts_per_step": "problems per step; each gets num_generations completions",
+    "max_tokens": "tokens to generate per completion at most",
+    "temperature": "sampling temperature",
+    "top_p": "nucleus sampling mass; 1 = off",
+    "top_k": "sample among the k most likely tokens; 0 = off",
+    "adam_beta1": "AdamW beta1",
+    "adam_epsilon": "AdamW epsilon",
+    "eps_low": "lower clip range epsilon of the importance ratio (TRL's epsilon)",
+    "kl_kind": "KL estimator against the reference: k1, k2 or k3",
+    "unbiased_kl": "V3.2's unbiased KL estimate (weighted by the importance ratio)",
+    "keep_routing": "V3.2 keep routing: the training forward uses the experts the rollout chose",
+    "keep_sampling_mask": "V3.2 keep sampling mask: the training forward masks the tokens top-p / top-k cut at rollout",
+    "mask_truncated": "exclude completions cut at max_tokens from the loss (TRL's mask_truncated_completions)",
+    "reward_weights": "reward name -> weight as a JSON object, or a JSON list aligned with --reward (TRL's form); "
+                      "unset: accuracy 1.0 and format 0.2 (no format with bare answers), or only the user's rewards",
+    "length_buffer": "length penalty: tokens before length_max over which the penalty ramps up (DAPO soft overlong)",
+    "eval_problems": "held-out problems per evaluation",
+    "eval_max_tokens": "tokens per held-out completion at most; None = max_tokens",
+    "num_prompts": "problems to sample from",
+    "samples_per_prompt": "teacher samples per problem",
+    "student_preset": "dense student preset (DenseConfig), sized from the teacher",
+    "student_overrides": "DenseConfig fields to change from the student preset; a JSON object",
+    "max_len": "tokens per training row; longer samples are truncated",
+    "max_batch_size": "sequences decoded together",
+    "num_transcripts": "sample transcripts kept in the results",
+    "keep_per_prompt": "distinct verified completions kept per prompt at most",
+    "rounds": "refinement rounds per problem",
+    "n_verify": "verifier samples per solution",
+    "meta_verify": "also score each verification with the meta-verifier",
+    # per class, where the field's comment is not a description
+    "EvalConfig.levels": "task difficulty levels (the default is the level `nanoseek run`'s report judges)",
+    "RejectionConfig.out": "JSONL file to write the kept samples to (chat records, what `nanoseek sft --data` reads)",
+    "SelfRefineConfig.model": "model folder (DeepSeek or dense student) with tokenizer files",
+    "SFTConfig.epochs": "passes over the data (R1 fine-tunes for two), unless --steps is given",
+    "PretrainConfig.bias_update_speed": "aux-loss-free balancing speed gamma (V3: 0.001); 0 disables it",
+    "DSAConfig.index_n_heads": "DSA indexer heads; None: the model config's index_n_heads",
+    "DSAConfig.warmup_steps": "stage 1 steps: the indexer alone learns, attention stays dense",
+    "DSAConfig.sparse_steps": "stage 2 steps: everything trains, attention keeps the indexer's top-k keys",
+    "GRPOConfig.num_generations": "completions sampled per problem (the group size G)",
+    "GRPOConfig.adam_beta2": "AdamW beta2 (default: 0.95; TRL / transformers use 0.999)",
+    "GRPOConfig.grad_clip": "clip the global gradient norm to this (TRL's max_grad_norm)",
+    "GRPOConfig.eval_every": "evaluate on held-out problems every this many steps; 0 = no evaluation",
+    "EvalConfig.temperature": "sampling temperature (R1 evaluates at 0.6)",
+    "EvalConfig.num_problems": "held-out problems per (task, level, language)",
+    "SelfRefineConfig.num_problems": "held-out problems per (task, level, language)",
+    "RejectionConfig.model": "model folder to sample from (default: runs/nanoseek/grpo/model, the RL model "
+                             "`nanoseek run` writes)",
+    "DistillConfig.teacher": "the teacher: a model folder whose verified samples the student learns from (default: "
+                             "runs/nanoseek/grpo/model, the RL model `nanoseek run` writes)",
 }
+
+# One name per idea on the command line, whatever the field is called: the folder or file a command writes is --out,
+# the model it starts from or reads is --model. field -> flag, or "Class.field" -> flag. The field's own spelling
+# (--out-dir, --init-from, distill's --teacher) stays accepted as a hidden alias, so older commands keep working.
+FLAG_NAMES = {"out_dir": "out", "init_from": "model", "DistillConfig.teacher": "model"}
+
+# Fields a --config file may hold but that are not read from it: SFT's records are handed over in memory by the
+# pipeline (a saved sft_config.json holds a placeholder); a saved grpo_config.json holds the effective V3.2-Speciale
+# values already, so its "speciale" is not applied again (as GRPOConfig.from_dict reads it; give --speciale instead).
+CONFIG_FILE_IGNORES = {"SFTConfig": ("records",), "GRPOConfig": ("speciale",)}
 
 
 # Other names a config field answers to on the command line, per config class: TRL's GRPOConfig names where the idea
@@ -74,15 +168,34 @@ def _aliases(cls) -> dict:
     return {**trl, **ALIASES.get(cls.__name__, {})}
 
 
-def _flags(cls, name: str) -> list[str]:
-    """The option strings of field `name`: --the-name, plus its ALIASES (and underscore spellings) for cls."""
-    flags = ["--" + name.replace("_", "-")]
+def _flags(cls, name: str) -> tuple[list[str], list[str]]:
+    """The option strings of field `name` of cls: (shown, hidden). Shown: --its-flag (FLAG_NAMES, else the field's
+    name), plus its ALIASES and, for classes with aliases, the underscore spellings. Hidden: the field's own
+    spellings when FLAG_NAMES gives it another flag."""
+    flag = FLAG_NAMES.get(f"{cls.__name__}.{name}", FLAG_NAMES.get(name, name))
+    shown = ["--" + flag.replace("_", "-")]
     aliases = _aliases(cls)
-    if not aliases:
-        return flags
-    for spelled in [name] + [a for a, target in aliases.items() if target == name]:
-        flags += ["--" + spelled.replace("_", "-"), "--" + spelled]
-    return list(dict.fromkeys(flags))
+    if aliases:
+        for spelled in [flag] + [a for a, target in aliases.items() if target == name]:
+            shown += ["--" + spelled.replace("_", "-"), "--" + spelled]
+    hidden = ["--" + name.replace("_", "-"), "--" + name] if flag != name else []
+    return list(dict.fromkeys(shown)), [h for h in dict.fromkeys(hidden) if h not in shown]
+
+
+@functools.lru_cache(maxsize=None)
+def _comments(cls) -> dict:
+    """field -> the trailing comment on its line in cls's source ({} when the source cannot be read)."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    found = (re.match(r"    (\w+): [^#]*#\s*(.+)$", line) for line in lines)
+    return {m.group(1): m.group(2).strip() for m in found if m and m.group(1) in names}
+
+
+def _help(cls, name: str) -> str:
+    return HELP.get(f"{cls.__name__}.{name}") or _comments(cls).get(name) or HELP.get(name, "")
 
 
 def _field_type(cls, f: dataclasses.Field):
@@ -100,28 +213,43 @@ def _field_type(cls, f: dataclasses.Field):
     return "scalar", t
 
 
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> None:
+    """A flag per field of cls (but `skip`), all defaulting to None (unset: the file's value, else the dataclass
+    default), and --config FILE. Required fields are checked by dataclass_from_args: a --config file may set them."""
+    parser.add_argument("--config", dest="config_file", metavar="FILE", default=None,
+                        help="settings file: a JSON (or YAML) object of this command's config fields, e.g. the "
+                             "<stage>_config.json a stage writes into its output folder; flags given override it")
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         kind, t = _field_type(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        flag = _flags(cls, f.name)
-        h = HELP.get(f.name, "")
-        # a field without a default is a required flag: argparse names it in a usage error (exit code 2)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and kind == "scalar":
-            parser.add_argument(*flag, dest=f.name, type=t, required=True, help=f"{h} (required)" if h else "required")
-            continue
-        h = f"{h} (default: {default!r})" if h else f"default: {default!r}"
+        shown, hidden = _flags(cls, f.name)
+        h = _help(cls, f.name)  # none: tests/test_cli.py names the field
+        if kind == "json" and "JSON" not in h:
+            h += "; a JSON object"
+        if _required(f):
+            h = f"{h} (required)".strip()
+        elif "default" not in h:
+            h = f"{h} (default: {default!r})".strip()
         if kind == "list":  # repeatable: --reward a --reward b == --reward a b
-            parser.add_argument(*flag, dest=f.name, nargs="*", action="extend", type=t, default=None, help=h)
+            kw = dict(nargs="*", action="extend", type=t)
         elif kind == "json":
-            parser.add_argument(*flag, dest=f.name, type=json.loads, default=None, help=h + "; a JSON object")
+            kw = dict(type=json.loads)
         elif t is bool:
-            parser.add_argument(*flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
+            kw = dict(action=argparse.BooleanOptionalAction)
         else:
-            parser.add_argument(*flag, dest=f.name, type=t, default=None, help=h)
+            kw = dict(type=t)
+        if t is not bool:  # named after the flag, not the field: --model MODEL, not --model INIT_FROM
+            kw["metavar"] = shown[0][2:].replace("-", "_").upper()
+        parser.add_argument(*shown, dest=f.name, default=None, help=h, **kw)
+        if hidden:  # an older spelling: still accepted, not shown
+            parser.add_argument(*hidden, dest=f.name, default=None, help=argparse.SUPPRESS, **kw)
     fields = {f.name for f in dataclasses.fields(cls)} - set(skip)
     for alias, target in _aliases(cls).items():
         if isinstance(target, tuple) and target[0] in fields:  # a flag that sets a value
@@ -129,10 +257,56 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -
                                 help=f"same as --{target[0].replace('_', '-')} {target[1]}")
 
 
+def read_config_file(cls, path: str | Path) -> dict:
+    """The fields a --config file sets: a JSON object (or YAML, for a .yaml / .yml file) of cls's field names (and
+    their ALIASES / TRL names). An unknown name is a ValueError naming the file and the name."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or write the file as JSON") \
+                from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected an object of {cls.__name__} fields, got {type(data).__name__}")
+    own = {f.name for f in dataclasses.fields(cls)}
+    names = {a: t for a, t in _aliases(cls).items() if isinstance(t, str)}
+    unknown = [k for k in data if k not in own and k not in names]
+    if unknown:
+        raise ValueError(f"{path}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                         f"(not in {cls.__name__}; `--help` lists the fields as flags)")
+    out = {}
+    for k, v in data.items():
+        name = names.get(k, k) if k not in own else k
+        if name in CONFIG_FILE_IGNORES.get(cls.__name__, ()):
+            continue
+        if name in out:
+            raise ValueError(f"{path}: {k} and another name both set {name}")
+        out[name] = v
+    return out
+
+
 def dataclass_from_args(cls, args: argparse.Namespace, **extra):
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-          if getattr(args, f.name, None) is not None}
+    """cls from the --config file (if any), then the flags given (they override the file), then `extra`."""
+    kw = read_config_file(cls, args.config_file) if getattr(args, "config_file", None) else {}
+    kw.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+               if getattr(args, f.name, None) is not None})
     kw.update(extra)
+    missing = [f.name for f in dataclasses.fields(cls) if _required(f) and f.name not in kw]
+    if missing:
+        raise ValueError(f"{_flags(cls, missing[0])[0][0]} is required (on the command line or in a --config file)")
     return cls(**kw)
 
 
@@ -385,8 +559,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("info", help="parameter counts and cache size of a preset or config.json")
-    s.add_argument("--preset", default="tiny")
-    s.add_argument("--config", help="a config.json or model folder")
+    s.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+    s.add_argument("--model", dest="config", default=None,
+                   help="a model folder or its config.json, instead of --preset")
+    s.add_argument("--config", dest="config", default=None, help=argparse.SUPPRESS)  # the older spelling
     s.set_defaults(fn=cmd_info)
 
     def config_class(module: str, cls_name: str):
@@ -414,10 +590,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_self_refine)
 
     s = sub.add_parser("convert", help="re-save a checkpoint: FP8 block-quantised, bf16, or resharded")
-    s.add_argument("src")
-    s.add_argument("dst")
+    s.add_argument("src", help="model folder to read")
+    s.add_argument("dst", help="folder to write the re-saved model to")
     s.add_argument("--fp8", action="store_true", help="write FP8 e4m3 weights with 128x128 weight_scale_inv")
-    s.add_argument("--dtype", default="keep", help="float32, bfloat16 or keep")
+    s.add_argument("--dtype", default="keep", help="float32, bfloat16 or keep (default: keep)")
     s.add_argument("--shard-gb", type=float, default=5.0, help="maximum shard size in GiB")
     s.add_argument("--quantize", default=None, choices=["fp32", "bf16", "int8", "int8-g128", "int4-g128", "fp8"],
                    help="weight-only format to write (nanoseek.quant): bf16 and fp8 folders load in transformers, "
@@ -441,7 +617,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("plan", help="per-rank memory of a parallelism plan, simulated on a fake process group")
     s.add_argument("--preset", default="deepseek-v3", help="model preset (default: deepseek-v3, 671B)")
-    s.add_argument("--config", help="a config.json or model folder instead of a preset")
+    s.add_argument("--model", dest="config", default=None,
+                   help="a model folder or its config.json, instead of --preset")
+    s.add_argument("--config", dest="config", default=None, help=argparse.SUPPRESS)  # the older spelling
     s.add_argument("--dp", type=int, default=None,
                    help="data-parallel ranks per pipeline stage (EP borrows from them); default: the standard plans "
                         "(DeepSeek's 2048 H800s, 64 and 256 H100s)")
