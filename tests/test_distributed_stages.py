@@ -1,9 +1,11 @@
 """The training stages under torchrun: `python -m nanoseek <stage>` on 2 ranks (gloo, 1 thread each, launched as
 plain subprocesses with torchrun's environment variables) against the same command in one process, fp32, the same
 global batch: the logged losses agree to 1e-5 for 10 steps (pretrain with FSDP only and with FSDP + EP 2, SFT with
-EP 2 and a short last batch, GRPO with EP 2 and the same rollouts); a 2-rank run resumes from its sharded checkpoint
-bit-exactly (and at 1 rank, and a 1-rank checkpoint at 2 ranks, to 1e-5); rank 0's consolidated model folder is
-the one-process format; keep routing replays the sampler's experts under EP.
+EP 2 and a short last batch, GRPO with EP 2 and the same rollouts, DSA with EP 2 through both phases, distillation
+with its teacher samples drawn once); a 2-rank run resumes from its sharded checkpoint bit-exactly (and at 1 rank,
+and a 1-rank checkpoint at 2 ranks, to 1e-5; DSA from a warm-up checkpoint across the phase change, distillation
+after stop_after); rank 0's consolidated model folder is the one-process format (the dense student's too); keep
+routing replays the sampler's experts under EP.
 
 Run as a script (`python tests/test_distributed_stages.py routing OUT MODEL`), this file is the routing check's
 worker.
@@ -24,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
+DSA_WARMUP = 4  # DSA: steps 1-4 warm the indexers up (everything else frozen), 5-10 train sparse
 MODEL = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
          "num_attention_heads": 2, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
          "qk_rope_head_dim": 8, "v_head_dim": 16}  # 8 routed experts in 2 groups: an ep rank can get no rows
@@ -94,25 +97,42 @@ class Runs:
             self.done[name] = self._run(name)
         return self.done[name]
 
+    def args(self, stage: str) -> tuple[str, ...]:
+        """The stage's command line for a 10-step run (every run of a stage the same, but --out-dir and --ep)."""
+        base = ("--log-every", "1", "--no-tensorboard")
+        if stage == "pretrain":
+            return (*base, "--steps", str(STEPS), "--tokenizer", str(self.tokenizer()), "--embedded-docs", "100",
+                    "--seq-len", "32", "--batch-size", "4", "--warmup", "2", "--eval-every", "5",
+                    "--eval-batches", "1", "--save-every", "5", "--model-overrides", json.dumps(MODEL))
+        if stage == "sft":  # batch 3 on 2 ranks: every micro-batch is padded with an empty row
+            return (*base, "--steps", str(STEPS), "--init-from", str(self.get("pretrain-1") / "model"),
+                    "--embedded-records", "24", "--max-len", "96", "--batch-size", "3", "--warmup", "1", "--lr",
+                    "1e-3", "--eval-every", "5", "--eval-batches", "1", "--save-every", "10")
+        if stage == "grpo":  # a KL term, two updates per rollout (the second one off-policy), 3-row minibatches
+            return (*base, "--steps", str(STEPS), "--init-from", str(self.get("pretrain-1") / "model"),
+                    "--prompts-per-step", "2", "--num-generations", "4", "--max-tokens", "8", "--no-eval",
+                    "--minibatch-size", "3", "--num-iterations", "2", "--lr", "1e-3", "--beta", "0.04",
+                    "--save-every", "10", "--reward", "test_distributed_stages:distinct_chars")
+        if stage == "dsa":  # top-8 of up to 32 keys; checkpoints at 3 (warm-up), 6, 9 and 10 (sparse)
+            return (*base, "--init-from", str(self.get("pretrain-1") / "model"), "--embedded-docs", "100",
+                    "--seq-len", "32", "--batch-size", "4", "--index-topk", "8", "--warmup-steps", str(DSA_WARMUP),
+                    "--sparse-steps", str(STEPS - DSA_WARMUP), "--eval-every", "5", "--eval-batches", "1",
+                    "--save-every", "3", "--keep-checkpoints", "10")
+        # distill: the teacher samples 4 prompts x 2 (a 10-step model solves none: 24 filler records), logit KD
+        return (*base, "--steps", str(STEPS), "--teacher", str(self.get("pretrain-1") / "model"), "--num-prompts",
+                "4", "--samples-per-prompt", "2", "--max-tokens", "8", "--min-samples", "24", "--batch-size", "4",
+                "--max-len", "96", "--warmup", "1", "--lr", "1e-3", "--logit-kd", "--keep-checkpoints", "10")
+
     def _run(self, name: str) -> Path:
         out = self.root / name
         stage, world, *rest = name.split("-")
+        if rest and rest[0] == "stopped":  # stop_after 5, then a second call resumes
+            launch(int(world), stage, "--out-dir", str(out), "--stop-after", "5", *self.args(stage))
+            assert not (out / "model").exists()
+            launch(int(world), stage, "--out-dir", str(out), *self.args(stage))
+            return out
         ep = ("--ep", rest[0]) if rest else ()
-        if stage == "pretrain":
-            args = ("--tokenizer", str(self.tokenizer()), "--embedded-docs", "100", "--seq-len", "32",
-                    "--batch-size", "4", "--warmup", "2", "--eval-every", "5", "--eval-batches", "1",
-                    "--save-every", "5", "--model-overrides", json.dumps(MODEL))
-        elif stage == "sft":  # batch 3 on 2 ranks: every micro-batch is padded with an empty row
-            args = ("--init-from", str(self.get("pretrain-1") / "model"), "--embedded-records", "24",
-                    "--max-len", "96", "--batch-size", "3", "--warmup", "1", "--lr", "1e-3", "--eval-every", "5",
-                    "--eval-batches", "1", "--save-every", "10")
-        else:  # grpo: a KL term, two updates per rollout (the second one off-policy), 3-row minibatches
-            args = ("--init-from", str(self.get("pretrain-1") / "model"), "--prompts-per-step", "2",
-                    "--num-generations", "4", "--max-tokens", "8", "--no-eval", "--minibatch-size", "3",
-                    "--num-iterations", "2", "--lr", "1e-3", "--beta", "0.04", "--save-every", "10",
-                    "--reward", "test_distributed_stages:distinct_chars")
-        launch(int(world), stage, "--out-dir", str(out), "--steps", str(STEPS), "--log-every", "1",
-               "--no-tensorboard", *ep, *args)
+        launch(int(world), stage, "--out-dir", str(out), *ep, *self.args(stage))
         return out
 
     def resumed(self, src: str, world: int, at: int = 5) -> Path:
@@ -127,12 +147,8 @@ class Runs:
                     shutil.rmtree(ckpt)
             (out / "checkpoints" / "latest").write_text(f"step_{at:07d}\n")
             stage, _, *rest = src.split("-")
-            argv = json.loads((out / f"{stage}_config.json").read_text())
             ep = ("--ep", rest[0]) if rest and world > 1 else ()
-            launch(world, stage, "--out-dir", str(out), "--steps", str(STEPS), "--log-every", "1", "--no-tensorboard",
-                   "--tokenizer", argv["tokenizer"], "--embedded-docs", "100", "--seq-len", "32", "--batch-size", "4",
-                   "--warmup", "2", "--eval-every", "5", "--eval-batches", "1", "--save-every", "5",
-                   "--model-overrides", json.dumps(MODEL), *ep)
+            launch(world, stage, "--out-dir", str(out), *ep, *self.args(stage))
             self.done[name] = out
         return self.done[name]
 
@@ -216,6 +232,99 @@ def test_grpo_ep_two_ranks_logs_the_one_process_losses(runs):
     assert max_diff(one, two, "loss") < 1e-5
     assert max_diff(one, two, "grad_norm") < 1e-3
     assert max(abs(one[s]["loss"]) for s in range(1, STEPS + 1)) > 1e-3  # the losses are not all zero
+
+
+def _same_model_folders(one: Path, two: Path, tmp: Path, tol: float = 1e-4) -> None:
+    """Rank 0's consolidated folder against the one-process folder: the same files, config and tokenizer bytes,
+    tensor names, dtypes and shapes, weights within `tol`; one process re-saving it writes its bytes."""
+    from safetensors.torch import load_file
+
+    from nanoseek.train.evaluate import load_any_model
+
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    for name in ("config.json", "tokenizer.json"):
+        assert (one / name).read_bytes() == (two / name).read_bytes()
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < tol
+    load_any_model(two, "cpu").save_pretrained(tmp)
+    assert (tmp / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_dsa_ep_two_ranks_logs_the_one_process_losses_in_both_phases(runs, tmp_path):
+    one, two = metrics(runs.get("dsa-1")), metrics(runs.get("dsa-2-2"))
+    phases = ["warmup"] * DSA_WARMUP + ["sparse"] * (STEPS - DSA_WARMUP)
+    assert [one[s]["stage"] for s in range(1, STEPS + 1)] == [two[s]["stage"] for s in range(1, STEPS + 1)] == phases
+    sparse = range(DSA_WARMUP + 1, STEPS + 1)
+    assert max_diff(one, two, "indexer_kl") < 1e-5
+    # the KL of a 10-step model's near-uniform attention is ~1e-4: relative to it, float32 rounding
+    assert max(abs(one[s]["indexer_kl"] - two[s]["indexer_kl"]) / one[s]["indexer_kl"]
+               for s in range(1, STEPS + 1)) < 1e-3
+    assert max_diff(one, two, "lm_loss", steps=sparse) < 1e-5
+    assert max_diff(one, two, "grad_norm") < 1e-4
+    evals = (0, DSA_WARMUP, 5, 10)  # before training, at the phase change, every 5 steps
+    for key in ("indexer_recall", "eval_loss_sparse", "eval_loss_dense"):
+        assert max_diff(one, two, key, steps=evals) < 1e-5, key
+    assert one[DSA_WARMUP]["indexer_recall"] > one[0]["indexer_recall"] + 0.05  # the warm-up trains the indexers
+    _same_model_folders(runs.get("dsa-1") / "model", runs.get("dsa-2-2") / "model", tmp_path)
+
+
+@pytest.mark.slow
+def test_dsa_warmup_under_fsdp_trains_only_the_indexers(runs):
+    """The warm-up freezes everything but the indexers on the sharded parameters too: at its step-3 checkpoint every
+    dense weight (and expert bias) of the 2-rank run is the dense model's, bit for bit; the indexers moved."""
+    from safetensors.torch import load_file
+
+    dense = load_file(runs.get("pretrain-1") / "model" / "model.safetensors")
+    warm = load_file(runs.get("dsa-2-2") / "checkpoints" / "step_0000003" / "model.safetensors")
+    assert set(dense) < set(warm)
+    assert all(torch.equal(dense[k], warm[k]) for k in dense)
+    final = load_file(runs.get("dsa-2-2") / "model" / "model.safetensors")
+    assert all(not torch.equal(warm[k], final[k]) for k in warm if ".indexer.wk." in k)
+    assert any(not torch.equal(dense[k], final[k]) for k in dense)  # the sparse phase trains everything
+
+
+@pytest.mark.slow
+def test_dsa_two_rank_run_resumes_across_the_phase_change_bit_exactly(runs):
+    """Resumed at step 3 (the warm-up optimizer's sharded state), through the phase change at 4, to 10."""
+    full, resumed = runs.get("dsa-2-2"), runs.resumed("dsa-2-2", world=2, at=3)
+    assert (full / "checkpoints" / "step_0000003" / "dcp" / ".metadata").exists()
+    a, b = metrics(full), metrics(resumed)
+    assert sorted(b) == sorted(a)
+    for s in range(4, STEPS + 1):
+        for key in ("indexer_kl", "grad_norm") + (("lm_loss",) if s > DSA_WARMUP else ()):
+            assert a[s][key] == b[s][key], (s, key)
+    assert (full / "model" / "model.safetensors").read_bytes() == (resumed / "model" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_distill_two_ranks_sample_the_teacher_once_and_log_the_one_process_losses(runs, tmp_path):
+    one_dir, two_dir = runs.get("distill-1"), runs.get("distill-2")
+    # rank 0 drew the teacher's samples (the one-process draw) and every rank trained on the same records
+    for name in ("teacher_samples.jsonl", "distill_data.json"):
+        assert (one_dir / name).read_bytes() == (two_dir / name).read_bytes()
+    assert json.loads((two_dir / "distill_data.json").read_text())["filler_records"] > 0
+    one, two = metrics(one_dir), metrics(two_dir)
+    assert max_diff(one, two, "loss") < 1e-5
+    assert max_diff(one, two, "kd_loss") < 1e-5
+    assert max_diff(one, two, "grad_norm") < 1e-4
+    assert max_diff(one, two, "eval_loss", steps=(STEPS,)) < 1e-5
+    assert one[STEPS]["loss"] < one[1]["loss"]
+    _same_model_folders(one_dir / "model", two_dir / "model", tmp_path)  # the dense student, tied head included
+
+
+@pytest.mark.slow
+def test_distill_two_ranks_resume_after_stop_after_bit_exactly(runs):
+    full, stopped = runs.get("distill-2"), runs.get("distill-2-stopped")
+    assert (stopped / "checkpoints" / "step_0000005" / "dcp" / ".metadata").exists()
+    a, b = metrics(full), metrics(stopped)
+    assert sorted(b) == sorted(a)
+    for s in range(6, STEPS + 1):
+        for key in ("loss", "kd_loss", "grad_norm"):
+            assert a[s][key] == b[s][key], (s, key)
+    assert (full / "model" / "model.safetensors").read_bytes() == (stopped / "model" / "model.safetensors").read_bytes()
 
 
 @pytest.mark.slow

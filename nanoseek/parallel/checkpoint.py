@@ -103,6 +103,8 @@ def consolidated_model(model: nn.Module) -> nn.Module | None:
     with torch.device("meta"):
         plain = cls(model.config)
     plain.to_empty(device="cpu")
+    if hasattr(plain, "tie_weights"):
+        plain.tie_weights()  # to_empty unties a tied lm_head (the dense student's)
     plain.load_state_dict(state)
     if hasattr(plain, "reset_rope"):
         plain.reset_rope()  # non-persistent buffers: not in the state dict, rebuilt

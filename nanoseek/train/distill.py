@@ -5,6 +5,11 @@ same tokens) when the vocabularies match, which they do when the student reuses 
     distill(DistillConfig(teacher="runs/grpo/model", out_dir="runs/distill")) -> Path
 
 Without `data`, the teacher's samples are drawn first by rejection sampling (nanoseek.train.rejection).
+
+Under torchrun (`torchrun --nproc_per_node N -m nanoseek distill`) rank 0 alone draws the teacher's samples and
+writes the student's starting folder while the other ranks wait at a barrier (the process group's timeout, 30 min
+with gloo and 10 with NCCL by default, bounds that: for a large teacher run `nanoseek rejection-sample` first and
+pass its file as `data`); then every rank reads the same files and the fine-tuning is sft's, sharded (FSDP2).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class DistillConfig:
     lr: float = 2e-3
     warmup: int = 20
     max_len: int = 256
+    log_every: int = 10
+    precision: str = "auto"  # sft's: fp32 | bf16 | amp (auto: fp32 on CPU, amp on GPU); under torchrun fp32 or bf16
     seed: int = 0
     device: str | None = None
     resume: bool = True
@@ -106,21 +113,31 @@ class _Labelled(C.Progress):
 def distill(cfg: DistillConfig, progress: C.Progress | None = None) -> Path:
     from .rejection import RejectionConfig, rejection_sample
     from .sft import SFTConfig, sft
+    from .trainer import init_dist
 
     for name in ("config.json", "tokenizer.json"):
         if not (Path(cfg.teacher) / name).exists():
             raise ValueError(f"DistillConfig.teacher: no {name} in {cfg.teacher}")
+    dist = init_dist("distill", cfg)  # one process: nothing; torchrun: the process group sft trains in
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = list(cfg.data)
-    if not data:
-        path = out / "teacher_samples.jsonl"
-        if not path.exists():  # sampled once; a resumed run reuses them
-            rejection_sample(RejectionConfig(model=cfg.teacher, out=str(path), tasks=cfg.tasks, levels=cfg.levels,
-                                             langs=cfg.langs, num_prompts=cfg.num_prompts, k=cfg.samples_per_prompt,
+    init = Path(cfg.student_init) if cfg.student_init else out / "student_init"
+    if dist.is_main:  # the files every rank reads: drawn and written once
+        if not data and not (out / "teacher_samples.jsonl").exists():  # sampled once; a resumed run reuses them
+            rejection_sample(RejectionConfig(model=cfg.teacher, out=str(out / "teacher_samples.jsonl"),
+                                             tasks=cfg.tasks, levels=cfg.levels, langs=cfg.langs,
+                                             num_prompts=cfg.num_prompts, k=cfg.samples_per_prompt,
                                              max_tokens=cfg.max_tokens, keep_per_prompt=cfg.samples_per_prompt,
                                              seed=cfg.seed + 99, device=cfg.device))
-        data = [str(path)]
+        if not cfg.student_init:
+            make_student(cfg, init)
+    if dist.world_size > 1:
+        import torch.distributed as torch_dist
+
+        torch_dist.barrier()  # the other ranks wait for rank 0's files
+    if not data:
+        data = [str(out / "teacher_samples.jsonl")]
     n = sum(1 for p in data for line in Path(p).read_text().splitlines() if line.strip())
     records = None
     if n < cfg.min_samples:  # a weak teacher solved too little: keep the stage meaningful, and say so
@@ -128,13 +145,16 @@ def distill(cfg: DistillConfig, progress: C.Progress | None = None) -> Path:
 
         records = embedded_sft_records(cfg.min_samples - n, seed=cfg.seed + 7)
         data = [p for p in data if Path(p).read_text().strip()]
-    C.atomic_write_text(out / "distill_data.json", json.dumps({"teacher_samples": n, "filler_records": len(records or [])}))
-    init = Path(cfg.student_init) if cfg.student_init else make_student(cfg, out / "student_init")
-    C.atomic_write_text(out / "distill_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    if dist.is_main:
+        C.atomic_write_text(out / "distill_data.json",
+                            json.dumps({"teacher_samples": n, "filler_records": len(records or [])}))
+        C.atomic_write_text(out / "distill_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     return sft(SFTConfig(init_from=str(init), out_dir=str(out), data=data, records=records, steps=cfg.steps,
                          batch_size=cfg.batch_size,
                          lr=cfg.lr, warmup=cfg.warmup, max_len=cfg.max_len, seed=cfg.seed, device=cfg.device,
-                         resume=cfg.resume, stop_after=cfg.stop_after, time_limit_s=cfg.time_limit_s,
-                         keep_checkpoints=cfg.keep_checkpoints, tensorboard=cfg.tensorboard,
-                         teacher=cfg.teacher if cfg.logit_kd else None, kd_weight=cfg.kd_weight, eval_every=100,
-                         save_every=100, mtp_weight=0.0), _Labelled(progress or C.Progress(), "distill"))
+                         precision=cfg.precision, resume=cfg.resume, stop_after=cfg.stop_after,
+                         time_limit_s=cfg.time_limit_s, keep_checkpoints=cfg.keep_checkpoints,
+                         tensorboard=cfg.tensorboard, teacher=cfg.teacher if cfg.logit_kd else None,
+                         kd_weight=cfg.kd_weight, eval_every=100, save_every=100, log_every=cfg.log_every,
+                         mtp_weight=0.0),
+               _Labelled(progress or C.Progress(), "distill"), dist=dist)

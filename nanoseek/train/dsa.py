@@ -10,7 +10,14 @@ model with the lightning indexer, in two stages.
      from its KL and the model only from the LM loss.
 
 Reported: the indexer's recall of the dense attention's top-k, and the LM loss of the sparse model
-against the dense model it started from.
+against the dense model it started from (computed once: that model is frozen).
+
+Under torchrun (`torchrun --nproc_per_node N -m nanoseek dsa [--ep E]`) the model is sharded as in pre-training
+(FSDP2 over every rank, experts over ep) and each rank trains on its rows of the global batch. Freezing works
+through FSDP2 as it is: the phase's requires_grad flags are set on the sharded parameters, which FSDP copies to
+the gathered ones at every all-gather, and only parameters with a gradient are reduce-scattered. In the warm-up
+no block's input needs a gradient, so FSDP would free a block only at the end of backward; the warm-up's backward
+therefore runs one block's KL at a time (make_train_step; docs/training.md, "Scaling out", has the measurement).
 
     dsa(DSAConfig(init_from="runs/base/model", out_dir="runs/dsa")) -> Path
 """
@@ -19,16 +26,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .. import precision as P
 from ..checkpoint import load_pretrained
 from ..model import DeepSeekModel
 from . import common as C
 from ..model.moe import update_expert_bias
-from .pretrain import PretrainConfig, build_data, lm_losses, mtp_loss
+from .pretrain import PretrainConfig, build_data, lm_losses, lm_targets, mtp_loss
 from .trainer import LOOP_FIELD_CHECKS, Phases, Trainer
 
 
@@ -65,9 +74,11 @@ class DSAConfig:
     stop_after: int | None = None  # checkpoint and stop at this step (a later call resumes)
     time_limit_s: float | None = None  # wall-clock budget: the step that spends it is the last (checkpointed, published)
     tensorboard: bool = True
+    ep: int = 1  # expert-parallel ranks under torchrun (divides the world size); batch_size is the global batch
 
     def __post_init__(self):
         C.validate_fields(self, [
+            ("ep", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "must be an integer >= 1"),
             ("index_topk", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
             ("seq_len", lambda v: isinstance(v, int) and v > self.index_topk,
              f"must exceed index_topk={self.index_topk} (otherwise DSA equals dense attention)"),
@@ -108,31 +119,44 @@ def add_indexer(dense: DeepSeekModel, index_topk: int, n_heads: int | None = Non
     return model.to(next(dense.parameters()).device)
 
 
-@torch.no_grad()
-def evaluate_dsa(model, held, cfg: DSAConfig, device, ctx, reference=None) -> dict:
-    """Indexer recall (dense attention's top-k), sparse LM loss, and the reference (dense) model's LM loss."""
-    model.eval()
+def eval_batches(held, cfg: DSAConfig, device):
+    """The held-out batches every evaluation reads (the same ones each time: the position is put back)."""
     state = held.state_dict()
-    rec, sparse, dense = [], [], []
     for i, batch in enumerate(held.batches(cfg.batch_size, epochs=1, drop_last=False)):
         if i >= cfg.eval_batches:
             break
-        tokens, doc = batch.tokens.to(device), batch.doc_ids.to(device)
+        yield batch.tokens.to(device), batch.doc_ids.to(device)
+    held.load_state_dict(state)
+
+
+@torch.no_grad()
+def dense_eval_loss(reference, held, cfg: DSAConfig, device, ctx) -> float:
+    """The dense model's LM loss on the held-out batches: a constant of the run (that model is frozen), so it is
+    computed once and the model dropped (no rank keeps a full copy of it beside its shards)."""
+    losses = []
+    for tokens, doc in eval_batches(held, cfg, device):
+        with ctx:
+            d = reference(tokens[:, :-1], mtp=False)
+        losses.append(lm_losses(reference, d, tokens, doc)[0].item())
+    return sum(losses) / max(1, len(losses))
+
+
+@torch.no_grad()
+def evaluate_dsa(model, held, cfg: DSAConfig, device, ctx, dense_loss: float | None = None) -> dict:
+    """Indexer recall (dense attention's top-k), sparse LM loss, and the reference (dense) model's LM loss."""
+    model.eval()
+    rec, sparse = [], []
+    for tokens, doc in eval_batches(held, cfg, device):
         with ctx:
             r = model(tokens[:, :-1], dsa_dense=True, indexer_loss=True,  # recall of every indexer, MTP's too
                       mtp=model.config.num_nextn_predict_layers > 0)
             s = model(tokens[:, :-1], mtp=False)
         rec.append(float(r.indexer_recall))
         sparse.append(lm_losses(model, s, tokens, doc)[0].item())
-        if reference is not None:
-            with ctx:
-                d = reference(tokens[:, :-1], mtp=False)
-            dense.append(lm_losses(reference, d, tokens, doc)[0].item())
-    held.load_state_dict(state)
     model.train()
     out = {"indexer_recall": sum(rec) / max(1, len(rec)), "eval_loss_sparse": sum(sparse) / max(1, len(sparse))}
-    if dense:
-        out["eval_loss_dense"] = sum(dense) / len(dense)
+    if dense_loss is not None:
+        out["eval_loss_dense"] = dense_loss
     return out
 
 
@@ -154,23 +178,27 @@ def dsa(cfg: DSAConfig, progress: C.Progress | None = None) -> Path:
         model = load_pretrained(run.resume_from, dtype=torch.float32, device=device)
     else:
         model = add_indexer(reference, cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim, cfg.seed)
-    reference.eval()
-    evaluate = lambda: evaluate_dsa(model, held, cfg, device, ctx, reference)
+    dense_loss = dense_eval_loss(reference.eval(), held, cfg, device, ctx)
+    del reference
+    if run.distributed:  # FSDP2 (+ EP): fp32, or bf16 compute with fp32 masters where the run would autocast
+        model = run.parallelize(model, "fp32" if isinstance(ctx, nullcontext) else "bf16")
+        ctx = nullcontext()
+    evaluate = lambda: evaluate_dsa(model, held, cfg, device, ctx, dense_loss)
     if not run.resumed:
         init = evaluate()  # before training: the fresh indexers' recall, the sparse and dense losses
 
-    def make_opt(stage: str):  # warm-up: the indexers only; sparse: everything
+    def make_opt(stage: str):  # warm-up: the indexers only; sparse: everything (sharded parameters too)
         for n, p in model.named_parameters():
             p.requires_grad_(stage == "sparse" or ".indexer." in n)
         return C.make_optimizer(model, cfg.warmup_lr if stage == "warmup" else cfg.sparse_lr, cfg.weight_decay)
 
     run.restore(Phases(lambda step: stage_of(cfg, step), make_opt),
                 load_state=lambda st: train.load_state_dict(st["data"]),
-                config_json=json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+                config_json=json.dumps(dataclasses.asdict(cfg), indent=2) + "\n", model=model)
     if not run.resumed:
         run.log(0, stage="init", **init)
     model.train()
-    return run.fit(make_train_step(cfg, model, train.batches(cfg.batch_size), ctx, device, run.ckpt_root),
+    return run.fit(make_train_step(cfg, model, train.batches(cfg.batch_size), ctx, device, run.ckpt_root, run.dist),
                    cfg.warmup_steps + cfg.sparse_steps, model, tokenizer, lr_at=lambda step, _: dsa_lr(cfg, step),
                    evaluate=evaluate, eval_also_at=(cfg.warmup_steps,), state=lambda: {"data": train.state_dict()},
                    progress_keys={"stage": "stage", "indexer_kl": "kl"})
@@ -189,14 +217,37 @@ def dsa_lr(cfg: DSAConfig, step: int) -> float:
     return C.lr_at(i, n, lr, max(1, n // 10), "cosine", 0.1)
 
 
-def make_train_step(cfg: DSAConfig, model, batches, ctx, device, ckpt_root: Path):
-    """One optimizer step: the indexers' KL in the warm-up; LM (+MTP, balance) + KL in the sparse stage."""
+def make_train_step(cfg: DSAConfig, model, batches, ctx, device, ckpt_root: Path, dist=None):
+    """One optimizer step: the indexers' KL in the warm-up; LM (+MTP, balance) + KL in the sparse stage.
+
+    Distributed (world size W > 1), as pre-training: every rank draws the same global batch and trains on its rows;
+    the LM losses are its shares of the global means (lm_losses' num_targets) times W, as FSDP averages the ranks'
+    gradients; the indexer KL (a mean over every query of equal-sized rows) and the balance loss (per sequence)
+    are per-rank means whose average is the global one; the bias update sees the global expert loads."""
     mtp_on = model.config.num_nextn_predict_layers > 0
+    W = 1 if dist is None else dist.world_size
+    kls: list[torch.Tensor] = []  # distributed: each block's indexer KL, in forward order (MTP blocks last)
+    if W > 1:
+        def keep_kl(module, args, out):
+            if out[2] is not None:
+                kls.append(out[2]["kl"])
+
+        for layer in model.model.layers:
+            layer.register_forward_hook(keep_kl)
 
     def train_step(step: int, opt) -> dict:
         stage = stage_of(cfg, step)
+        kls.clear()
         batch = next(batches)
         tokens, doc = batch.tokens.to(device), batch.doc_ids.to(device)
+        num_tokens = tokens.shape[0] * (tokens.shape[1] - 1)  # the global batch's
+        counts = None
+        if W > 1:  # the normalisers count the global batch; this rank keeps its rows
+            from ..parallel import shard_batch
+
+            depths = model.config.num_nextn_predict_layers if mtp_on else 0
+            counts = [int((lm_targets(tokens, doc, k) != -100).sum()) for k in range(depths + 1)]
+            tokens, doc = shard_batch(tokens, dist), shard_batch(doc, dist)
         metrics = {"stage": stage}
         with ctx:
             if stage == "warmup":  # every indexer learns, the MTP block's too (its weights stay frozen)
@@ -204,22 +255,37 @@ def make_train_step(cfg: DSAConfig, model, batches, ctx, device, ckpt_root: Path
                 loss = o.indexer_loss
             else:
                 o = model(tokens[:, :-1], indexer_loss=True, mtp=mtp_on)
-                main, mtp = lm_losses(model, o, tokens, doc)
-                loss = main + cfg.indexer_loss_weight * o.indexer_loss
+                main, mtp = lm_losses(model, o, tokens, doc, counts)  # W x: the LM terms are this rank's share
+                loss = main * W + cfg.indexer_loss_weight * o.indexer_loss
                 if mtp:
-                    loss = loss + mtp_loss(mtp, cfg.mtp_weight)
+                    loss = loss + mtp_loss(mtp, cfg.mtp_weight) * W
                 if o.balance_loss is not None and cfg.balance_alpha > 0:  # V3's balancing goes on (MTP gate too)
                     loss = loss + cfg.balance_alpha * o.balance_loss
-                metrics["lm_loss"] = main.item()
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+                metrics["lm_loss"] = main.item() * W
+        if stage == "warmup" and W > 1:
+            # FSDP gathers a block again for backward when its output's gradient arrives (the KL's here) and frees it
+            # when its input's gradient is done; in the warm-up no block input needs one, so a single backward would
+            # keep every block gathered until its end: the whole model on each rank. One backward per block's KL
+            # (the same gradients: d mean / d kl = 1/n) gathers and reduce-scatters one block at a time.
+            for kl in reversed(kls):
+                kl.backward(torch.full_like(kl, 1.0 / len(kls)))
+        else:
+            loss.backward()
+        kls.clear()
+        gnorm = P.clip_grad_norm_(model, opt, cfg.grad_clip)  # the frozen parameters have no gradient
         C.check_finite("dsa", step + 1, ckpt_root, loss=loss, grad_norm=gnorm)  # nothing non-finite is stepped
         opt.step()
         opt.zero_grad(set_to_none=True)
         if stage == "sparse" and o.router and cfg.bias_update_speed > 0:  # main MoE layers, then the MTP modules
-            update_expert_bias(model, [r.load for r in o.router + o.mtp_router], cfg.bias_update_speed)
+            loads = [r.load for r in o.router + o.mtp_router]
+            if W > 1:
+                from ..parallel import global_loads
+
+                loads = global_loads(loads, dist)  # the global batch's loads, the same on every rank
+            update_expert_bias(model, loads, cfg.bias_update_speed)
         metrics["indexer_kl"] = o.indexer_loss.item()
-        metrics["num_tokens"] = tokens.shape[0] * (tokens.shape[1] - 1)
+        metrics["grad_norm"] = float(gnorm)
+        metrics["num_tokens"] = num_tokens
         return metrics
 
     return train_step

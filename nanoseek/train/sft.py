@@ -404,13 +404,14 @@ def evaluate(model, samples: list[Sample], cfg: SFTConfig, pad_id: int, device, 
 # ---------------------------------------------------------------------------------------------- loop
 
 
-def sft(cfg: SFTConfig, progress: C.Progress | None = None) -> Path:
+def sft(cfg: SFTConfig, progress: C.Progress | None = None, dist=None) -> Path:
     """Fine-tune cfg.init_from on chat data; returns out_dir/model (weights + tokenizer), or the
-    latest checkpoint when stopped early by stop_after."""
+    latest checkpoint when stopped early by stop_after. dist: the process context of a caller that joined the
+    process group already (distill); None: the Trainer's own."""
     from ..tokenizer import Tokenizer
     from .evaluate import load_any_model
 
-    run = Trainer("sft", cfg, progress)  # device, seed, the checkpoint to resume from
+    run = Trainer("sft", cfg, progress, dist=dist)  # device, seed, the checkpoint to resume from
     source = run.resume_from if run.resumed else check_init_from(cfg.init_from)
     tokenizer = Tokenizer.load(str(source))
     data = build_data(cfg, tokenizer)

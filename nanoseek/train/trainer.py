@@ -59,7 +59,7 @@ class SingleProcess:
         return self.rank == 0
 
 
-SCALES_OUT = ("pretrain", "sft", "grpo")  # the stages that run under torchrun (several processes)
+SCALES_OUT = ("pretrain", "dsa", "sft", "grpo", "distill")  # the stages that run under torchrun (several processes)
 
 
 def init_dist(stage: str, cfg):
@@ -210,12 +210,20 @@ class Trainer:
         if not self.distributed:
             opt, ctx = P.prepare(model, make_optimizer, precision, self.device)
             return model, opt, ctx
+        model = self.parallelize(model, precision)
+        return model, make_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad]), nullcontext()
+
+    def parallelize(self, model, precision: str = "fp32"):
+        """Distributed: the fp32 model sharded in place (FSDP2 over every rank, experts over ep; precision fp32 or
+        bf16, FSDP's mixed-precision policy). One process: the model as it is. For a stage that builds its own
+        optimizers afterwards (DSA's phases); `prepare` does both."""
+        if not self.distributed:
+            return model
         from ..parallel import parallelize
 
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision {precision!r} does not run distributed yet: use fp32 or bf16 under torchrun")
-        model = parallelize(model, self.dist.mesh, precision=precision)
-        return model, make_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad]), nullcontext()
+        return parallelize(model, self.dist.mesh, precision=precision)
 
     def restore(self, optimizer: torch.optim.Optimizer | Phases, load_state: Callable[[dict], None] | None = None,
                 config_json: str | None = None, model=None) -> int:
