@@ -84,9 +84,12 @@ def fake_stages(monkeypatch):
 
 
 def test_run_refuses_a_folder_made_by_another_preset(tmp_path, fake_stages, capsys):
-    out = tmp_path / "run"
+    import torch
+
+    out, threads = tmp_path / "run", torch.get_num_threads()
     pipeline.run(pipeline.RunConfig(out=str(out), preset="micro"))
     assert fake_stages == pipeline.STAGES
+    assert torch.get_num_threads() == threads  # the preset's 2 threads do not leak into the calling process
     fake_stages.clear()
     with pytest.raises(ValueError, match="micro"):
         pipeline.run(pipeline.RunConfig(out=str(out), preset="cpu"))

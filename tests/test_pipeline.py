@@ -65,7 +65,9 @@ def test_micro_run_end_to_end_killed_and_resumed(tmp_path):
 def test_micro_run_with_fp8_reports_the_loss_gap(tmp_path):
     from nanoseek.cli import main
 
+    threads = torch.get_num_threads()
     assert main(["run", "--preset", "micro", "--fp8", "--out", str(tmp_path / "r")]) == 0
+    assert torch.get_num_threads() == threads  # the preset's thread count (2) does not leak into the caller
     report = (tmp_path / "r" / "report.md").read_text()
     assert "## FP8" in report and "relative gap" in report and "FP8 vs high precision" in report
     assert (tmp_path / "r" / "pretrain_no_fp8" / "model" / "config.json").exists()
