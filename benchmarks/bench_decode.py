@@ -8,12 +8,20 @@ tensors transformers' DynamicCache actually holds after generate. MTP: the MTP m
 plain greedy at batch 1.
 
     python benchmarks/bench_decode.py --quick          # seconds
-    python benchmarks/bench_decode.py --config small   # the default: ~75M-parameter preset
+    python benchmarks/bench_decode.py --config small   # the ~75M-parameter preset (default: bench, ~8M)
+
+Weight formats (`--formats`): the same model in each nanoseek.quant format, each through the Engine it gets by
+default (fp32 / bf16: the FastDecoder step; int and fp8 weights: the generic forward, so an fp32 generic-forward
+row is added as their like-for-like reference), decode tokens/s at each batch with the formats alternating
+within every round, and the ratio to fp32:
+
+    python benchmarks/bench_decode.py --threads 1 --formats fp32 bf16 int8 int8-g128 int4-g128 fp8
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -128,6 +136,71 @@ def spec_vs_plain(model: DeepSeekModel, prompts: list[list[int]], n: int, compil
     return plain_s, spec_s, spec
 
 
+def format_models(model: DeepSeekModel, formats: list[str]) -> dict[str, DeepSeekModel]:
+    """One copy of `model` per weight format (fp32 = the model itself), quantised by nanoseek.quant."""
+    from nanoseek.quant import quantize
+
+    out = {}
+    for fmt in formats:
+        m = model if fmt == "fp32" else copy.deepcopy(model)
+        if fmt != "fp32":
+            quantize(m, fmt)
+        out[fmt] = m.eval()
+    return out
+
+
+def bench_formats(model: DeepSeekModel, args) -> tuple[list, dict]:
+    """Decode tokens/s of every format at every batch (formats alternating within each round); returns rows
+    (batch, {name: (tok/s, greedy tokens equal to fp32's, tokens)}) and the models."""
+    models = format_models(model, args.formats)
+    n, cfg, rows = args.new_tokens, model.config, []
+    for B in args.batches:
+        prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt_len)).tolist()
+        mk = dict(max_batch_size=B, max_len=args.prompt_len + n + 1, eos_token_ids=[])
+        engines = {f: Engine(m, **mk) for f, m in models.items()}
+        if any(e.fast is None for e in engines.values()) and engines["fp32"].fast is not None:
+            engines["fp32 (generic forward)"] = Engine(models["fp32"], fast_decode=False, **mk)
+        runs = [lambda k, e=e: e.generate(prompts, SamplingParams(max_tokens=k, temperature=0))
+                for e in engines.values()]
+        rates = decode_rates(runs, B, n, args.repeats)
+        greedy = SamplingParams(max_tokens=n, temperature=0)
+        toks = {f: [o.outputs[0].token_ids for o in e.generate(prompts, greedy)] for f, e in engines.items()}
+        same = {f: sum(a == b for x, y in zip(t, toks["fp32"]) for a, b in zip(x, y)) for f, t in toks.items()}
+        rows.append((B, {f: (r, same[f], B * n) for f, r in zip(engines, rates)}))
+    return rows, models
+
+
+def print_formats(rows: list, models: dict, threads: int) -> None:
+    from nanoseek.engine.fast_decode import unsupported_reason
+    from nanoseek.quant import state_bytes
+
+    batches = [B for B, _ in rows]
+    print("| format | decode step | weights in memory | " + " | ".join(f"batch {B} tok/s | vs fp32" for B in batches)
+          + " | greedy tokens equal to fp32's |")
+    print("|---|---|---:|" + "---:|---:|" * len(batches) + "---:|")
+    for name in rows[0][1]:
+        fmt = name.split(" ")[0]
+        step = "generic" if "generic" in name or unsupported_reason(models[fmt]) is not None else "FastDecoder"
+        cells = []
+        for _, res in rows:
+            r, base = res[name][0], res["fp32"][0]
+            cells.append(f"{r:,.1f} | {r / base:.2f}x")
+        same = ", ".join(f"{res[name][1]}/{res[name][2]}" for _, res in rows)
+        print(f"| {name} | {step} | {state_bytes(models[fmt]):,} B | " + " | ".join(cells) + f" | {same} |")
+    print(f"\n{threads} threads; decode tokens/s = B * (N - 1) / (time(N tokens) - time(1 token)), best of the "
+          "alternating rounds; ratios against the fp32 row (the Engine's default step).")
+
+
+def run_formats(model: DeepSeekModel, args) -> None:
+    """`--formats`: fp32 first (the reference), then the others, each once."""
+    args.formats = ["fp32"] + [f for f in dict.fromkeys(args.formats) if f != "fp32"]
+    print(f"config {'tiny (quick)' if args.quick else args.config}: {model.config.num_parameters() / 1e6:.1f}M "
+          f"parameters, formats {' '.join(args.formats)}, {args.threads} threads, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens, greedy, batches {args.batches}\n")
+    rows, models = bench_formats(model, args)
+    print_formats(rows, models, args.threads)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", choices=["bench", "small", "tiny"], default="bench", help="model preset (fp32 on CPU)")
@@ -142,6 +215,11 @@ def main() -> None:
     ap.add_argument("--quantize", default=None, choices=["fp32", "bf16", "int8", "int8-g128", "int4-g128", "fp8"],
                     help="nanoseek's weights in this format (nanoseek.quant; transformers stays fp32, bf16 for bf16); "
                          "int and fp8 weights run the generic forward (no FastDecoder, no compile, no MTP section)")
+    ap.add_argument("--formats", nargs="+", default=None, metavar="FMT",
+                    choices=["fp32", "bf16", "int8", "int8-g128", "int4-g128", "fp8"],
+                    help="time only the Engine's decode with the weights in each format (fp32 always included as the "
+                         "reference), formats alternating within each round; no transformers, no MTP section")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating rounds; each contender's best counts")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="leave out Engine(compile=True) (torch.compile of the decode step; needs a C++ compiler)")
     args = ap.parse_args()
@@ -153,6 +231,8 @@ def main() -> None:
     model = DeepSeekModel(cfg).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if args.formats:
+        return run_formats(model, args)
     ref = hf_twin(model)
     if args.quantize not in (None, "fp32"):
         from nanoseek.engine.fast_decode import unsupported_reason
@@ -186,7 +266,7 @@ def main() -> None:
         greedy = SamplingParams(max_tokens=n, temperature=0)
         rates = decode_rates([
             *[lambda k, e=e: e.generate(prompts.tolist(), SamplingParams(max_tokens=k, temperature=0)) for e in engines],
-            lambda k: hf_generate(ref, prompts, k)], B, n)
+            lambda k: hf_generate(ref, prompts, k)], B, n, args.repeats)
         out = hf_generate(ref, prompts, n)
         agree = [sum(a == b for a, b in zip([o.outputs[0].token_ids for o in e.generate(prompts.tolist(), greedy)],
                                             out.sequences[:, args.prompt_len:].tolist())) for e in engines]

@@ -78,7 +78,7 @@ HELP = {
     "packing": "pack several samples into each row of max_len tokens",
     "kd_temperature": "softmax temperature of the logit-distillation KL",
     "kd_weight": "logit distillation: loss = (1 - kd_weight) * CE + kd_weight * KD",
-    "tasks": "built-in tasks (nanoseek/tasks): arithmetic, countdown, sorting, knights, ...",
+    "tasks": "built-in tasks (nanoseek/tasks): arithmetic, countdown, sorting, knights, multiplication (tools), ...",
     "levels": "task difficulty levels",
     "langs": "problem languages (en, zh)",
     "thinking": "prompt with the thinking template: the completion opens with reasoning (<think>)",
@@ -328,11 +328,16 @@ def cmd_info(args) -> None:
     print(f"total parameters    {total:,} ({total / 1e9:.2f}B)")
     print(f"active per token    {active:,} ({active / 1e9:.2f}B)")
     print(f"with MTP modules    {cfg.num_parameters(include_mtp=True):,}")
-    per_tok = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    from .quant import kv_cache_bytes_per_token
+
+    kv = kv_cache_bytes_per_token(cfg)
+    per_tok = kv["fp8"]  # one byte a value: the value count
     mha = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
-    print(f"KV cache per token  {per_tok:,} values (expanded K/V would be {mha:,}: {mha / per_tok:.0f}x)")
-    print("KV cache bytes/token " + "  ".join(f"{name} {per_tok * b:,}" for name, b in (("fp32", 4), ("bf16", 2),
-                                                                                       ("fp8", 1))))
+    idx = f" + {cfg.index_head_dim} indexer key" if cfg.use_dsa else ""
+    print(f"KV cache per token  {per_tok:,} values = {cfg.num_hidden_layers} layers x ({cfg.kv_lora_rank} latent + "
+          f"{cfg.qk_rope_head_dim} rope key{idx}) (expanded K/V would be {mha:,}: {mha / per_tok:.0f}x)")
+    print("KV cache bytes/token " + "  ".join(f"{name} {b:,}" for name, b in kv.items())
+          + "  (fp8-deepseek: FlashMLA's layout, e4m3 + fp32 scale per 128, rope key bf16)")
     # weight bytes: embeddings, heads, router and norms stay in the model dtype (bf16 here) in every quantised
     # format, as published checkpoints keep them; scales: fp32 per 128x128 block (fp8), per 128 channels (int)
     total_mtp = cfg.num_parameters(include_mtp=True)
@@ -342,7 +347,8 @@ def cmd_info(args) -> None:
     rest = total_mtp - lin
     fmts = (("fp32", 4 * total_mtp), ("bf16", 2 * total_mtp), ("fp8", lin * (1 + 4 / 128 ** 2) + 2 * rest),
             ("int8", lin * (1 + 4 / 128) + 2 * rest), ("int4", lin * (0.5 + 4 / 128) + 2 * rest))
-    print("weight bytes        " + "  ".join(f"{name} {b / 1e9:,.1f} GB" for name, b in fmts)
+    unit, div = ("GB", 1e9) if fmts[0][1] >= 1e9 else ("MB", 1e6)
+    print("weight bytes        " + "  ".join(f"{name} {b / div:,.1f} {unit}" for name, b in fmts)
           + "  (with MTP; int8/int4 group 128)")
 
 

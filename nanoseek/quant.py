@@ -315,6 +315,26 @@ def quantizable_parameters(config) -> int:
     return n
 
 
+KV_CACHE_FORMATS = ("fp32", "bf16", "fp8", "fp8-deepseek")
+
+
+def kv_cache_bytes_per_token(config, num_layers: int | None = None) -> dict[str, int]:
+    """Latent-cache bytes per token over `num_layers` layers (default: the main layers, what `Engine` holds; the
+    speculative decoder's cache adds the MTP layers) in each KV_CACHE_FORMATS entry. Per layer `LatentCache`
+    stores kv_lora_rank + qk_rope_head_dim values (latent c, roped shared key), plus index_head_dim for DSA's
+    indexer keys, all in one dtype: fp32 / bf16 / fp8 give 4 / 2 / 1 bytes a value (nanoseek's engine keeps the
+    model's dtype; fp8 is the arithmetic of an all-e4m3 cache). fp8-deepseek is the layout DeepSeek's kernels
+    use (FlashMLA's FP8 cache, V3.2's reference indexer): latent in e4m3 with one fp32 scale per 128 values,
+    rope key in bf16, indexer keys in e4m3 with one fp32 scale per 128 (V3: 656 bytes a layer)."""
+    L = config.num_hidden_layers if num_layers is None else num_layers
+    R, r = config.kv_lora_rank, config.qk_rope_head_dim
+    idx = config.index_head_dim if config.use_dsa else 0
+    values = R + r + idx
+    blocks = -(-R // 128) + (-(-idx // 128) if idx else 0)
+    deepseek = R + 2 * r + idx + 4 * blocks
+    return {"fp32": 4 * L * values, "bf16": 2 * L * values, "fp8": L * values, "fp8-deepseek": L * deepseek}
+
+
 def state_bytes(model: nn.Module) -> int:
     """Bytes of the model's state in memory (every stored tensor once: tied weights count once)."""
     seen, total = set(), 0

@@ -77,3 +77,27 @@ def hf_model(model: DeepSeekModel):
     missing = [k for k in missing if "rotary" not in k and k not in empty]
     assert not missing and not unexpected, (missing, unexpected)
     return ref
+
+
+def overfit_and_save(model, tok, seqs: list[tuple[list[int], list[int]]], steps: int, folder) -> str:
+    """Fit `model` to (token ids, loss mask) pairs, full batch, AdamW lr 1e-2, `steps` steps; save it with the
+    tokenizer to `folder` (written beside it, then renamed: a half-written folder is never seen)."""
+    L = max(len(s) for s, _ in seqs)
+    x = torch.full((len(seqs), L), tok.pad_id)
+    mask = torch.zeros(len(seqs), L)
+    for i, (s, m) in enumerate(seqs):
+        x[i, :len(s)], mask[i, :len(m)] = torch.tensor(s), torch.tensor(m, dtype=torch.float)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        logits = model(x[:, :-1], mtp=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+        loss = (loss * mask[:, 1:].flatten()).sum() / mask[:, 1:].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.eval().save_pretrained(str(tmp))
+    tok.save(str(tmp))
+    tmp.rename(folder)
+    return str(folder)

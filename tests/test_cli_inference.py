@@ -26,6 +26,8 @@ def build_chat_model(folder: Path) -> str:
     """A micro DeepSeek (with an MTP module) that learned the canned chat reply; built once per session."""
     if (folder / "model.safetensors").is_file():
         return str(folder)
+    from oracle import overfit_and_save
+
     from nanoseek import DeepSeekModel, ModelConfig
     from nanoseek.data.corpus import embedded_corpus
     from nanoseek.tokenizer import train_tokenizer
@@ -46,25 +48,7 @@ def build_chat_model(folder: Path) -> str:
             if (i + thinking) % 2:  # some two-turn conversations too, as chat sends
                 msgs = [{"role": "user", "content": USERS[i - 1]}, {"role": "assistant", "content": ANSWER}] + msgs
                 seqs.append(tok.encode_chat_with_mask(msgs, thinking=thinking))
-    L = max(len(s) for s, _ in seqs)
-    x = torch.full((len(seqs), L), tok.pad_id)
-    mask = torch.zeros(len(seqs), L)
-    for i, (s, m) in enumerate(seqs):
-        x[i, :len(s)], mask[i, :len(m)] = torch.tensor(s), torch.tensor(m, dtype=torch.float)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    model.train()
-    for _ in range(80):
-        logits = model(x[:, :-1], mtp=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
-        loss = (loss * mask[:, 1:].flatten()).sum() / mask[:, 1:].sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.eval().save_pretrained(str(tmp))
-    tok.save(str(tmp))
-    tmp.rename(folder)
-    return str(folder)
+    return overfit_and_save(model, tok, seqs, 80, folder)
 
 
 @pytest.fixture(scope="module")
@@ -162,14 +146,47 @@ def test_generate_json_lines_from_a_prompts_file(run, model_dir, tmp_path):
 
 def test_generate_speculative_reports_acceptance_and_matches_greedy(run, model_dir):
     argv = ("generate", "--model", model_dir, "--prompt", "The cat", "--no-chat", "--max-tokens", 12, "--json")
-    code, out, err = run(*argv, "--speculative")
+    code, out, err = run(*argv, "--speculative", "on")
     assert code == 0 and "acceptance rate" in err and "tokens per forward" in err
+    assert "speculative decoding: on (as asked)" in err
     spec = json.loads(out)
     assert 0.0 <= spec["acceptance_rate"] <= 1.0 and spec["tokens_per_forward"] >= 1.0
     _, out, _ = run(*argv, "--temperature", 0)
     assert spec["text"] == json.loads(out)["text"]  # speculative decoding is exactly greedy
     code, _, err = run("generate", "--model", model_dir, "--prompt", "x", "--speculative", "--n", 2)
     assert code == 2 and "--speculative" in err
+
+
+@pytest.mark.parametrize("faster", ["speculative", "plain"])
+def test_generate_speculative_auto_follows_the_measurement(run, model_dir, monkeypatch, faster):
+    """`--speculative` alone is auto: the probe's numbers decide, the line says which and why, and the greedy
+    text is the same as plain greedy decoding's either way (sampling flags and the folder's temperature are
+    ignored)."""
+    from nanoseek.engine import DecodeProbe
+    from nanoseek.engine import speculative as spec_mod
+
+    measured = DecodeProbe(2, 0.010, 0.004 if faster == "speculative" else 0.040, 10, 5, 1, 6, 6)
+    monkeypatch.setattr(spec_mod, "probe_decode", lambda engine, prompts: measured)
+    argv = ("generate", "--model", model_dir, "--prompt", USERS[1], USERS[2], "--max-tokens", 16, "--json")
+    code, out, err = run(*argv, "--speculative")
+    assert code == 0
+    want = "on" if faster == "speculative" else "off"
+    line = next(ln for ln in err.splitlines() if ln.startswith("speculative decoding:"))
+    # 1.5 tokens per round of 4 ms (375 tok/s) or 40 ms (37.5 tok/s) against 2 rows per 10 ms step (200 tok/s)
+    assert f": {want} (auto)" in line and "200.0 tokens/s" in line and "acceptance 0.50" in line
+    assert ("375.0 tokens/s" in line and "1.88x" in line) if want == "on" else ("37.5 tokens/s" in line)
+    recs = [json.loads(x) for x in out.splitlines()]
+    assert all(("acceptance_rate" in r) == (want == "on") for r in recs)
+    _, plain, _ = run(*argv, "--temperature", 0)
+    assert [r["text"] for r in recs] == [json.loads(x)["text"] for x in plain.splitlines()]
+
+
+def test_generate_speculative_auto_measures_for_real(run, model_dir):
+    code, out, _ = run("generate", "--model", model_dir, "--prompt", USERS[1], "--max-tokens", 8, "--speculative",
+                       "--temperature", 0)
+    assert code == 0
+    line = next(ln for ln in out.splitlines() if ln.startswith("speculative decoding:"))
+    assert "(auto)" in line and "tokens/s" in line and "ms a step" in line
 
 
 def test_chat_with_piped_input(run, model_dir):

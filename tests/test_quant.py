@@ -180,3 +180,41 @@ def test_convert_cli_writes_a_folder_that_loads_back(tmp_path):
     assert torch.equal(_logits(model, x), _logits(back, x))
     with pytest.raises(SystemExit):  # argparse names the bad choice
         main(["convert", str(tmp_path / "src"), str(tmp_path / "bad"), "--quantize", "int2"])
+
+
+@pytest.mark.parametrize("preset,index", [("deepseek-v3", 0), ("deepseek-v3.2", 128)])
+def test_kv_cache_bytes_per_token_is_the_latent_arithmetic(preset, index):
+    """61 layers x (kv_lora_rank 512 + qk_rope_head_dim 64 [+ DSA indexer key 128]) values x bytes per value; the
+    DeepSeek FP8 layout: 512 e4m3 + 4 fp32 scales + 64 bf16 = 656 bytes a layer (FlashMLA), the indexer key
+    128 e4m3 + 1 fp32 scale = 132."""
+    from nanoseek import ModelConfig
+
+    cfg = ModelConfig.from_preset(preset)
+    assert (cfg.num_hidden_layers, cfg.kv_lora_rank, cfg.qk_rope_head_dim) == (61, 512, 64)
+    kv = quant.kv_cache_bytes_per_token(cfg)
+    values = 61 * (512 + 64 + index)
+    assert kv == {"fp32": 4 * values, "bf16": 2 * values, "fp8": values,
+                  "fp8-deepseek": 61 * (656 + (132 if index else 0))}
+    assert quant.kv_cache_bytes_per_token(cfg, num_layers=62)["bf16"] == 2 * 62 * (512 + 64 + index)
+
+
+@pytest.mark.parametrize("dsa", [False, True])
+def test_kv_cache_bytes_match_what_the_engine_allocates_and_info_prints(dsa, tmp_path, capsys):
+    """The arithmetic equals the engine's LatentCache (latent + rope key, DSA indexer keys) in fp32 and bf16, and
+    `nanoseek info --model DIR` prints it for a model folder."""
+    from nanoseek import cli
+    from nanoseek.engine import Engine
+
+    model = random_model(tiny_config(**({"index_topk": 4} if dsa else {})), seed=0)
+    cfg = model.config
+    kv = quant.kv_cache_bytes_per_token(cfg)
+    per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim + (cfg.index_head_dim if dsa else 0)
+    assert kv["fp32"] == 4 * cfg.num_hidden_layers * per_layer
+    assert Engine(model, max_batch_size=2, max_len=8).cache.bytes_per_token() == kv["fp32"]
+    assert Engine(model, max_batch_size=2, max_len=8, dtype=torch.bfloat16).cache.bytes_per_token() == kv["bf16"]
+    model.to(torch.float32).save_pretrained(tmp_path / "m")
+    assert cli.main(["info", "--model", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("KV cache bytes/token"))
+    assert f"fp32 {kv['fp32']:,}  bf16 {kv['bf16']:,}  fp8 {kv['fp8']:,}  fp8-deepseek {kv['fp8-deepseek']:,}" in line
+    assert ("indexer key" in out) == dsa and "weight bytes" in out

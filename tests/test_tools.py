@@ -287,6 +287,7 @@ MODEL = "nanoseek-tools"
 def build_tool_model(folder) -> str:
     """A micro DeepSeek that learned to call the calculator for QUESTIONS, answer with its result, and greet."""
     import torch
+    from oracle import overfit_and_save
 
     from nanoseek import DeepSeekModel, ModelConfig
     from nanoseek.data.corpus import embedded_corpus
@@ -308,25 +309,7 @@ def build_tool_model(folder) -> str:
         qk_rope_head_dim=8, v_head_dim=16, index_n_heads=4, index_head_dim=16, max_position_embeddings=1024)
     torch.manual_seed(0)
     model = DeepSeekModel(cfg)
-    L = max(len(s) for s, _ in seqs)
-    x = torch.full((len(seqs), L), tok.pad_id)
-    mask = torch.zeros(len(seqs), L)
-    for i, (s, m) in enumerate(seqs):
-        x[i, :len(s)], mask[i, :len(m)] = torch.tensor(s), torch.tensor(m, dtype=torch.float)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    model.train()
-    for _ in range(100):
-        logits = model(x[:, :-1], mtp=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
-        loss = (loss * mask[:, 1:].flatten()).sum() / mask[:, 1:].sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.eval().save_pretrained(str(tmp))
-    tok.save(str(tmp))
-    tmp.rename(folder)
-    return str(folder)
+    return overfit_and_save(model, tok, seqs, 100, folder)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,10 @@
 
 from .engine import Completion, Engine, RequestHandle, RequestOutput, StreamEvent
 from .sampling import SampleResult, SamplingParams, derive_seed, make_generator, process_logits, sample, token_logprobs
-from .speculative import SpeculativeOutput, speculative_generate
+from .speculative import (DecodeProbe, SpeculativeChoice, SpeculativeOutput, choose_speculative, greedy_generate,
+                          probe_decode, speculative_generate)
 
-__all__ = ["Completion", "Engine", "RequestHandle", "RequestOutput", "SampleResult", "SamplingParams",
-           "SpeculativeOutput", "StreamEvent", "derive_seed", "make_generator", "process_logits", "sample",
-           "speculative_generate", "token_logprobs"]
+__all__ = ["Completion", "DecodeProbe", "Engine", "RequestHandle", "RequestOutput", "SampleResult", "SamplingParams",
+           "SpeculativeChoice", "SpeculativeOutput", "StreamEvent", "choose_speculative", "derive_seed",
+           "greedy_generate", "make_generator", "probe_decode", "process_logits", "sample", "speculative_generate",
+           "token_logprobs"]

@@ -503,6 +503,15 @@ class Engine:
                 callback(ev)
         return events.outputs  # type: ignore[attr-defined]
 
+    def generate_greedy(self, prompts: Sequence[str | Sequence[int]], max_tokens: int, speculative: str = "auto",
+                        stop_token_ids: Sequence[int] | None = None):
+        """Greedy completions, decoded with MTP speculative decoding or plainly in batches: speculative "on",
+        "off", or "auto" (time both on this model and batch, take the faster; same tokens either way). Returns
+        (SpeculativeChoice, [SpeculativeOutput per prompt]); see `speculative.greedy_generate`."""
+        from .speculative import greedy_generate
+
+        return greedy_generate(self, prompts, max_tokens, speculative, stop_token_ids)
+
     def stream(self, prompts, params=None) -> "_Stream":
         """Iterate StreamEvents (request_index = index in prompts) while the batch runs; `.outputs` afterwards."""
         return _Stream(self, self._submit(prompts, params))

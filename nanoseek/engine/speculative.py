@@ -12,16 +12,31 @@ are simply overwritten by the next verify (visibility is decided by positions). 
 entry at every position p in order, built from (hidden^{k-1}_p, token p+k): each round re-runs module k
 over the positions whose entries were missing or built from drafts, so its cache has no holes and no
 stale draft-built entries below the current draft position.
+
+Choosing it (`choose_speculative`, `greedy_generate`, `nanoseek generate --speculative [auto|on|off]`): on a
+CPU a 2-token verification of a MoE model costs up to twice a 1-token step, so speculative decoding can lose
+to plain decoding, and plain decoding runs a whole batch per step where speculative runs one sequence. Mode
+"auto" times a few plain decode steps of the engine at the job's batch and a few draft + verify rounds on its
+first prompt (`probe_decode`), and decodes speculatively only when the expected speculative tokens/s
+(batch 1: (1 + a + ... + a^D) tokens per round, a = the measured acceptance rate) beats the plain batch's
+(batch / step time). Both are greedy and equal token for token, so the choice changes only the speed.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from ..model import DeepSeekModel, LatentCache
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+SPECULATIVE_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -48,12 +63,14 @@ def speculative_generate(model: DeepSeekModel, prompt_ids: Sequence[int], max_to
                          stop_token_ids: Sequence[int] = (), num_draft: int | None = None,
                          max_len: int | None = None, prefill_chunk: int | None = None,
                          callback: Callable[[int], None] | None = None,
-                         fast_decode: bool | None = None, compile: bool = False) -> SpeculativeOutput:
+                         fast_decode: bool | None = None, compile: bool = False,
+                         on_round: Callable[[int], None] | None = None) -> SpeculativeOutput:
     """Greedy generation of up to max_tokens tokens after prompt_ids (batch size 1), drafting with the MTP
     modules. num_draft: drafts per round (default and maximum: num_nextn_predict_layers). A stop token is
     kept in token_ids and ends generation (finish_reason "stop"). callback(token) gets each token in order.
     fast_decode: draft and verify with `FastDecoder` (as `Engine(fast_decode=...)`: None = on CPU when the model
-    supports it). compile: draft and verify with its compiled steps (as `Engine(compile=True)`)."""
+    supports it). compile: draft and verify with its compiled steps (as `Engine(compile=True)`). on_round(n) is
+    called after each draft + verify round with the tokens it accepted (how `probe_decode` times rounds)."""
     cfg = model.config
     D = cfg.num_nextn_predict_layers if num_draft is None else num_draft
     if cfg.num_nextn_predict_layers < 1:
@@ -152,8 +169,169 @@ def speculative_generate(model: DeepSeekModel, prompt_ids: Sequence[int], max_to
         for t in drafts[:j] + [best[j]]:
             if not accept(t):
                 break
+        if on_round is not None:
+            on_round(j + 1)
         low = min(filled[1:])  # forget hidden states no module will read again
         for hk in hist:
             for p in [p for p in hk if p < low]:
                 del hk[p]
     return SpeculativeOutput(generated, finish, n_drafted, n_accepted, n_forwards, n_rounds)
+
+
+# ---------------------------------------------------------------------------------------------- auto mode
+
+
+@dataclass
+class DecodeProbe:
+    """What `probe_decode` measured: plain decode steps of the engine at `batch` rows, and draft + verify
+    rounds of speculative decoding (batch 1), median seconds after the warm-up ones."""
+    batch: int
+    plain_step_s: float
+    spec_round_s: float
+    num_drafted: int
+    num_accepted: int
+    num_draft: int  # drafts per round (D)
+    plain_steps: int = 0  # steps / rounds the medians are over
+    spec_rounds: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted / self.num_drafted if self.num_drafted else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Expected tokens per round: the correction or bonus token, plus draft i when drafts 1..i all pass
+        (each with the measured rate): 1 + a + ... + a^D."""
+        a = self.acceptance_rate
+        return sum(a ** i for i in range(self.num_draft + 1))
+
+    @property
+    def plain_tokens_per_s(self) -> float:
+        return self.batch / max(self.plain_step_s, 1e-12)
+
+    @property
+    def spec_tokens_per_s(self) -> float:
+        return self.tokens_per_round / max(self.spec_round_s, 1e-12)
+
+
+@dataclass
+class SpeculativeChoice:
+    speculative: bool
+    mode: str  # "auto" | "on" | "off"
+    reason: str  # one line: what was chosen and why (with the numbers in auto mode)
+    probe: DecodeProbe | None = None
+
+
+def decide(probe: DecodeProbe) -> SpeculativeChoice:
+    """Speculative only when its expected tokens/s beats plain decoding's at the job's batch."""
+    spec, plain = probe.spec_tokens_per_s, probe.plain_tokens_per_s
+    use = spec > plain
+    reason = (f"speculative decoding: {'on' if use else 'off'} (auto): speculative {spec:,.1f} tokens/s expected "
+              f"(batch 1, acceptance {probe.acceptance_rate:.2f} over {probe.num_drafted} drafts -> "
+              f"{probe.tokens_per_round:.2f} tokens per {probe.spec_round_s * 1e3:.2f} ms round) "
+              f"{'>' if use else '<='} plain {plain:,.1f} tokens/s (batch {probe.batch}, "
+              f"{probe.plain_step_s * 1e3:.2f} ms a step): {spec / max(plain, 1e-12):.2f}x")
+    return SpeculativeChoice(use, "auto", reason, probe)
+
+
+def _median_after(times: list[float], warmup: int) -> float:
+    """Median of the times after the warm-up ones (all of them when there are no more; 0 when none)."""
+    return statistics.median(times[warmup:] if len(times) > warmup else times) if times else 0.0
+
+
+def _time_plain_steps(engine: "Engine", prompts: list[list[int]], steps: int, clock) -> list[float]:
+    """Seconds of each plain decode step of `engine` over `prompts` (all admitted together first); the engine
+    is left idle with no kept prefixes and its forward counts as they were."""
+    from .sampling import SamplingParams
+
+    if engine.has_unfinished():
+        raise RuntimeError("probe_decode needs an idle engine: it has requests in flight")
+    params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
+    counts = engine.num_forwards, engine.num_prefill_tokens
+    handles = [engine.add_request(p, params, stream=False) for p in prompts]
+    times = []
+    try:
+        engine.step()  # admission: prefill + first token of every row
+        while not all(h.done for h in handles):
+            t = clock()
+            engine.step()
+            times.append(clock() - t)
+    finally:
+        for h in handles:
+            h.cancel()
+        while engine.has_unfinished():
+            engine.step()
+        engine.kept = [[] for _ in engine.kept]
+        engine.num_forwards, engine.num_prefill_tokens = counts
+    return times
+
+
+def _time_spec_rounds(engine: "Engine", prompt: list[int], rounds: int, clock
+                      ) -> tuple[list[float], SpeculativeOutput]:
+    """Seconds of each draft + verify round of speculative decoding of `prompt`, at least `rounds` of them (with
+    the engine's kind of step: fast / compiled / generic), and its output."""
+    D = engine.model.config.num_nextn_predict_layers
+    stamps: list[float] = []  # after the prefill's token, then after every round
+    out = speculative_generate(engine.model, prompt, 1 + rounds * (D + 1), compile=engine.compile,
+                               fast_decode=engine.fast is not None,
+                               callback=lambda t: None if stamps else stamps.append(clock()),
+                               on_round=lambda n: stamps.append(clock()))
+    return [b - a for a, b in zip(stamps, stamps[1:])], out
+
+
+@torch.no_grad()
+def probe_decode(engine: "Engine", prompts: Sequence[Sequence[int]], steps: int = 6, warmup: int = 2,
+                 repeats: int = 2, clock: Callable[[], float] = time.perf_counter) -> DecodeProbe:
+    """Time `warmup + steps` plain decode steps of `engine` at the job's batch (the first min(len(prompts),
+    max_batch_size) prompts) and at least as many speculative rounds on prompts[0], greedy, alternating
+    `repeats` times; each kind's time is the best of its per-repeat medians, the warm-up steps and rounds
+    (compiling, first key lengths) left out."""
+    prompts = [list(p) for p in prompts]
+    B = min(len(prompts), engine.max_batch_size)
+    plain_s, spec_s, n_plain, n_spec = [], [], 0, 0
+    for _ in range(repeats):  # alternating, so that a noisy neighbour slows both alike
+        plain = _time_plain_steps(engine, prompts[:B], warmup + steps, clock)
+        rounds, out = _time_spec_rounds(engine, prompts[0], warmup + steps, clock)
+        plain_s.append(_median_after(plain, warmup))
+        spec_s.append(_median_after(rounds, warmup))
+        n_plain, n_spec = n_plain + max(len(plain) - warmup, 0), n_spec + max(len(rounds) - warmup, 0)
+    return DecodeProbe(B, min(plain_s), min(spec_s), out.num_drafted, out.num_accepted,
+                       engine.model.config.num_nextn_predict_layers, n_plain, n_spec)
+
+
+def choose_speculative(engine: "Engine", prompts: Sequence[Sequence[int]], mode: str = "auto") -> SpeculativeChoice:
+    """Whether to decode `prompts` greedily with MTP speculative decoding: "on" / "off" as told (on needs MTP
+    modules), "auto" measures (`probe_decode`) and picks the faster (`decide`)."""
+    if mode not in SPECULATIVE_MODES:
+        raise ValueError(f"speculative mode must be one of {SPECULATIVE_MODES}, got {mode!r}")
+    has_mtp = engine.model.config.num_nextn_predict_layers >= 1
+    if mode == "on" and not has_mtp:
+        raise ValueError("speculative decoding needs a model with MTP modules (num_nextn_predict_layers >= 1)")
+    if mode != "auto":
+        return SpeculativeChoice(mode == "on", mode, f"speculative decoding: {mode} (as asked)")
+    if not has_mtp:
+        return SpeculativeChoice(False, mode, "speculative decoding: off (auto): the model has no MTP modules")
+    return decide(probe_decode(engine, prompts))
+
+
+@torch.no_grad()
+def greedy_generate(engine: "Engine", prompts: Sequence[Sequence[int]], max_tokens: int, speculative: str = "auto",
+                    stop_token_ids: Sequence[int] | None = None, max_len: int | None = None
+                    ) -> tuple[SpeculativeChoice, list[SpeculativeOutput]]:
+    """Greedy completions of `prompts` (token ids), decoded speculatively (one prompt at a time) or by the
+    engine's batch as `choose_speculative(engine, prompts, speculative)` decides; the tokens are the same
+    either way. Stops: stop_token_ids (default: the engine's EOS ids), kept in token_ids. Plain outputs carry
+    no drafts and one round per token. max_len: the speculative cache length (default: what it needs)."""
+    ids = [engine._encode(p) for p in prompts]
+    choice = choose_speculative(engine, ids, speculative)
+    stops = sorted(engine.eos_token_ids if stop_token_ids is None else set(stop_token_ids))
+    if choice.speculative:
+        return choice, [speculative_generate(engine.model, x, max_tokens, stop_token_ids=stops, max_len=max_len,
+                                             fast_decode=engine.fast is not None, compile=engine.compile)
+                        for x in ids]
+    from .sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, stop_token_ids=stops, ignore_eos=True)
+    outs = [r.outputs[0] for r in engine.generate(ids, params)]
+    return choice, [SpeculativeOutput(c.token_ids, c.finish_reason, 0, 0, len(c.token_ids), len(c.token_ids))
+                    for c in outs]

@@ -104,37 +104,53 @@ def _cut_at_stop(text: str, stops) -> str:
     return text[: min(hits)] if hits else text
 
 
+def _generate_greedy(args, model, tokenizer, ids, need: int) -> tuple[list[dict], int, bool, tuple]:
+    """`generate --speculative MODE` (auto / on): greedy, speculative or plain as `greedy_generate` chooses.
+    Returns (records, forwards, speculative chosen, (drafted, accepted, rounds))."""
+    from ..engine import Engine, greedy_generate
+
+    engine = Engine(model, tokenizer, max_batch_size=1 if args.speculative == "on" else args.max_batch_size,
+                    max_len=_context(model, args.max_len, need), compile=args.compile)
+    choice, outs = greedy_generate(engine, ids, args.max_tokens, args.speculative,
+                                   stop_token_ids=[tokenizer.eos_id], max_len=args.max_len)
+    print(choice.reason, file=sys.stderr if args.json else sys.stdout, flush=True)
+    records = []
+    for i, out in enumerate(outs):
+        toks = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
+        text = tokenizer.decode(toks, skip_special_tokens=True)
+        cut = _cut_at_stop(text, args.stop)
+        rec = dict(i=i, j=0, text=cut, finish_reason="stop" if cut != text else out.finish_reason,
+                   tokens=len(out.token_ids))
+        if choice.speculative:
+            rec.update(acceptance_rate=round(out.acceptance_rate, 4),
+                       tokens_per_forward=round(out.tokens_per_forward, 4))
+        records.append(rec)
+    if not choice.speculative:
+        return records, engine.num_forwards, False, (0, 0, 0)
+    stats = tuple(sum(getattr(o, f) for o in outs) for f in ("num_drafted", "num_accepted", "num_rounds"))
+    return records, stats[2], True, stats
+
+
 def cmd_generate(args) -> None:
-    from ..engine import Engine, SamplingParams, speculative_generate
+    from ..engine import Engine, SamplingParams
     from ..tokenizer import parse_completion
 
     prompts = _read_prompts(args)
     _generation_defaults(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, n=args.n, seed=args.seed, stop=args.stop or None)
-    if args.speculative and args.n != 1:
+    if args.speculative != "off" and args.n != 1:
         raise ValueError(f"--speculative decodes greedily, one completion per prompt; got --n {args.n}")
     model, tokenizer = load_model(args.model, args.device, args.quantize)
     ids = [_encode(tokenizer, p, args) for p in prompts]
     split = args.chat and args.thinking  # the completion opens with reasoning (thinking off: only up to a </think>)
-    records, t0 = [], time.perf_counter()
-    if args.speculative:
-        if getattr(model.config, "num_nextn_predict_layers", 0) < 1:
-            raise ValueError("--speculative needs a model with MTP modules (num_nextn_predict_layers >= 1)")
-        drafted = accepted = rounds = 0
-        for i, x in enumerate(ids):
-            out = speculative_generate(model, x, args.max_tokens, stop_token_ids=[tokenizer.eos_id],
-                                       max_len=args.max_len, compile=args.compile)
-            toks = out.token_ids[:-1] if out.finish_reason == "stop" else out.token_ids
-            text = tokenizer.decode(toks)
-            cut = _cut_at_stop(text, args.stop)
-            records.append(dict(i=i, j=0, text=cut, finish_reason="stop" if cut != text else out.finish_reason,
-                                tokens=len(out.token_ids), acceptance_rate=round(out.acceptance_rate, 4),
-                                tokens_per_forward=round(out.tokens_per_forward, 4)))
-            drafted, accepted, rounds = drafted + out.num_drafted, accepted + out.num_accepted, rounds + out.num_rounds
-        forwards = rounds
+    need = max(len(x) for x in ids) + args.max_tokens + 1
+    t0 = time.perf_counter()
+    spec = False
+    if args.speculative != "off":  # the probe of auto mode is counted in the time: it is part of the run
+        records, forwards, spec, (drafted, accepted, rounds) = _generate_greedy(args, model, tokenizer, ids, need)
     else:
-        need = max(len(x) for x in ids) + args.max_tokens + 1
+        records = []
         engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
                         max_len=_context(model, args.max_len, need), compile=args.compile)
         for i, out in enumerate(engine.generate(ids, params)):
@@ -149,7 +165,7 @@ def cmd_generate(args) -> None:
         if args.json:
             rec = {"prompt": prompt, "index": r["j"], "text": r["text"], "reasoning": reasoning, "answer": answer,
                    "finish_reason": r["finish_reason"], "tokens": r["tokens"]}
-            if args.speculative:
+            if spec:
                 rec.update(acceptance_rate=r["acceptance_rate"], tokens_per_forward=r["tokens_per_forward"])
             print(json.dumps(rec, ensure_ascii=False))
             continue
@@ -162,12 +178,12 @@ def cmd_generate(args) -> None:
         else:
             print(f"completion: {answer if args.chat else r['text']}")
         extra = (f", acceptance rate {r['acceptance_rate']:.2f}, {r['tokens_per_forward']:.2f} tokens per forward"
-                 if args.speculative else "")
+                 if spec else "")
         print(f"({r['finish_reason']}, {r['tokens']} tokens{extra})\n")
     total = sum(r["tokens"] for r in records)
     summary = (f"{len(records)} completions, {total} tokens in {seconds:.2f} s ({total / max(seconds, 1e-9):.1f} "
                f"tokens/s, {forwards} forwards)")
-    if args.speculative:
+    if spec:
         summary += (f"; speculative: acceptance rate {accepted / max(drafted, 1):.2f} ({accepted}/{drafted} drafts), "
                     f"{sum(r['tokens'] for r in records) / max(rounds, 1):.2f} tokens per forward")
     print(summary, file=sys.stderr if args.json else sys.stdout)
@@ -437,9 +453,12 @@ def register(subparsers) -> None:
     s.add_argument("--n", type=int, default=1, help="completions per prompt (default: 1)")
     s.add_argument("--stop", nargs="+", default=None, metavar="TEXT", help="stop strings")
     s.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together (default: 16)")
-    s.add_argument("--speculative", action="store_true",
-                   help="greedy MTP speculative decoding, one prompt at a time; reports the draft acceptance rate "
-                        "and tokens per forward (sampling flags are ignored)")
+    s.add_argument("--speculative", nargs="?", const="auto", default="off", choices=["auto", "on", "off"],
+                   help="greedy decoding with MTP speculative decoding (one prompt at a time; sampling flags are "
+                        "ignored): 'on', 'off' (the default without the flag), or 'auto' (the flag alone): time a "
+                        "few plain and speculative steps on this model and batch first, decode speculatively only "
+                        "when it is expected to be faster, and print the choice with its numbers; the greedy "
+                        "tokens are the same either way. Reports the draft acceptance rate and tokens per forward")
     s.add_argument("--json", action="store_true",
                    help="one JSON object per completion: prompt, index, text, reasoning, answer, finish_reason, tokens")
     s.set_defaults(fn=cmd_generate)
