@@ -1,7 +1,7 @@
 """One rank of the multi-process proofs in test_parallel.py (launched as W plain subprocesses with torchrun's
 environment variables; WORLD_SIZE=1 runs the one-process reference through the same code).
 
-    python tests/parallel_worker.py OUT_DIR --ep 2 --steps 10 [--save-at 5] [--resume CKPT] [--hf-at 5]
+    python tests/parallel_worker.py OUT_DIR --ep 2 --steps 10
 
 Trains the tiny preset on a fixed global batch per step (fp32, AdamW, clipping, MTP + balance loss, bias
 update from the global loads) and writes OUT_DIR/rank{r}.pt with the per-step global losses and grad norms,
@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.model import DeepSeekModel  # noqa: E402
 from nanoseek.parallel import (all_reduce_mean, clip_grad_norm_, destroy, global_loads, init_distributed,  # noqa: E402
-                               load_sharded, local_bytes, parallelize, save_consolidated, save_sharded, shard_batch)
+                               local_bytes, parallelize, shard_batch)
 
 GLOBAL_BATCH, SEQ = 4, 16
 GAMMA, ALPHA, MTP_LAMBDA = 0.01, 1e-3, 0.3
@@ -44,22 +44,11 @@ def gates(model):
     return [layer.mlp.gate for layer in model.model.layers if layer.is_moe]
 
 
-def write_hf(model, dist, folder: Path) -> None:
-    """One process: the model's own save_pretrained; several: rank 0 writes the consolidated folder."""
-    if dist.world_size == 1:
-        model.save_pretrained(folder)
-    else:
-        save_consolidated(model, folder)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--save-at", type=int, default=None)
-    ap.add_argument("--hf-at", type=int, default=None)
-    ap.add_argument("--resume", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
     dist = init_distributed(ep=a.ep)
@@ -71,12 +60,6 @@ def main() -> None:
     out_dir = Path(a.out)
     rec = {"loss": {}, "grad_norm": {}, "bias": {}}
     step = 0
-    if a.resume:
-        extra = load_sharded(a.resume, model, opt)
-        step = extra["step"]
-        rec["resumed_at"] = step
-    if a.hf_at is not None and a.hf_at == step:
-        write_hf(model, dist, out_dir / "hf")
     while step < a.steps:
         tokens = shard_batch(global_batch(step, cfg.vocab_size), dist)
         out = model(tokens[:, :-1], mtp=True)
@@ -99,10 +82,6 @@ def main() -> None:
         step += 1
         rec["loss"][step] = all_reduce_mean(loss.detach(), dist)
         rec["grad_norm"][step] = float(gnorm)
-        if a.save_at == step:
-            save_sharded(out_dir / "ckpt", model, opt, extra={"step": step})
-        if a.hf_at == step:
-            write_hf(model, dist, out_dir / "hf")
     rec["bias"] = [g.e_score_correction_bias.clone() for g in gates(model)]
     rec["param_bytes"] = local_bytes(model.parameters())
     rec["optim_bytes"] = local_bytes(t for s in opt.state.values() for t in s.values() if t.dim() > 0)

@@ -14,17 +14,14 @@ worker.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ranks import launch_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
 DSA_WARMUP = 4  # DSA: steps 1-4 warm the indexers up (everything else frozen), 5-10 train sparse
 MODEL = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 2,
@@ -37,35 +34,10 @@ def distinct_chars(prompt, completion, problem) -> float:
     return len(set(completion)) / 8.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, *argv: str, script: Path | None = None, timeout: float = 240) -> None:
     """`python -m nanoseek *argv` (or `python script *argv`) on `world` ranks, torchrun's environment."""
-    port = _free_port()
-    procs = []
-    for r in range(world):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", PYTHONWARNINGS="ignore")
-        if world > 1:
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), LOCAL_RANK=str(r),
-                       WORLD_SIZE=str(world))
-        cmd = [sys.executable, str(script), *argv] if script else [sys.executable, "-m", "nanoseek", *argv]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} of {world} failed: {' '.join(argv)}\n{log[-6000:]}"
+    launch_ranks(world, [sys.executable, str(script), *argv] if script else [sys.executable, "-m", "nanoseek", *argv],
+                 timeout)
 
 
 def metrics(out: Path) -> dict[int, dict]:

@@ -9,49 +9,22 @@ real stage commands in tests/test_distributed_stages.py, which is where the suit
 from __future__ import annotations
 
 import math
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from ranks import launch_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "parallel_worker.py"
 STEPS = 10
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, out: Path, *args: str, timeout: float = 120) -> list[dict]:
     """Run the worker on `world` ranks; returns each rank's record."""
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    procs = []
-    for r in range(world):
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-        env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        if world > 1:
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), LOCAL_RANK=str(r),
-                       WORLD_SIZE=str(world))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), *args], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} of {world} failed:\n{log[-6000:]}"
+    launch_ranks(world, [sys.executable, str(WORKER), str(out), *args], timeout)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
