@@ -30,6 +30,8 @@ Host syncs: one per decode step (the sampled tokens), plus the cache's kv_len an
 
 from __future__ import annotations
 
+import math
+
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -85,6 +87,9 @@ class RequestHandle:
         self.request_id, self.prompt_ids, self.params = request_id, prompt_ids, params
         self.events: queue.Queue | None = queue.Queue() if stream else None
         self.callback = callback
+        # whether anyone reads the events' text deltas; without them (and without stop strings) the text is
+        # decoded once, when a sample ends, instead of incrementally at every step
+        self.text_deltas = True
         self.completions: list[Completion | None] = [None] * params.n
         self._done = threading.Event()
         self.cancelled = False
@@ -285,29 +290,72 @@ class Engine:
         return best, best_n
 
     def _admit(self) -> list[StreamEvent]:
+        """Move waiting sequences into free slots: one prefill per prompt (its other samples waiting right behind
+        copy the row), every prompt of this admission in one batched forward when none reuses a cached prefix
+        or needs chunking (a rollout's 8 prompts: 1 forward instead of 8), then each group's first token."""
+        groups = self._claim_slots()
+        if not groups:
+            return []
+        whole = all(reuse == 0 and len(g[0].handle.prompt_ids) <= (self.prefill_chunk or math.inf)
+                    for g, reuse in groups)
+        if whole and len(groups) > 1:
+            results = self._prefill_batch([g[0] for g, _ in groups])
+        else:
+            results = [self._prefill(g[0].slot, g[0].handle.prompt_ids, reuse, g[0].params.return_routing)
+                       for g, reuse in groups]
         events = []
-        while self._waiting and any(q is None for q in self.slots):
-            seq = self._waiting.popleft()
-            ids = seq.handle.prompt_ids
-            s, reuse = self._pick_slot(ids)
-            want_routing = seq.params.return_routing
-            if want_routing:
-                reuse = 0  # the routing of a reused prefix is not kept: prefill all of it
-            seq.slot, self.slots[s] = s, seq
-            logits, routing, prompt_routing = self._prefill(s, ids, reuse, want_routing)
-            seq.prompt_routing = prompt_routing
-            group = [seq]
-            # siblings (other samples of this prompt) waiting right behind share the prefill: copy the row
-            while self._waiting and self._waiting[0].handle is seq.handle and any(q is None for q in self.slots):
-                sib = self._waiting.popleft()
-                d = next(i for i, q in enumerate(self.slots) if q is None)
-                self._copy_row(s, d, len(ids))
-                sib.slot, self.slots[d] = d, sib
-                sib.prompt_routing = prompt_routing
-                group.append(sib)
+        for (group, _), (logits, routing, prompt_routing) in zip(groups, results):
+            for sib in group[1:]:
+                self._copy_row(group[0].slot, sib.slot, len(group[0].handle.prompt_ids))
+            for q in group:
+                q.prompt_routing = prompt_routing
             events += self._sample_and_append(group, logits.expand(len(group), -1),
                                               routing.expand(len(group), -1, -1) if routing is not None else None)
         return events
+
+    def _claim_slots(self) -> list[tuple[list[_Seq], int]]:
+        """Waiting sequences into free slots, grouped by request (a prompt's samples waiting one behind the other
+        share a group), each group with the prompt tokens its first slot already holds (0 with routing: the
+        routing of a reused prefix is not kept, so the whole prompt is prefilled)."""
+        groups = []
+        while self._waiting and any(q is None for q in self.slots):
+            seq = self._waiting.popleft()
+            s, reuse = self._pick_slot(seq.handle.prompt_ids)
+            seq.slot, self.slots[s] = s, seq
+            group = [seq]
+            while self._waiting and self._waiting[0].handle is seq.handle and any(q is None for q in self.slots):
+                sib = self._waiting.popleft()
+                d = next(i for i, q in enumerate(self.slots) if q is None)
+                sib.slot, self.slots[d] = d, sib
+                group.append(sib)
+            groups.append((group, 0 if seq.params.return_routing else reuse))
+        return groups
+
+    def _prefill_batch(self, seqs: list[_Seq]) -> list[tuple]:
+        """Prefill whole prompts of several slots in one forward (rows right-padded: a padded position's latents
+        land past the row's prompt, where no query looks until decoding overwrites them). Returns _prefill's
+        (logits (1, V), routing, prompt routing) for each."""
+        P = [len(q.handle.prompt_ids) for q in seqs]
+        x = torch.zeros(len(seqs), max(P), dtype=torch.long)
+        for i, q in enumerate(seqs):
+            x[i, :P[i]] = torch.tensor(q.handle.prompt_ids)
+        x = x.to(self.device)
+        pos = torch.arange(max(P), device=self.device).expand_as(x)
+        out = self.model(x, positions=pos, cache=self.cache.rows_view([q.slot for q in seqs]), absorb=False,
+                         logits_to_keep=1)
+        self.num_forwards += 1
+        self.num_prefill_tokens += sum(P)
+        last = torch.tensor(P, device=self.device) - 1
+        rows = torch.arange(len(seqs), device=self.device)
+        logits = self.model.lm_head(out.hidden[rows, last])  # each row's last prompt position
+        results = []
+        for i, q in enumerate(seqs):
+            self.kept[q.slot] = list(q.handle.prompt_ids)
+            ids = [r.expert_ids[i] for r in out.router]  # (T, K) per MoE layer
+            routing = torch.stack([e[P[i] - 1] for e in ids]).unsqueeze(0) if ids else None  # (1, moe, K)
+            prompt = torch.stack([e[:P[i]] for e in ids], dim=1).cpu() if ids and q.params.return_routing else None
+            results.append((logits[i:i + 1], routing, prompt))
+        return results
 
     def _prefill(self, s: int, ids: list[int], reuse: int, want_routing: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -403,7 +451,7 @@ class Engine:
         elif len(seq.tokens) >= p.max_tokens or len(self.kept[seq.slot]) >= self.max_len:
             reason = "length"  # the next token would need a position beyond the cache
         delta = ""
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and (reason or p.stop or seq.handle.text_deltas):
             n = len(seq.tokens) - 1 if reason == "stop" else len(seq.tokens)
             # finished: one full decode (the final text is exactly decode(tokens)); running: incremental
             text = (self.tokenizer.decode(seq.tokens[:n], skip_special_tokens=True) if p.skip_special_tokens
@@ -484,20 +532,23 @@ class Engine:
         return lps, [None] + [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
 
     # ------------------------------------------------------------------ front ends
-    def _submit(self, prompts, params) -> list[RequestHandle]:
+    def _submit(self, prompts, params, text_deltas: bool = True) -> list[RequestHandle]:
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int)):
             raise ValueError("prompts must be a list of prompts (strings or token-id lists), got a single prompt")
         if isinstance(params, SamplingParams) or params is None:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"params must be one SamplingParams or one per prompt ({len(prompts)}), got {len(params)}")
-        return [self.add_request(pr, pa, stream=False) for pr, pa in zip(prompts, params)]
+        handles = [self.add_request(pr, pa, stream=False) for pr, pa in zip(prompts, params)]
+        for h in handles:
+            h.text_deltas = text_deltas
+        return handles
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = None,
                  callback: Callable[[StreamEvent], None] | None = None) -> list[RequestOutput]:
         """Run prompts to completion; outputs in prompt order. callback gets every event
-        (request_index = index in prompts)."""
-        events = self.stream(prompts, params)
+        (request_index = index in prompts). Without a callback the texts are decoded once, at the end."""
+        events = _Stream(self, self._submit(prompts, params, text_deltas=callback is not None))
         for ev in events:
             if callback is not None:
                 callback(ev)

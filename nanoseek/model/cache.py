@@ -28,6 +28,7 @@ class LatentCache:
             if config.use_dsa else None
         )
         self._kv_len = 0
+        self.rows: torch.Tensor | None = None  # rows_view: the rows of the batch, in this cache's tensors
 
     @property
     def batch_size(self) -> int:
@@ -52,16 +53,17 @@ class LatentCache:
               index_keys: torch.Tensor | None = None):
         """Store this step's (B, T, .) values at `positions` (B, T); return the readable prefix (B, S, .)."""
         B = positions.shape[0]
-        rows = torch.arange(B, device=positions.device).unsqueeze(1).expand_as(positions)
+        sel = self.rows if self.rows is not None else torch.arange(B, device=positions.device)
+        rows = sel.unsqueeze(1).expand_as(positions)
         buf = self.latent[layer]
         buf[rows, positions] = torch.cat([c, k_pe], dim=-1).to(buf.dtype)
         S = self._kv_len
-        view = buf[:B, :S]
+        view = buf[:B, :S] if self.rows is None else buf[sel, :S]
         keys = None
         if index_keys is not None and self.index_keys is not None:
             ib = self.index_keys[layer]
             ib[rows, positions] = index_keys.to(ib.dtype)
-            keys = ib[:B, :S]
+            keys = ib[:B, :S] if self.rows is None else ib[sel, :S]
         return view[..., : self.R], view[..., self.R:], keys
 
     def row_view(self, s: int) -> "LatentCache":
@@ -70,6 +72,13 @@ class LatentCache:
         view.latent = self.latent[:, s:s + 1]
         if self.index_keys is not None:
             view.index_keys = self.index_keys[:, s:s + 1]
+        return view
+
+    def rows_view(self, rows: list[int]) -> "LatentCache":
+        """A batch-len(rows) cache over these rows of this one, in any order (a batched prefill of scattered
+        slots): writes land in this cache's tensors, reads gather the rows."""
+        view = copy.copy(self)
+        view.rows = torch.tensor(rows, dtype=torch.long, device=self.latent.device)
         return view
 
     def copy_row(self, src: int, dst: int, n: int) -> None:

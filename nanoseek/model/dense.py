@@ -209,6 +209,7 @@ class DenseKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._kv_len = 0
+        self.rows: torch.Tensor | None = None  # rows_view: the rows of the batch, in this cache's tensors
 
     @property
     def batch_size(self) -> int:
@@ -230,17 +231,26 @@ class DenseKVCache:
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Store this step's k, v (B, T, Hkv, d) at `positions` (B, T); return the readable prefix (B, S, Hkv, d) x2."""
         B = positions.shape[0]
-        rows = torch.arange(B, device=positions.device).unsqueeze(1).expand_as(positions)
+        sel = self.rows if self.rows is not None else torch.arange(B, device=positions.device)
+        rows = sel.unsqueeze(1).expand_as(positions)
         kb, vb = self.k[layer], self.v[layer]
         kb[rows, positions] = k.to(kb.dtype)
         vb[rows, positions] = v.to(vb.dtype)
         S = self._kv_len
+        if self.rows is not None:
+            return kb[sel, :S], vb[sel, :S]
         return kb[:B, :S], vb[:B, :S]
 
     def row_view(self, s: int) -> "DenseKVCache":
         """A batch-1 cache aliasing row s (writes land in this cache's tensors)."""
         view = copy.copy(self)
         view.k, view.v = self.k[:, s:s + 1], self.v[:, s:s + 1]
+        return view
+
+    def rows_view(self, rows: list[int]) -> "DenseKVCache":
+        """A batch-len(rows) cache over these rows of this one, in any order (LatentCache.rows_view)."""
+        view = copy.copy(self)
+        view.rows = torch.tensor(rows, dtype=torch.long, device=self.k.device)
         return view
 
     def copy_row(self, src: int, dst: int, n: int) -> None:
@@ -391,7 +401,8 @@ class DenseModel(nn.Module):
         """input_ids (B, T) -> ModelOutput with logits (B, T, V); DeepSeekModel's contract.
 
         positions: absolute positions (B, T); default 0..T-1 (required with a cache).
-        attention_mask: (B, T) padding mask, 1 = real token (no-cache mode).
+        attention_mask: (B, T) padding mask, 1 = real token, or a (B, T, T) bool mask, True = may attend
+            (no-cache mode; see build_mask).
         cache: a DenseKVCache; this step's K/V are written at `positions` and attention reads the cache.
         absorb, forced_expert_ids, mtp, dsa_dense, indexer_loss: MLA/MoE/MTP/DSA switches, ignored here.
         logits_to_keep: only compute logits for the last n positions."""

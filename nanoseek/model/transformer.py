@@ -105,11 +105,18 @@ def build_mask(positions: torch.Tensor, S: int, attention_mask: torch.Tensor | N
     """Boolean (B, T, S) mask, True where query t may attend key s; None for plain causal self-attention.
 
     With a cache, key s sits at absolute position s, so the rule is s <= position of t (stale entries
-    beyond a row's length are never visible). Without one, keys are the T inputs themselves."""
+    beyond a row's length are never visible). Without one, keys are the T inputs themselves, and attention_mask
+    is either a (B, T) padding mask or a whole (B, T, T) boolean mask (True = may attend), used as given: packed
+    rows where several sequences share a prefix (GRPO's shared-prompt forward) say which token sees which."""
     if cached:
         return torch.arange(S, device=positions.device) <= positions.unsqueeze(-1)
     if attention_mask is None:
         return None  # plain causal: attention takes the fused is_causal path
+    if attention_mask.dim() == 3:
+        if attention_mask.shape != (*positions.shape, S) or attention_mask.dtype != torch.bool:
+            raise ValueError(f"a 3-D attention_mask must be bool {(*positions.shape, S)}, got "
+                             f"{attention_mask.dtype} {tuple(attention_mask.shape)}")
+        return attention_mask
     B, T = positions.shape
     mask = torch.ones(T, S, dtype=torch.bool, device=positions.device).tril().expand(B, T, S)
     if attention_mask is not None:  # padding (B, S): 1 for real tokens
@@ -191,7 +198,8 @@ class DeepSeekModel(nn.Module):
         """input_ids (B, T) -> ModelOutput with logits (B, T, V).
 
         positions: absolute positions (B, T); default 0..T-1 (or continuing the cache).
-        attention_mask: (B, T) padding mask, 1 = real token (no-cache mode).
+        attention_mask: (B, T) padding mask, 1 = real token, or a (B, T, T) bool mask, True = may attend
+            (no-cache mode; see build_mask).
         cache: a LatentCache; this step's latents are written at `positions` and attention reads the cache.
         absorb: attend in the absorbed (latent MQA) form instead of the expanded MHA form.
         forced_expert_ids: per MoE layer (B, T, K) expert ids to replay (keep routing).
@@ -226,6 +234,8 @@ class DeepSeekModel(nn.Module):
         out_h = h if logits_to_keep is None else h[:, -logits_to_keep:]
         out = ModelOutput(logits=self.lm_head(out_h), hidden=h, router=routers)
         if mtp and cfg.num_nextn_predict_layers and cache is None:
+            if attention_mask is not None and attention_mask.dim() == 3:
+                raise ValueError("MTP needs a (B, T) padding mask, not a (B, T, T) one: pass mtp=False")
             h_prev = h
             for k, layer in enumerate(self.mtp_layers, start=1):
                 if T - k <= 0:

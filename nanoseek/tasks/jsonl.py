@@ -103,9 +103,12 @@ class JsonlTask(Task):
         self.name = name
         self.problems = problems
         self.levels = tuple(sorted({p.level for p in problems} | {1, 2, 3, 4, 5}))
+        self._by_level: dict[int, list[Problem]] = {}  # level -> its problems, built once (a draw is O(1))
+        for p in problems:
+            self._by_level.setdefault(p.level, []).append(p)
 
     def generate(self, rng: random.Random, level: int, lang: str) -> Problem:
-        pool = [p for p in self.problems if p.level == level] or self.problems
+        pool = self._by_level.get(level) or self.problems
         p = rng.choice(pool)
         return Problem(p.task, p.level, p.lang, p.prompt, p.answer, dict(p.meta))
 

@@ -1,0 +1,118 @@
+"""The engine's batch-level shortcuts give what the one-at-a-time paths give. Batched prefill: the prompts admitted
+together go through one forward (rows right-padded, written into scattered cache slots through `rows_view`): the
+same sampled tokens, log-probs, routing and prompt routing, for the MLA/MoE, DSA and dense models. `generate`
+without a callback decodes each text once, at the end: the same texts and stops as the incremental decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.model.dense import DenseConfig, DenseModel
+from oracle import random_model, tiny_config
+
+V = 97
+
+
+def _models():
+    torch.manual_seed(3)
+    dense = DenseModel(DenseConfig.from_preset("student-tiny", vocab_size=V, eos_token_id=1))
+    return {"mla": random_model(tiny_config(), seed=1), "dsa": random_model(tiny_config(index_topk=4), seed=2),
+            "dense": dense}
+
+
+MODELS = _models()
+
+
+def _run(model, prompts, batched: bool, params: SamplingParams):
+    engine = Engine(model, max_batch_size=16, max_len=64)
+    calls = []
+    if batched:
+        real = engine._prefill_batch
+        engine._prefill_batch = lambda seqs: calls.append(len(seqs)) or real(seqs)
+    else:  # the reference: one forward per prompt
+        engine._prefill_batch = lambda seqs: [engine._prefill(q.slot, q.handle.prompt_ids, 0, q.params.return_routing)
+                                              for q in seqs]
+    outs = engine.generate(prompts, [params] * len(prompts))
+    return outs, calls, engine.num_forwards
+
+
+@pytest.mark.parametrize("name", ["mla", "dsa", "dense"])
+def test_batched_prefill_samples_what_one_prefill_per_prompt_samples(name):
+    model = MODELS[name]
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, V, (n,), generator=g).tolist() for n in (5, 11, 3, 8)]  # different lengths
+    params = SamplingParams(max_tokens=6, temperature=1.0, n=3, seed=7, logprobs=True, ignore_eos=True,
+                            return_routing=name != "dense")
+    got, calls, n_fwd = _run(model, prompts, True, params)
+    want, _, n_fwd_ref = _run(model, prompts, False, params)
+    assert calls == [4]  # all four prompts in one forward
+    assert n_fwd == n_fwd_ref - 3
+    for a, b in zip(got, want):
+        for ca, cb in zip(a.outputs, b.outputs):
+            assert ca.token_ids == cb.token_ids
+            assert max(abs(x - y) for x, y in zip(ca.logprobs, cb.logprobs)) < 1e-5
+            if name != "dense":
+                assert torch.equal(ca.routing, cb.routing)
+                assert torch.equal(ca.prompt_routing, cb.prompt_routing)
+                assert ca.prompt_routing.shape[0] == len(a.prompt_ids)
+
+
+def test_a_reused_prefix_falls_back_to_one_prefill_per_prompt():
+    """Prompts admitted after earlier requests finished can reuse a slot's cached prefix: those take the
+    one-prompt path (chunked from the reused position), and the answers stay the greedy ones."""
+    model = MODELS["mla"]
+    engine = Engine(model, max_batch_size=2, max_len=64)
+    calls = []
+    real = engine._prefill_batch
+    engine._prefill_batch = lambda seqs: calls.append(len(seqs)) or real(seqs)
+    base, greedy = [5, 6, 7, 8, 9], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    first = engine.generate([base + [10], base + [11]], greedy)
+    again = engine.generate([base + [12], base + [10]], greedy)
+    assert calls == [2]  # the second admission reused the cached prefix: no batched prefill
+    fresh = Engine(model, max_batch_size=2, max_len=64).generate([base + [10]], greedy)
+    assert again[1].outputs[0].token_ids == first[0].outputs[0].token_ids == fresh[0].outputs[0].token_ids
+
+
+class CountingTokenizer:
+    """Digits as text, one character per token; counts decode calls."""
+
+    eos_id = eos_token_id = 1
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode(self, text):
+        return [2 + int(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=False):
+        self.calls += 1
+        return "".join(str(i % 10) for i in ids)
+
+
+def test_generate_without_a_callback_decodes_each_text_once_with_the_same_results():
+    model = MODELS["mla"]
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, V, (n,), generator=g).tolist() for n in (4, 7)]
+    runs = {}
+    for stop in (None, ["5"]):
+        params = SamplingParams(max_tokens=12, temperature=1.0, n=2, seed=3, ignore_eos=True, stop=stop)
+        for quiet in (True, False):
+            tok = CountingTokenizer()
+            engine = Engine(model, tok, max_batch_size=8, max_len=64)
+            deltas = []
+            outs = engine.generate(prompts, params, callback=None if quiet else deltas.append)
+            runs[stop is None, quiet] = ([[(c.text, c.token_ids, c.finish_reason) for c in o.outputs] for o in outs],
+                                         tok.calls)
+            if not quiet:  # the streamed deltas add up to the final texts
+                for i, o in enumerate(outs):
+                    for j, c in enumerate(o.outputs):
+                        assert "".join(e.text_delta for e in deltas if (e.request_index, e.sample_index) == (i, j)) \
+                            == c.text
+    for no_stop in (True, False):
+        assert runs[no_stop, True][0] == runs[no_stop, False][0]
+    assert runs[True, True][1] == 4  # one decode per sample
+    assert runs[True, False][1] > 4 * 8  # incremental: about two a step
+    assert runs[False, True][1] > 4 * 3  # stop strings are still checked at every step
+    assert any(c[2] == "stop" for o in runs[False, True][0] for c in o)
