@@ -1,7 +1,8 @@
 """Embedded verifiable tasks (R1-style rule rewards) and their registry.
 
 Built-in tasks: arithmetic, countdown, sorting, knights (levels 1..5, languages "en" and "zh"), and for
-each of them the self-verification tasks verify_<task> and metaverify_<task> (nanoseek.tasks.verification).
+each of them the self-verification tasks verify_<task> and metaverify_<task> (nanoseek.tasks.verification);
+multiplication, the task a calculator tool makes solvable (agentic RL; not in the embedded corpora).
 Problems are generated, never stored; `make_problems(task, n, level, lang, seed, split)` is
 deterministic given its arguments. The train/test split is by construction: a problem belongs to
 "test" iff a stable hash of its language-free identity falls in 1 bucket of 8, and each split only
@@ -17,6 +18,7 @@ from .base import LANGS, LEVELS, SPLITS, Problem, Task, answer_line, sample_prob
 from .countdown import CountdownTask, check_expression
 from .jsonl import JsonlTask, load_jsonl_task, math_equal, split_problems
 from .knights import KnightsTask
+from .multiplication import MultiplicationTask, tool_messages, tool_sft_records
 from .sorting import SortingTask
 from .verification import MetaVerificationTask, VerificationTask, parse_score
 
@@ -26,6 +28,9 @@ for _base in list(TASKS.values()):  # DeepSeekMath-V2 self-verification: verifie
     for _derived in (VerificationTask(_base), MetaVerificationTask(_base)):
         TASKS[_derived.name] = _derived
 VERIFICATION_TASKS = tuple(t for t in TASKS if t not in BUILTIN_TASKS)
+# The tool task (agentic RL): reachable by name, but not in BUILTIN_TASKS, so the embedded corpora and `nanoseek
+# run` stay as they were; its problems share arithmetic's split (nanoseek.tasks.multiplication).
+TASKS[MultiplicationTask.name] = MultiplicationTask()
 
 
 def get_task(name: str | Task) -> Task:
@@ -73,6 +78,7 @@ def solve(problem: Problem) -> tuple[str, str]:
 
 
 __all__ = ["ArithmeticTask", "BUILTIN_TASKS", "CountdownTask", "JsonlTask", "KnightsTask", "LANGS", "LEVELS",
+           "MultiplicationTask",
            "Problem", "SPLITS", "SortingTask", "TASKS", "Task", "answer_line", "check_expression", "get_task",
            "load_jsonl_task", "make_problems", "math_equal", "register_task", "sample_problem", "solve",
-           "split_of", "split_problems", "verify_answer"]
+           "split_of", "split_problems", "tool_messages", "tool_sft_records", "verify_answer"]

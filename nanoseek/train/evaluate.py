@@ -33,6 +33,9 @@ class EvalConfig:
     thinking: bool = True
     prompt_format: str = "chat"  # chat: the V3.1 template; raw: the problem text as-is (CLI --no-chat-template)
     answer_format: str = "auto"  # sentence | bare | auto (bare with raw prompts or thinking off; see rewards)
+    tools: list[str] = field(default_factory=list)  # built-in tools the model may call: calculator, python
+    max_tool_turns: int = 0  # tool rounds per completion at most; 0 = no tools (nanoseek.train.agentic)
+    tool_schemas: bool = False  # also put the tools' `## Tools` section (V3.1 system prompt) into the prompt
     seed: int = 1234
     max_batch_size: int = 64
     num_transcripts: int = 3
@@ -52,6 +55,9 @@ class EvalConfig:
             ("prompt_format", lambda v: v in ("chat", "raw"), "must be chat or raw"),
             ("answer_format", lambda v: v in ("auto", "sentence", "bare"), "must be auto, sentence or bare"),
         ])
+        from .agentic import check_tool_options
+
+        check_tool_options("EvalConfig", self.tools, self.max_tool_turns, self.prompt_format)
 
 
 def load_any_model(path, device="cpu", quantize: str | None = None):
@@ -77,22 +83,27 @@ def held_out_problems(cfg: EvalConfig) -> list:
     return problems
 
 
-def prompt_ids(tokenizer, problem, thinking: bool, prompt_format: str = "chat") -> list[int]:
-    """The prompt of a problem: the chat template's generation prompt (thinking on or off), or with
-    prompt_format="raw" the problem's text encoded as-is (a BOS only if the tokenizer's config adds one)."""
+def prompt_ids(tokenizer, problem, thinking: bool, prompt_format: str = "chat", tools: list | None = None) -> list[int]:
+    """The prompt of a problem: the chat template's generation prompt (thinking on or off; tools: OpenAI tool
+    schemas for its system prompt), or with prompt_format="raw" the problem's text encoded as-is (a BOS only if
+    the tokenizer's config adds one)."""
     if prompt_format == "raw":
         return tokenizer.encode_prompt(problem.prompt)
     if prompt_format != "chat":
         raise ValueError(f"prompt_format must be chat or raw, got {prompt_format!r}")
     return tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], thinking=thinking,
-                                         add_generation_prompt=True)
+                                         add_generation_prompt=True, tools=tools)
 
 
 @torch.no_grad()
 def score_problems(model, tokenizer, problems, k: int = 4, temperature: float = 0.6, top_p: float = 0.95,
                    max_tokens: int = 128, thinking: bool = True, seed: int = 0, max_batch_size: int = 64,
-                   num_transcripts: int = 3, prompt_format: str = "chat", answer_format: str = "auto") -> dict:
+                   num_transcripts: int = 3, prompt_format: str = "chat", answer_format: str = "auto",
+                   tools=None) -> dict:
+    """pass@1, maj@k, format rate, length and transcripts of k samples per problem; tools: an agentic.ToolUse
+    (multi-turn generation that runs the model's tool calls) or None."""
     from ..engine import Engine, SamplingParams
+    from . import agentic
     from ..tasks import get_task
     from .rewards import accuracy_reward, bare_answers, extract_answer, format_reward, resolve_answer_format, split_completion
 
@@ -100,12 +111,12 @@ def score_problems(model, tokenizer, problems, k: int = 4, temperature: float = 
         raise ValueError("no problems to evaluate")
     was_training = model.training
     bare = resolve_answer_format(answer_format, prompt_format, thinking) == "bare"
-    prompts = [prompt_ids(tokenizer, p, thinking, prompt_format) for p in problems]
+    prompts = [prompt_ids(tokenizer, p, thinking, prompt_format, agentic.prompt_tools(tools)) for p in problems]
     max_len = max(len(p) for p in prompts) + max_tokens + 1
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_len=max_len)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                             n=k, seed=seed)
-    outs = engine.generate(prompts, params)
+    outs = agentic.generate(engine, tokenizer, prompts, params, tools)  # = engine.generate without tools
     per_task: dict[str, dict] = {}
     pass1, maj, fmt, lengths, transcripts = [], [], [], [], []
     for prob, out in zip(problems, outs):
@@ -150,13 +161,15 @@ def standard_error(scores: list[float]) -> float:
 
 def evaluate(cfg: EvalConfig) -> dict:
     from ..tokenizer import Tokenizer
+    from . import agentic
 
     device = C.pick_device(cfg.device)
     model = load_any_model(cfg.model, device, cfg.quantize).eval()
     tokenizer = Tokenizer.load(cfg.model)
     res = score_problems(model, tokenizer, held_out_problems(cfg), cfg.k, cfg.temperature, cfg.top_p, cfg.max_tokens,
                          cfg.thinking, cfg.seed, cfg.max_batch_size, cfg.num_transcripts, cfg.prompt_format,
-                         cfg.answer_format)
+                         cfg.answer_format, agentic.tool_use(cfg.tools, cfg.max_tool_turns, cfg.thinking,
+                                                             cfg.tool_schemas))
     res["model"] = str(cfg.model)
     res["config"] = dataclasses.asdict(cfg)
     if cfg.out:

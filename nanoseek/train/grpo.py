@@ -16,6 +16,8 @@ routing (replay the sampler's experts when computing training log-probs), keep s
 advantages (`scale_rewards="none"`), dynamic sampling (refilling the batch with informative groups),
 truncated-completion masking. V3.2-Speciale
 (`speciale=True`, extended thinking): reasoning tasks only, with a relaxed length penalty (`speciale_config`).
+Agentic RL (`tools`, `max_tool_turns`; nanoseek.train.agentic): multi-turn rollouts that run the model's tool calls
+and continue after their outputs, which are masked out of the loss.
 
     grpo(GRPOConfig(init_from="runs/sft/model", out_dir="runs/grpo")) -> Path
 
@@ -88,6 +90,10 @@ class GRPOConfig:
     thinking: bool = True
     prompt_format: str = "chat"  # chat: the V3.1 template; raw: the problem text as-is (CLI --no-chat-template)
     answer_format: str = "auto"  # accuracy reward: sentence | bare | auto (bare with raw or thinking off)
+    # agentic RL (nanoseek.train.agentic): multi-turn rollouts that run the model's tool calls
+    tools: list[str] = field(default_factory=list)  # built-in tools rollouts may call: calculator, python
+    max_tool_turns: int = 0  # tool rounds per completion at most; 0 = single-turn rollouts, no tools
+    tool_schemas: bool = False  # also put the tools' `## Tools` section (V3.1 system prompt) into the prompt
     # sampling
     steps: int = 40
     prompts_per_step: int = 8
@@ -111,6 +117,7 @@ class GRPOConfig:
     num_iterations: int = 1  # optimizer steps per rollout (mu), reusing the stored old log-probs
     minibatch_size: int = 16  # sequences per forward/backward
     skip_zero_advantage: bool = True  # no forward/backward for rows with A = 0 and no KL term (same gradient)
+    share_prompt: bool = True  # a group's completions share one copy of the prompt in the training forward
     # objective
     eps_low: float = 0.2
     eps_high: float = 0.28  # clip-higher (DAPO); set equal to eps_low for the symmetric R1 clip
@@ -206,7 +213,9 @@ class GRPOConfig:
             *LOOP_FIELD_CHECKS,
         ])
         from ..tasks import TASKS
+        from .agentic import check_tool_options
 
+        check_tool_options("GRPOConfig", self.tools, self.max_tool_turns, self.prompt_format)
         if not self.tasks and not self.jsonl:
             raise ValueError("GRPOConfig.tasks: no tasks and no jsonl: nothing to train on")
         if (self.eval_jsonl or self.eval_fraction is not None) and not self.jsonl:
@@ -317,6 +326,13 @@ def speciale_config(cfg: GRPOConfig) -> GRPOConfig:
                                else int(cfg.eval_max_tokens * SPECIALE_BUDGET))
 
 
+def agentic_tools(cfg: GRPOConfig):
+    """The rollouts' agentic.ToolUse, or None without tools (single-turn rollouts)."""
+    from .agentic import tool_use
+
+    return tool_use(cfg.tools, cfg.max_tool_turns, cfg.thinking, cfg.tool_schemas)
+
+
 def draw_problems(cfg: GRPOConfig, step: int, tasks, n: int | None = None, round_: int = 0) -> list:
     """n (default prompts_per_step) training problems, a function of (seed, step, round_) alone, so a resumed run
     draws the same ones; round_ > 0 are dynamic sampling's extra draws."""
@@ -343,9 +359,11 @@ def rollout(model, tokenizer, cfg: GRPOConfig, problems, step: int, round_: int 
     in a rollout gets independent samples, and the rollout is reproducible. first: the index of problems[0] in the
     step's draw (a rank's share of it), so a problem gets the same samples at every world size."""
     from ..engine import Engine, SamplingParams, derive_seed
+    from . import agentic
     from .evaluate import prompt_ids
 
-    prompts = [prompt_ids(tokenizer, p, cfg.thinking, cfg.prompt_format) for p in problems]
+    tools = agentic_tools(cfg)
+    prompts = [prompt_ids(tokenizer, p, cfg.thinking, cfg.prompt_format, agentic.prompt_tools(tools)) for p in problems]
     moe = any(getattr(layer, "is_moe", False) for layer in model.model.layers)
     max_len = max(len(p) for p in prompts) + cfg.max_tokens + 1
     # One engine batch for the whole rollout when it fits: on a CPU a 128-row decode step costs little more
@@ -363,7 +381,7 @@ def rollout(model, tokenizer, cfg: GRPOConfig, problems, step: int, round_: int 
     # which would make sample i of every problem draw the same random numbers
     per_prompt = [dataclasses.replace(params, seed=derive_seed(cfg.seed, step, round_, first + j))
                   for j in range(len(prompts))]
-    outs = engine.generate(prompts, per_prompt)
+    outs = agentic.generate(engine, tokenizer, prompts, per_prompt, tools)  # = engine.generate without tools
     seqs = []
     for prob, pr, out in zip(problems, prompts, outs):
         for c in out.outputs:
@@ -372,7 +390,8 @@ def rollout(model, tokenizer, cfg: GRPOConfig, problems, step: int, round_: int 
 
 
 def build_batch(seqs: list[dict], pad_id: int, moe_layers: int, k: int, keep_mask: bool, keep_routing: bool) -> dict:
-    """Right-padded input ids (N, T), completion index (N, L) into the logits, tokens (N, L), mask (N, L),
+    """Right-padded input ids (N, T), completion index (N, L) into the logits, tokens (N, L), loss mask (N, L: 1 on
+    generated tokens, 0 on padding and on an agentic completion's tool-output tokens),
     old log-probs (N, L), support masks (N, L, V), forced routing per MoE layer (N, T, K) with -1 = free: the
     sampler's experts at every position it routed (the prompt's from the prefill, then one per sampled token
     but the last), so keep routing replays the whole sequence as V3.2 does."""
@@ -386,6 +405,8 @@ def build_batch(seqs: list[dict], pad_id: int, moe_layers: int, k: int, keep_mas
     old = torch.zeros(N, L)
     support = None
     routing = [torch.full((N, T, k), -1, dtype=torch.long) for _ in range(moe_layers)] if keep_routing else None
+    prompt_len = torch.tensor([len(s["prompt"]) for s in seqs])
+    completion_len = torch.tensor([len(s["completion"].token_ids) for s in seqs])
     for n, s in enumerate(seqs):
         p, c = s["prompt"], s["completion"]
         lp, lc = len(p), len(c.token_ids)
@@ -394,7 +415,8 @@ def build_batch(seqs: list[dict], pad_id: int, moe_layers: int, k: int, keep_mas
             ids[n, lp:lp + lc] = torch.tensor(c.token_ids)
             pos[n, :lc] = torch.arange(lp - 1, lp - 1 + lc)
             tokens[n, :lc] = torch.tensor(c.token_ids)
-            mask[n, :lc] = 1
+            loss_mask = getattr(c, "loss_mask", None)  # agentic rollouts: 0 on tool-output tokens
+            mask[n, :lc] = 1 if loss_mask is None else torch.tensor(loss_mask, dtype=mask.dtype)
             old[n, :lc] = torch.tensor(c.logprobs)
             if keep_mask and c.sampling_masks is not None:
                 if support is None:
@@ -407,16 +429,25 @@ def build_batch(seqs: list[dict], pad_id: int, moe_layers: int, k: int, keep_mas
         if routing is not None and prompt_routing is not None:
             for layer in range(moe_layers):  # the prefill's experts: the whole sequence replays the sampler
                 routing[layer][n, :lp - 1] = prompt_routing[:lp - 1, layer]
-    return dict(ids=ids, pos=pos, tokens=tokens, mask=mask, old=old, support=support, routing=routing)
+    return dict(ids=ids, pos=pos, tokens=tokens, mask=mask, old=old, support=support, routing=routing,
+                prompt_len=prompt_len, completion_len=completion_len)
 
 
 def policy_logprobs(model, batch: dict, rows: torch.Tensor, temperature: float, forced: bool, sampling_mask: bool,
-                    want_entropy: bool = False):
-    ids = batch["ids"][rows]
-    routing = [r[rows] for r in batch["routing"]] if (forced and batch["routing"] is not None) else None
-    out = model(ids, forced_expert_ids=routing, mtp=False)
-    pos = batch["pos"][rows]  # (n, L)
-    logits = out.logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, out.logits.shape[-1])).float() / temperature
+                    want_entropy: bool = False, packed: dict | None = None):
+    """Log-probs (n, L) of the rows' completion tokens (and their entropies); `packed`: the rows as
+    shared_prompt.pack laid them out (one copy of each prompt), else one padded row each."""
+    if packed is not None:
+        routing = packed["routing"] if forced else None
+        out = model(packed["ids"], positions=packed["positions"], attention_mask=packed["mask"],
+                    forced_expert_ids=routing, mtp=False)
+        logits = out.logits[packed["row"].unsqueeze(1), packed["at"]].float() / temperature
+    else:
+        ids = batch["ids"][rows]
+        routing = [r[rows] for r in batch["routing"]] if (forced and batch["routing"] is not None) else None
+        out = model(ids, forced_expert_ids=routing, mtp=False)
+        pos = batch["pos"][rows]  # (n, L)
+        logits = out.logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, out.logits.shape[-1])).float() / temperature
     tokens, mask = batch["tokens"][rows], batch["mask"][rows]
     if sampling_mask and batch["support"] is not None:
         logp = sampling_mask_logprobs(logits, tokens, batch["support"][rows], mask=mask)
@@ -488,6 +519,10 @@ def sample_groups(model, tokenizer, cfg: GRPOConfig, step: int, tasks, reward_fn
         metrics[f"reward_{name}"] = v.mean().item() if len(v) else float("nan")
         metrics[f"reward_{name}_std"] = v.std().item() if len(v) > 1 else 0.0
     metrics["accuracy"] = metrics.get("reward_accuracy", float("nan"))
+    if cfg.max_tool_turns:
+        from .agentic import tool_metrics
+
+        metrics.update(tool_metrics([s["completion"] for s in every]))
     if cfg.dynamic_sampling:
         metrics.update(resample_rounds=rnd, resample_rollouts=len(every) - want * G, informative_groups=len(kept) // G)
     return {"seqs": kept, "rewards": torch.tensor(rewards_kept, dtype=torch.float32), "metrics": metrics,
@@ -505,6 +540,24 @@ def minibatch_weight(loss_type: str, n_rows: int, n_live_rows: int, n_seqs: int,
     return n_rows / max(1, n_seqs)
 
 
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else ([r.to(device) for r in v] if isinstance(v, list) else v))
+            for k, v in batch.items()}
+
+
+def shared_prompt_pack(cfg: GRPOConfig, host: dict, rows: torch.Tensor, pad_id: int, device) -> dict | None:
+    """The minibatch's rows with one copy of each shared prompt (shared_prompt.pack), on `device`; None (one
+    padded row each) when share_prompt is off or no two rows share a prompt."""
+    if not cfg.share_prompt:
+        return None
+    from .shared_prompt import pack, prompt_groups
+
+    rows = rows.cpu()
+    if len(prompt_groups(host, rows.tolist())) == len(rows):
+        return None
+    return to_device(pack(host, rows, pad_id), device)
+
+
 def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tensor, pad_id: int, moe_layers: int,
              K: int, device, step: int | None = None, dist=None) -> dict:
     """`num_iterations` optimizer steps over one rollout (GRPO step `step`, for error messages); returns the metrics (means over minibatches and
@@ -514,9 +567,15 @@ def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tens
     tokens) count every rank's, each minibatch loss is multiplied by W (FSDP averages the ranks' gradients), and
     every rank runs as many minibatches as the busiest one (the extra ones with a zero loss: FSDP and expert
     parallelism need every rank in every forward and backward). bnpo normalises per minibatch, which differ."""
-    batch = build_batch(seqs, pad_id, moe_layers, K, cfg.keep_sampling_mask, cfg.keep_routing)
-    batch = {k: (v.to(device) if torch.is_tensor(v) else ([r.to(device) for r in v] if isinstance(v, list) else v))
-             for k, v in batch.items()}
+    host = build_batch(seqs, pad_id, moe_layers, K, cfg.keep_sampling_mask, cfg.keep_routing)
+    batch = to_device(host, device)
+    packs: dict[tuple, dict | None] = {}  # the shared-prompt layout of each minibatch, built once
+
+    def packed(rows):
+        key = tuple(rows.tolist())
+        if key not in packs:
+            packs[key] = shared_prompt_pack(cfg, host, rows, pad_id, device)
+        return packs[key]
     adv_d = adv.to(device)
     trunc = torch.tensor([s["completion"].finish_reason == "length" for s in seqs], device=device)
     live = ~trunc if cfg.mask_truncated else torch.ones_like(trunc)
@@ -543,7 +602,7 @@ def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tens
     if ref is not None:
         with torch.no_grad():
             ref_lp = torch.cat([policy_logprobs(ref, batch, train_rows[i:i + mb], cfg.temperature, False,
-                                                cfg.keep_sampling_mask)[0]
+                                                cfg.keep_sampling_mask, packed=packed(train_rows[i:i + mb]))[0]
                                 for i in range(0, len(train_rows), mb)]) if len(train_rows) else None
     trainer_old = torch.zeros_like(batch["old"]) if cfg.importance_sampling_correction else None
     model.train()
@@ -563,7 +622,7 @@ def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tens
             if idle:
                 rows = rows_all[:1]
             logp, ent = policy_logprobs(model, batch, rows, cfg.temperature, cfg.keep_routing,
-                                        cfg.keep_sampling_mask, want_entropy=(it == 0))
+                                        cfg.keep_sampling_mask, want_entropy=(it == 0), packed=packed(rows))
             m, a, sampler_old = batch["mask"][rows], adv_d[rows], batch["old"][rows]
             old, is_w = sampler_old, None
             if trainer_old is not None:  # TIS: pi_old is the trainer's own log-prob before the first update
@@ -609,8 +668,9 @@ def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tens
 def resolve_rewards(cfg: GRPOConfig, extra_rewards: dict | None = None) -> tuple[dict, dict]:
     """(weights, extra callables) of a run: cfg.reward_funcs (module:function[=w] or built-in names), the Python
     callables of grpo(extra_rewards=...), and cfg.reward_weights (None = auto, a dict, or a list aligned with
-    reward_funcs, else with extra_rewards). Auto: only the user's rewards when there are any, else the built-in
-    accuracy (1.0) and, unless answers are bare, format (0.2)."""
+    reward_funcs, else with extra_rewards). Auto: only the user's rewards when there are any, else with tools
+    (max_tool_turns > 0) agentic.AGENTIC_REWARD_WEIGHTS, else the built-in accuracy (1.0) and, unless answers are
+    bare, format (0.2)."""
     from .rewards import parse_reward_specs, resolve_answer_format
 
     rw = cfg.reward_weights
@@ -628,6 +688,10 @@ def resolve_rewards(cfg: GRPOConfig, extra_rewards: dict | None = None) -> tuple
         weights = {k: float(w) for k, w in zip(extra_rewards, rw)}
     elif spec_w or extra:
         weights = spec_w
+    elif cfg.max_tool_turns:  # agentic RL: V3.2's mix of outcome, length penalty and language consistency
+        from .agentic import AGENTIC_REWARD_WEIGHTS
+
+        weights = dict(AGENTIC_REWARD_WEIGHTS)
     else:
         bare = resolve_answer_format(cfg.answer_format, cfg.prompt_format, cfg.thinking) == "bare"
         weights = {"accuracy": 1.0} if bare else {"accuracy": 1.0, "format": 0.2}
@@ -639,12 +703,15 @@ def eval_with_reward(model, tokenizer, problems, reward_fn, cfg: GRPOConfig, max
     """The training reward on greedy completions of held-out problems: eval_reward (mean of the totals) and
     eval_reward_<name> per component, plus one sample."""
     from ..engine import Engine, SamplingParams
+    from . import agentic
     from .evaluate import prompt_ids
 
-    prompts = [prompt_ids(tokenizer, p, cfg.thinking, cfg.prompt_format) for p in problems]
+    tools = agentic_tools(cfg)
+    prompts = [prompt_ids(tokenizer, p, cfg.thinking, cfg.prompt_format, agentic.prompt_tools(tools)) for p in problems]
     engine = Engine(model, tokenizer, max_batch_size=min(cfg.rollout_batch_size, len(prompts)),
                     max_len=max(len(p) for p in prompts) + max_tokens + 1)
-    outs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, n=1, seed=cfg.seed))
+    outs = agentic.generate(engine, tokenizer, prompts,
+                            SamplingParams(max_tokens=max_tokens, temperature=0.0, n=1, seed=cfg.seed), tools)
     comps = [o.outputs[0] for o in outs]
     totals, parts = reward_fn.batch([p.prompt for p in problems], [c.text for c in comps], list(problems),
                                     [len(c.token_ids) for c in comps],
@@ -676,6 +743,10 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
     answer_format = resolve_answer_format(cfg.answer_format, cfg.prompt_format, cfg.thinking)
     if cfg.prompt_format == "chat" and not tokenizer.has_chat_template:
         tokenizer.apply_chat_template([{"role": "user", "content": "x"}])  # raises: no DeepSeek tokens, use raw
+    if cfg.max_tool_turns:
+        from ..tokenizer import TOOL_CALLS_END
+
+        tokenizer.tool_token_id(TOOL_CALLS_END)  # raises: a tokenizer trained before the tool tokens
     weights, extra = resolve_rewards(cfg, extra_rewards)
     eval_metric = cfg.eval_metric
     if eval_metric == "auto":
@@ -762,7 +833,7 @@ def make_evaluator(cfg: GRPOConfig, model, tokenizer, held_out: list, reward_fn,
             return eval_with_reward(model, tokenizer, eval_set, reward_fn, cfg, eval_tokens)
         r = score_problems(model, tokenizer, eval_set, k=1, temperature=0.0, max_tokens=eval_tokens,
                            thinking=cfg.thinking, seed=cfg.seed, num_transcripts=1, prompt_format=cfg.prompt_format,
-                           answer_format=answer_format)
+                           answer_format=answer_format, tools=agentic_tools(cfg))
         return {"eval_accuracy": r["pass@1"], "eval_format": r["format_rate"], "eval_length": r["mean_length"],
                 "eval_sample": r["transcripts"][0]["completion"] if r["transcripts"] else ""}
 

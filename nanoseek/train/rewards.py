@@ -4,7 +4,9 @@ Completion layout. With a thinking prompt (the chat template ends in `<think>`) 
 `reasoning</think>answer`; a single leading `<think>` is tolerated. Text from the first
 `<｜end▁of▁sentence｜>` on is ignored. The reasoning is what precedes the FIRST `</think>`, the answer
 region is everything after it. With a non-thinking prompt (template ends in `</think>`) the whole
-completion is the answer region (thinking=False).
+completion is the answer region (thinking=False). A multi-turn tool transcript (nanoseek.train.agentic:
+assistant turns separated by `<｜tool▁output▁begin｜>...<｜tool▁output▁end｜>` blocks) has as reasoning every
+turn's reasoning and as answer region the final turn's; its format is the final turn's.
 
 Answer convention (shared with nanoseek.tasks.answer_line and nanoseek.data.corpus): the answer
 region holds one line `The answer is X.` (English) or `答案是 X。` (Chinese). `extract_answer` also
@@ -53,6 +55,7 @@ from nanoseek.tasks import Problem, math_equal, verify_answer
 
 THINK, END_THINK = "<think>", "</think>"
 EOS_MARKERS = ("<｜end▁of▁sentence｜>",)
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"  # tool transcripts
 MAX_ANSWER_CHARS = 300
 SCAN_CHARS = 4000
 
@@ -76,8 +79,11 @@ def _strip_eos(text: str) -> str:
 
 def split_completion(completion: str, thinking: bool = True) -> tuple[str, str | None]:
     """(reasoning, answer region). The answer region is None when a thinking completion never
-    closed its reasoning (no `</think>`: truncated or malformed)."""
+    closed its reasoning (no `</think>`: truncated or malformed). A tool transcript (tool outputs in it,
+    nanoseek.train.agentic) has every turn's reasoning and the final turn's answer region."""
     text = _strip_eos(completion or "")
+    if TOOL_OUTPUT_END in text:
+        return _split_transcript(text, thinking)
     if END_THINK in text:
         reasoning, answer = text.split(END_THINK, 1)
     elif thinking:
@@ -88,6 +94,14 @@ def split_completion(completion: str, thinking: bool = True) -> tuple[str, str |
     if reasoning.startswith(THINK):
         reasoning = reasoning[len(THINK):]
     return reasoning, answer
+
+
+def _split_transcript(text: str, thinking: bool) -> tuple[str, str | None]:
+    """split_completion of a multi-turn tool transcript: the assistant turns are what lies between tool outputs
+    (`<｜tool▁output▁begin｜>...<｜tool▁output▁end｜>`); their reasonings joined, and the last turn's answer region."""
+    turns = [part.split(TOOL_OUTPUT_BEGIN, 1)[0] for part in text.split(TOOL_OUTPUT_END)]
+    splits = [split_completion(turn, thinking) for turn in turns if turn.strip()] or [("", None)]
+    return "\n".join(r for r, _ in splits if r.strip()), splits[-1][1]
 
 
 def _clean(rest: str) -> str:
@@ -196,8 +210,10 @@ def format_reward(completion: str, thinking: bool = True) -> float:
     """1.0 iff the completion is `reasoning</think>answer` with exactly one `</think>`, no other
     `<think>` (one leading `<think>` is tolerated), non-blank reasoning, and an answer region that
     holds exactly one explicit answer in the convention. With thinking=False: no think tags at all
-    and exactly one explicit answer. Else 0.0."""
+    and exactly one explicit answer. Else 0.0. Of a tool transcript, the final turn is judged."""
     text = _strip_eos(completion or "")
+    if TOOL_OUTPUT_END in text:  # a tool transcript: the final turn (after the last tool output) is judged
+        text = text.rsplit(TOOL_OUTPUT_END, 1)[1]
     if thinking:
         body = text.lstrip()
         if body.startswith(THINK):
