@@ -3,6 +3,7 @@ errors, and an output folder that nanoseek and transformers both load."""
 
 import json
 import math
+from dataclasses import replace as dataclasses_replace
 import shutil
 
 import pytest
@@ -75,7 +76,7 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(base):
     tok = Tokenizer.load(str(base))
     model = nanoseek.from_pretrained(base, dtype=torch.float32)
     cfg = _cfg(base, base / "unused")
-    (sample,), _ = render_samples([("chat", CHAT)], tok, cfg)
+    (sample,), _ = render_samples([("chat", CHAT, None)], tok, cfg)
     batch = collate([sample], [[0]], tok.pad_id)
     tgt = shifted_targets(batch)
     # the targets are exactly the final turn after `<｜Assistant｜><think>`: reasoning, </think>, answer, EOS
@@ -99,7 +100,7 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(base):
     assert not torch.equal(loss_with_token_changed(first_answer_j), base_loss)
 
     # all_assistant_turns: the earlier turn's content + EOS count too (never its opening tags)
-    (both,), _ = render_samples([("chat", CHAT)], tok, _cfg(base, base / "unused", all_assistant_turns=True))
+    (both,), _ = render_samples([("chat", CHAT, None)], tok, _cfg(base, base / "unused", all_assistant_turns=True))
     t2 = shifted_targets(collate([both], [[0]], tok.pad_id))
     assert tok.decode(t2[t2 != -100]) == ("The answer is 5.<｜end▁of▁sentence｜>"
                                           "4 + 4 = 8</think>The answer is 8.<｜end▁of▁sentence｜>")
@@ -113,7 +114,7 @@ def test_right_padding_and_packing_never_leak_into_real_tokens(base):
     one; packed rows never score a target from another sample, at any MTP depth."""
     tok = Tokenizer.load(str(base))
     model = nanoseek.from_pretrained(base, dtype=torch.float32)
-    samples, _ = render_samples([("r", r["messages"]) for r in _records(3, seed=5)], tok, _cfg(base, base / "u"))
+    samples, _ = render_samples([("r", r["messages"], None) for r in _records(3, seed=5)], tok, _cfg(base, base / "u"))
     samples.sort(key=lambda s: len(s.ids))
     with torch.no_grad():
         alone = collate(samples, [[0]], tok.pad_id)
@@ -249,3 +250,37 @@ def test_bad_inputs_raise_named_errors(base, tmp_path):
         _cfg(base, tmp_path / "o6", max_len=4)
     with pytest.raises(ValueError, match="does_not_exist.jsonl"):
         _cfg(base, tmp_path / "o7", data=[str(tmp_path / "does_not_exist.jsonl")])
+
+
+def test_sft_data_with_tool_calls_and_tools_renders_as_the_template(tmp_path):
+    """A JSONL record with `tools` and a tool-call turn: the tool calls, the tool message and the tools section
+    reach the rendered sample (nothing dropped on the way), with the template's loss mask; a bad tools entry is
+    named by file:line."""
+    from nanoseek.tokenizer import TOOL_CALLS_BEGIN, TOOLS_HEADER
+    from nanoseek.tools import tool_schemas
+    from nanoseek.train.sft import load_records
+
+    tok = train_tokenizer(embedded_corpus(100, seed=0), vocab_size=300)
+    tools = tool_schemas(["calculator"])
+    call = {"type": "function", "function": {"name": "calculator", "arguments": json.dumps({"expression": "12*34"})}}
+    messages = [{"role": "user", "content": "What is 12*34?"},
+                {"role": "assistant", "content": None, "reasoning_content": "Use the tool.", "tool_calls": [call]},
+                {"role": "tool", "content": "408"},
+                {"role": "assistant", "content": "The answer is 408.", "reasoning_content": "It says 408."}]
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps({"messages": messages, "tools": tools}) + "\n")
+    cfg = SFTConfig(init_from=str(tmp_path), data=[str(path)], thinking=True)
+    chats = load_records(cfg)
+    assert chats[0][2] == tools and chats[0][1][1]["tool_calls"] == [call]
+    samples, _ = render_samples(chats, tok, dataclasses_replace(cfg, max_len=4096))
+    want_ids, want_mask = tok.encode_chat_with_mask(messages, thinking=True, tools=tools)
+    assert samples[0].ids.tolist() == want_ids and samples[0].mask.tolist() == want_mask
+    text = tok.decode(want_ids)
+    assert TOOLS_HEADER.strip() in text and TOOL_CALLS_BEGIN in text and "408" in text
+    begin = tok.tool_token_id(TOOL_CALLS_BEGIN)
+    at = [i for i, t in enumerate(want_ids) if t == begin]
+    assert len(at) == 2 and want_mask[at[0]] == 0 and want_mask[at[1]] == 1  # the tools section's format line; the
+    # assistant's call, which the model learns to write
+    path.write_text(json.dumps({"messages": messages, "tools": [{"type": "function"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"tools.jsonl:1: tools"):
+        load_records(cfg)

@@ -1,6 +1,6 @@
 """Data: local corpora and chat files in (loading), fixed-length packed token batches out (packing)."""
 
-from .loading import load_chat_jsonl, load_texts
+from .loading import load_chat_jsonl, load_chat_records, load_texts
 from .packing import (
     Batch,
     PackedDataset,
@@ -18,6 +18,7 @@ __all__ = [
     "document_position_ids",
     "label_mask",
     "load_chat_jsonl",
+    "load_chat_records",
     "load_texts",
     "pack_documents",
     "split_documents",

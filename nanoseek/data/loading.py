@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 
-from ..tokenizer import validate_messages
+from ..tokenizer import validate_messages, validate_tools
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TXT_SPLITS = ("file", "blank_line", "line")
@@ -128,22 +128,33 @@ def load_texts(paths, text_field: str = "text", txt_split: str = "file") -> Iter
             yield from _read_parquet(path, text_field)
 
 
-def load_chat_jsonl(path, messages_field: str = "messages") -> list[list[dict]]:
-    """Conversations from a JSONL file of {"messages": [{role, content, [reasoning_content]}, ...]}.
+CHAT_FIELDS = ("role", "content", "reasoning_content", "tool_calls", "tool_call_id", "name")  # kept per message
 
-    Roles are system/user/assistant, content a string, reasoning_content an optional string on
-    assistant turns; anything else raises ValueError naming file:line and the bad message.
-    Only role, content and reasoning_content are kept.
+
+def load_chat_records(path, messages_field: str = "messages") -> list[dict]:
+    """{"messages", "tools"} per line of a JSONL file of {"messages": [...], "tools": [...]?}.
+
+    Messages: roles system/user/assistant/tool, content a string (None on an assistant turn with tool_calls),
+    reasoning_content on assistant turns, tool_calls (OpenAI form) on assistant turns, tool messages after
+    them; `tools` (optional) is the OpenAI function list the V3.1 template renders into the system prompt.
+    Anything else raises ValueError naming file:line and the bad entry. Only CHAT_FIELDS are kept.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"chat data file not found: {path}")
-    chats = []
+    out = []
     for lineno, record in _jsonl_records(path):
         if messages_field not in record:
             raise ValueError(f"{path}:{lineno}: field {messages_field!r} missing (keys: {sorted(record)})")
         messages = record[messages_field]
         validate_messages(messages, where=f"{path}:{lineno}: {messages_field}")
-        chats.append([{k: m[k] for k in ("role", "content", "reasoning_content") if m.get(k) is not None}
-                      for m in messages])
-    return chats
+        tools = record.get("tools")
+        validate_tools(tools, where=f"{path}:{lineno}: tools")
+        out.append({"messages": [{k: m[k] for k in CHAT_FIELDS if m.get(k) is not None} for m in messages],
+                    "tools": tools})
+    return out
+
+
+def load_chat_jsonl(path, messages_field: str = "messages") -> list[list[dict]]:
+    """The conversations of `load_chat_records` (messages only)."""
+    return [r["messages"] for r in load_chat_records(path, messages_field)]

@@ -171,12 +171,13 @@ class SFTBatch(NamedTuple):
     seg: torch.Tensor  # (B, L) int64, index of the sample within its row, -1 on padding
 
 
-def load_records(cfg: SFTConfig) -> list[tuple[str, list[dict]]]:
-    """(where, messages) for every training conversation: cfg.records, then each file of cfg.data, or
-    the embedded cold-start records when records is None and data is empty. Bad input raises
-    ValueError naming records[i] or file:line."""
-    from ..data import load_chat_jsonl
-    from ..tokenizer import validate_messages
+def load_records(cfg: SFTConfig) -> list[tuple[str, list[dict], list | None]]:
+    """(where, messages, tools) for every training conversation: cfg.records, then each file of cfg.data, or
+    the embedded cold-start records when records is None and data is empty. A record's optional "tools" (OpenAI
+    function schemas) are rendered into its prompt by the chat template. Bad input raises ValueError naming
+    records[i] or file:line."""
+    from ..data import load_chat_records
+    from ..tokenizer import validate_messages, validate_tools
 
     out = []
     if cfg.records is not None:  # an empty list is an error below, never a silent switch to embedded data
@@ -185,19 +186,20 @@ def load_records(cfg: SFTConfig) -> list[tuple[str, list[dict]]]:
             if not isinstance(rec, dict) or "messages" not in rec:
                 raise ValueError(f"{where}: expected a dict with a 'messages' list")
             validate_messages(rec["messages"], where=f"{where}.messages")
-            out.append((where, rec["messages"]))
+            validate_tools(rec.get("tools"), where=f"{where}.tools")
+            out.append((where, rec["messages"], rec.get("tools")))
     for path in cfg.data:
-        chats = load_chat_jsonl(path)  # validates roles and fields, naming file:line
-        with open(path, encoding="utf-8") as f:  # load_chat_jsonl skips blank lines only
+        chats = load_chat_records(path)  # validates roles, fields and tools, naming file:line
+        with open(path, encoding="utf-8") as f:  # load_chat_records skips blank lines only
             lines = [n for n, line in enumerate(f, start=1) if line.strip()]
-        out.extend((f"{path}:{n}", chat) for n, chat in zip(lines, chats))
+        out.extend((f"{path}:{n}", chat["messages"], chat["tools"]) for n, chat in zip(lines, chats))
     if cfg.records is None and not cfg.data:
         from ..data.corpus import embedded_sft_records
 
-        out = [(f"embedded[{i}]", r["messages"]) for i, r in enumerate(embedded_sft_records(
+        out = [(f"embedded[{i}]", r["messages"], None) for i, r in enumerate(embedded_sft_records(
             cfg.embedded_records, seed=cfg.seed, langs=tuple(cfg.embedded_langs), tasks=tuple(cfg.embedded_tasks) or None,
             levels=tuple(cfg.embedded_levels)))]
-    for where, messages in out:
+    for where, messages, _ in out:
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"{where}: an SFT conversation must end with an assistant turn, "
                              f"got role {messages[-1]['role']!r}")
@@ -207,18 +209,21 @@ def load_records(cfg: SFTConfig) -> list[tuple[str, list[dict]]]:
 
 
 def render_samples(chats, tokenizer, cfg: SFTConfig) -> tuple[list[Sample], dict]:
-    """Encode each chat with its loss mask, cut to max_len; drop samples left with nothing to learn."""
+    """Encode each (where, messages, tools) chat with its loss mask, cut to max_len; drop samples left with
+    nothing to learn."""
     samples, truncated, dropped = [], 0, 0
     if cfg.prompt_format not in ("chat", "raw"):
         raise ValueError(f"SFTConfig.prompt_format must be chat or raw, got {cfg.prompt_format!r}")
-    for _, messages in chats:
+    for where, messages, tools in chats:
         if cfg.prompt_format == "raw":
+            if tools:
+                raise ValueError(f"{where}: tools need prompt_format='chat' (the raw format has no tool section)")
             prompt = tokenizer.encode_prompt("".join(m["content"] for m in messages[:-1]))
             answer = tokenizer.encode_text(messages[-1]["content"]) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
             ids, mask = prompt + answer, [0] * len(prompt) + [1] * len(answer)
         else:
             ids, mask = tokenizer.encode_chat_with_mask(messages, thinking=cfg.thinking,
-                                                        all_assistant_turns=cfg.all_assistant_turns)
+                                                        all_assistant_turns=cfg.all_assistant_turns, tools=tools)
         if len(ids) > cfg.max_len:
             truncated += 1
             ids, mask = ids[: cfg.max_len], mask[: cfg.max_len]
