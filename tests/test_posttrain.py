@@ -85,3 +85,17 @@ def test_eval_pass_at_1_and_majority_vote(teacher):
     sampled = score_problems(model, tok, problems, k=5, temperature=1.5, max_tokens=80, seed=1)
     assert set(sampled) >= {"pass@1", "maj@5", "format_rate", "mean_length", "per_task", "transcripts"}
     assert 0 <= sampled["pass@1"] <= 1 and 0 <= sampled["maj@5"] <= 1
+
+
+def test_distill_tops_up_with_records_of_its_own_focus():
+    """A weak teacher's samples are topped up with cold-start records of the stage's tasks, levels and languages
+    (English level-2 arithmetic here), not the whole embedded mix (other tasks, Chinese)."""
+    from nanoseek.train.distill import DistillConfig, filler_records
+
+    recs = filler_records(DistillConfig(tasks=["arithmetic"], levels=[2], langs=["en"]), 200)
+    assert len(recs) == 200
+    for r in recs:
+        q = r["messages"][0]["content"]
+        assert q.startswith(("What is", "Compute")) and ("+" in q or "-" in q), q
+        assert not any("\u4e00" <= ch <= "\u9fff" for ch in q + r["messages"][1]["reasoning_content"]), q
+        assert "x" not in q.split("?")[0] and "*" not in q  # level 2: no multiplication

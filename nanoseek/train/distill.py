@@ -71,6 +71,14 @@ class DistillConfig:
                 raise ValueError(f"DistillConfig.data: {p} is not a file")
 
 
+def filler_records(cfg: DistillConfig, n: int) -> list[dict]:
+    """n embedded cold-start records on the stage's own focus (the tasks, levels and languages of the teacher's
+    prompts), not the whole embedded mix: what tops up a weak teacher's samples."""
+    from ..data.corpus import embedded_sft_records
+
+    return embedded_sft_records(n, seed=cfg.seed + 7, langs=cfg.langs, tasks=cfg.tasks, levels=cfg.levels)
+
+
 def make_student(cfg: DistillConfig, folder: Path) -> Path:
     """A freshly initialised dense student sharing the teacher's tokenizer, saved as an HF folder."""
     from ..config import ModelConfig
@@ -141,9 +149,7 @@ def distill(cfg: DistillConfig, progress: C.Progress | None = None) -> Path:
     n = sum(1 for p in data for line in Path(p).read_text().splitlines() if line.strip())
     records = None
     if n < cfg.min_samples:  # a weak teacher solved too little: keep the stage meaningful, and say so
-        from ..data.corpus import embedded_sft_records
-
-        records = embedded_sft_records(cfg.min_samples - n, seed=cfg.seed + 7)
+        records = filler_records(cfg, cfg.min_samples - n)
         data = [p for p in data if Path(p).read_text().strip()]
     if dist.is_main:
         C.atomic_write_text(out / "distill_data.json",
