@@ -169,21 +169,9 @@ def test_resume_across_world_sizes_gives_the_same_losses(runs):
 
 
 def test_consolidated_model_folder_is_the_one_process_folder(runs, tmp_path):
-    from safetensors.torch import load_file
-
-    from nanoseek.checkpoint import load_pretrained
-
-    one, two = runs.get("pretrain-1") / "model", runs.get("pretrain-2-2") / "model"
-    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
-    for name in ("config.json", "tokenizer.json"):
-        assert (one / name).read_bytes() == (two / name).read_bytes()
-    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
-    assert a.keys() == b.keys()
-    assert all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4  # the same training, to float tolerance
-    # the bytes one process writes for the 2-rank weights are the 2-rank folder's bytes
-    load_pretrained(two, dtype=torch.float32).save_pretrained(tmp_path / "resaved")
-    assert (tmp_path / "resaved" / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
+    """The same training, to float tolerance; the bytes one process writes for the 2-rank weights are the 2-rank
+    folder's bytes."""
+    _same_model_folders(runs.get("pretrain-1") / "model", runs.get("pretrain-2-2") / "model", tmp_path / "resaved")
 
 
 def test_sft_ep_two_ranks_logs_the_one_process_losses(runs):
