@@ -10,6 +10,7 @@ import torch
 
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.fast_decode import FastDecoder, unsupported_reason
+from nanoseek.train.common import make_optimizer
 from oracle import YARN, random_model, tiny_config
 
 VARIANTS = {
@@ -63,8 +64,10 @@ def test_engine_greedy_and_logprobs_identical_with_and_without_fast_decode(varia
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-4, atol=1e-4)
 
 
-def test_weight_updates_are_picked_up():
-    """A trainer sharing the model (GRPO) steps the optimizer between rollouts: the packed copy must follow."""
+@pytest.mark.parametrize("optimizer", ["torch_default", "make_optimizer"])
+def test_weight_updates_are_picked_up(optimizer):
+    """A trainer sharing the model (GRPO) steps the optimizer between rollouts: the packed copy must follow,
+    also after the stages' own optimizer (torch's fused AdamW, which does not bump version counters itself)."""
     model = random_model(tiny_config(), seed=5)
     fast = FastDecoder(model)
     ids, lengths = torch.tensor([[4], [9]]), [6, 3]
@@ -73,7 +76,8 @@ def test_weight_updates_are_picked_up():
     fast(ids, lengths, _prefilled(model, lengths))
     assert fast.num_packs == 1  # unchanged weights: no repack
     assert FastDecoder.for_model(model) is FastDecoder.for_model(model)  # engines on one model share one pack
-    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    opt = (torch.optim.AdamW(model.parameters(), lr=0.05) if optimizer == "torch_default"
+           else make_optimizer(model, lr=0.05))
     model.train()
     model(torch.randint(0, 97, (2, 8))).logits.square().mean().backward()
     opt.step()

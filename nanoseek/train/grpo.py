@@ -396,39 +396,41 @@ def build_batch(seqs: list[dict], pad_id: int, moe_layers: int, k: int, keep_mas
     sampler's experts at every position it routed (the prompt's from the prefill, then one per sampled token
     but the last), so keep routing replays the whole sequence as V3.2 does."""
     N = len(seqs)
-    T = max(len(s["prompt"]) + len(s["completion"].token_ids) for s in seqs)
-    L = max(1, max(len(s["completion"].token_ids) for s in seqs))
-    ids = torch.full((N, T), pad_id, dtype=torch.long)
-    pos = torch.zeros(N, L, dtype=torch.long)  # logits position predicting completion token j
-    tokens = torch.zeros(N, L, dtype=torch.long)
-    mask = torch.zeros(N, L)
-    old = torch.zeros(N, L)
+    prompts, comps = [s["prompt"] for s in seqs], [s["completion"] for s in seqs]
+    prompt_len = torch.tensor([len(p) for p in prompts])
+    completion_len = torch.tensor([len(c.token_ids) for c in comps])
+    T, L = int((prompt_len + completion_len).max()), max(1, int(completion_len.max()))
+
+    def padded(rows, width, fill, dtype):  # one tensor from ragged Python lists (a copy per row is 10x slower)
+        return torch.tensor([list(r) + [fill] * (width - len(r)) for r in rows], dtype=dtype)
+    ids = padded([list(p) + list(c.token_ids) for p, c in zip(prompts, comps)], T, pad_id, torch.long)
+    tokens = padded([c.token_ids for c in comps], L, 0, torch.long)
+    j = torch.arange(L)
+    pos = torch.where(j < completion_len.unsqueeze(1), prompt_len.unsqueeze(1) - 1 + j, 0)  # logits predicting token j
+    # agentic rollouts carry a loss mask (0 on tool-output tokens); otherwise every generated token counts
+    mask = padded([c.loss_mask if getattr(c, "loss_mask", None) is not None else [1] * len(c.token_ids)
+                   for c in comps], L, 0, torch.float32)
+    old = padded([c.logprobs if c.token_ids else [] for c in comps], L, 0.0, torch.float32)
     support = None
-    routing = [torch.full((N, T, k), -1, dtype=torch.long) for _ in range(moe_layers)] if keep_routing else None
-    prompt_len = torch.tensor([len(s["prompt"]) for s in seqs])
-    completion_len = torch.tensor([len(s["completion"].token_ids) for s in seqs])
-    for n, s in enumerate(seqs):
-        p, c = s["prompt"], s["completion"]
-        lp, lc = len(p), len(c.token_ids)
-        ids[n, :lp] = torch.tensor(p)
-        if lc:
-            ids[n, lp:lp + lc] = torch.tensor(c.token_ids)
-            pos[n, :lc] = torch.arange(lp - 1, lp - 1 + lc)
-            tokens[n, :lc] = torch.tensor(c.token_ids)
-            loss_mask = getattr(c, "loss_mask", None)  # agentic rollouts: 0 on tool-output tokens
-            mask[n, :lc] = 1 if loss_mask is None else torch.tensor(loss_mask, dtype=mask.dtype)
-            old[n, :lc] = torch.tensor(c.logprobs)
-            if keep_mask and c.sampling_masks is not None:
-                if support is None:
-                    support = torch.ones(N, L, c.sampling_masks.shape[-1], dtype=torch.bool)
-                support[n, :lc] = c.sampling_masks
-            if routing is not None and c.routing is not None:
-                for layer in range(moe_layers):  # the expert ids at the position that produced each token
-                    routing[layer][n, lp - 1:lp - 1 + lc] = c.routing[:, layer]
-        prompt_routing = getattr(c, "prompt_routing", None)
-        if routing is not None and prompt_routing is not None:
-            for layer in range(moe_layers):  # the prefill's experts: the whole sequence replays the sampler
-                routing[layer][n, :lp - 1] = prompt_routing[:lp - 1, layer]
+    if keep_mask and any(c.token_ids and c.sampling_masks is not None for c in comps):
+        V = next(c.sampling_masks.shape[-1] for c in comps if c.token_ids and c.sampling_masks is not None)
+        support = torch.ones(N, L, V, dtype=torch.bool)
+        for n, c in enumerate(comps):
+            if c.token_ids and c.sampling_masks is not None:
+                support[n, :len(c.token_ids)] = c.sampling_masks
+    routing = None
+    if keep_routing:  # (T, layers, K) a row: the prefill's experts, then the one per sampled token
+        rows = []
+        for p, c in zip(prompts, comps):
+            parts = [] if getattr(c, "prompt_routing", None) is None else [c.prompt_routing[:len(p) - 1]]
+            if c.token_ids and c.routing is not None:
+                # positions before lp - 1 without prompt routing stay free
+                parts = parts or [torch.full((len(p) - 1, moe_layers, k), -1, dtype=torch.long)]
+                parts.append(c.routing)
+            rows.append(torch.cat(parts) if parts else torch.empty(0, moe_layers, k, dtype=torch.long))
+        full = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)  # (N, <=T, layers, K)
+        full = torch.nn.functional.pad(full, (0, 0, 0, 0, 0, T - full.shape[1]), value=-1)
+        routing = list(full.unbind(2))
     return dict(ids=ids, pos=pos, tokens=tokens, mask=mask, old=old, support=support, routing=routing,
                 prompt_len=prompt_len, completion_len=completion_len)
 

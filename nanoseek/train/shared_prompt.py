@@ -20,10 +20,10 @@ import torch
 
 def prompt_groups(batch: dict, rows: list[int]) -> list[list[int]]:
     """Indices into `rows` grouped by identical prompt tokens, in order of first appearance."""
+    ids, plen = batch["ids"][rows].tolist(), batch["prompt_len"][rows].tolist()
     groups: dict[tuple, list[int]] = {}
-    for k, n in enumerate(rows):
-        key = tuple(batch["ids"][n, : int(batch["prompt_len"][n])].tolist())
-        groups.setdefault(key, []).append(k)
+    for k, (row, P) in enumerate(zip(ids, plen)):
+        groups.setdefault(tuple(row[:P]), []).append(k)
     return list(groups.values())
 
 
@@ -40,29 +40,34 @@ def pack(batch: dict, rows: torch.Tensor, pad_id: int) -> dict:
     completion token j of rows[k] sit at packed row `row[k]`, position `at[k, j]`."""
     rows_l = rows.tolist()
     groups = prompt_groups(batch, rows_l)
-    plen, clen = batch["prompt_len"], batch["completion_len"]
-    length = [int(plen[rows_l[g[0]]]) + sum(int(clen[rows_l[k]]) for k in g) for g in groups]
-    B, T, L = len(groups), max(length), batch["pos"].shape[1]
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    positions = torch.zeros(B, T, dtype=torch.long)
-    segment = torch.full((B, T), -1, dtype=torch.long)
-    src = torch.zeros(B, T, dtype=torch.long)  # (row, position) of the unpacked batch each packed token copies
-    src_row = torch.zeros(B, T, dtype=torch.long)
-    row, at = torch.zeros(len(rows_l), dtype=torch.long), torch.zeros(len(rows_l), L, dtype=torch.long)
+    ids_l, plen, clen = batch["ids"].tolist(), batch["prompt_len"].tolist(), batch["completion_len"].tolist()
+    L = batch["pos"].shape[1]
+    # per packed row, as Python lists: token ids, positions, segment (0 prompt, i completion i), and the
+    # (row, position) of the unpacked batch each packed token copies
+    cols: dict[str, list[list[int]]] = {k: [] for k in ("ids", "positions", "segment", "src_row", "src")}
+    row, at = [0] * len(rows_l), [[0] * L for _ in rows_l]
     for b, g in enumerate(groups):
-        P = int(plen[rows_l[g[0]]])
-        ids[b, :P], positions[b, :P], segment[b, :P] = batch["ids"][rows_l[g[0]], :P], torch.arange(P), 0
-        src_row[b, :P], src[b, :P] = rows_l[g[0]], torch.arange(P)
-        off = P
+        n0 = rows_l[g[0]]
+        P = plen[n0]
+        r = dict(ids=ids_l[n0][:P], positions=list(range(P)), segment=[0] * P, src_row=[n0] * P, src=list(range(P)))
         for i, k in enumerate(g, start=1):
-            n, lc = rows_l[k], int(clen[rows_l[k]])
-            span = torch.arange(P, P + lc)
-            ids[b, off:off + lc], positions[b, off:off + lc], segment[b, off:off + lc] = batch["ids"][n, span], span, i
-            src_row[b, off:off + lc], src[b, off:off + lc] = n, span
+            n, lc = rows_l[k], clen[rows_l[k]]
+            off = len(r["ids"])
+            r["ids"] += ids_l[n][P:P + lc]
+            r["positions"] += range(P, P + lc)
+            r["segment"] += [i] * lc
+            r["src_row"] += [n] * lc
+            r["src"] += range(P, P + lc)
             row[k] = b
             if lc:  # token 0 comes from the prompt's last position, token j from the completion's token j - 1
-                at[k, 0], at[k, 1:lc] = P - 1, torch.arange(off, off + lc - 1)
-            off += lc
+                at[k][:lc] = [P - 1] + list(range(off, off + lc - 1))
+        for key in cols:
+            cols[key].append(r[key])
+    T = max(len(r) for r in cols["ids"])
+    fill = dict(ids=pad_id, positions=0, segment=-1, src_row=0, src=0)
+    ids, positions, segment, src_row, src = (torch.tensor([r + [fill[key]] * (T - len(r)) for r in cols[key]])
+                                             for key in ("ids", "positions", "segment", "src_row", "src"))
+    row, at = torch.tensor(row), torch.tensor(at)
     routing = None
     if batch.get("routing") is not None:  # the sampler's experts, copied from the unpacked positions
         routing = [r[src_row, src] for r in batch["routing"]]
