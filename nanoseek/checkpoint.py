@@ -13,6 +13,7 @@ import os
 import re
 import struct
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -66,6 +67,22 @@ def to_hf_state_dict(model: DeepSeekModel) -> dict[str, torch.Tensor]:
 def expected_hf_shapes(model: DeepSeekModel) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape for this model, computed on the meta device."""
     return {k: tuple(v.shape) for k, v in to_hf_state_dict(model).items()}
+
+
+@contextmanager
+def _no_weight_init():
+    """torch.nn.init's in-place initialisers as no-ops, for building a model on the meta device: there is nothing to
+    initialise, and the first meta-tensor init imports torch._dynamo (~2 s added to every process that loads a
+    model). Process-wide while it is open (construction takes milliseconds)."""
+    names = [n for n in vars(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -275,13 +292,13 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", strict
     present = set(reader.keys())
 
     def build(config):
-        with torch.device("meta"):
+        with torch.device("meta"), _no_weight_init():
             model = DeepSeekModel(config)
         if keep_fp8:
             from .fp8 import quantize_model_for_inference
 
             fp8_names = {k[: -len(".weight_scale_inv")] for k in present if k.endswith(".weight_scale_inv")}
-            with torch.device("meta"):
+            with torch.device("meta"), _no_weight_init():
                 quantize_model_for_inference(model, skip=lambda name, m: name not in fp8_names)
         return model, expected_hf_shapes(model)
 
@@ -306,7 +323,8 @@ def load_pretrained(path, dtype: torch.dtype | None = None, device="cpu", strict
     if problems and strict:
         raise CheckpointError(f"{folder}: checkpoint does not match config.json:\n  " + "\n  ".join(problems))
 
-    model.to_empty(device=device)
+    # to_empty, without empty_like: on meta tensors it runs torch._refs, which imports sympy (~1 s a process)
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     model.to(dtype)
     if config.tie_word_embeddings:  # to_empty unties them
         model.lm_head.weight = model.model.embed_tokens.weight

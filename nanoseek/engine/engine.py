@@ -30,8 +30,8 @@ Host syncs: one per decode step (the sampled tokens), plus the cache's kv_len an
 
 from __future__ import annotations
 
+import itertools
 import math
-
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -158,7 +158,10 @@ class Engine:
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
         self.dtype = dtype if dtype is not None else p.dtype
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        tensors = itertools.chain(model.parameters(), model.buffers())
+        if any(t.device != self.device or (t.is_floating_point() and t.dtype != self.dtype) for t in tensors):
+            model.to(device=self.device, dtype=self.dtype)  # a no-op .to() still walks every module (ms a rollout)
+        self.model = model.eval()
         self.tokenizer, self.max_batch_size, self.max_len = tokenizer, max_batch_size, max_len
         self.prefill_chunk = prefill_chunk
         if eos_token_ids is None:

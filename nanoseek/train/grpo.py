@@ -560,24 +560,41 @@ def shared_prompt_pack(cfg: GRPOConfig, host: dict, rows: torch.Tensor, pad_id: 
     return to_device(pack(host, rows, pad_id), device)
 
 
-def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tensor, pad_id: int, moe_layers: int,
-             K: int, device, step: int | None = None, dist=None) -> dict:
-    """`num_iterations` optimizer steps over one rollout (GRPO step `step`, for error messages); returns the metrics (means over minibatches and
-    iterations): loss, the grpo_loss statistics, entropy (first iteration), trained_frac, grad_norm.
+@dataclass
+class StepBatch:
+    """One rollout laid out for the optimizer steps: the build_batch tensors on the device, the shared-prompt
+    layout of each minibatch (built once, `packed(rows)`), the advantages, which rows are truncated / live, each
+    row's KL coefficient, the rows that need a forward and backward, the loss normalisers (every rank's), the
+    reference policy's log-probs of the trained rows and the trainer's own old log-probs (TIS)."""
+    host: dict
+    batch: dict
+    adv: torch.Tensor
+    trunc: torch.Tensor
+    live: torch.Tensor
+    beta: torch.Tensor
+    rows_all: torch.Tensor
+    train_rows: torch.Tensor
+    total_tokens: torch.Tensor
+    n_seqs: int
+    n_live: int
+    kl: bool  # a reference policy (beta > 0)
+    packs: dict = field(default_factory=dict)
+    ref_lp: torch.Tensor | None = None
+    trainer_old: torch.Tensor | None = None
 
-    Distributed (world size W > 1; `seqs` are this rank's groups): the normalisers (sequences, live sequences, dapo's
-    tokens) count every rank's, each minibatch loss is multiplied by W (FSDP averages the ranks' gradients), and
-    every rank runs as many minibatches as the busiest one (the extra ones with a zero loss: FSDP and expert
-    parallelism need every rank in every forward and backward). bnpo normalises per minibatch, which differ."""
+    def packed(self, cfg: GRPOConfig, rows: torch.Tensor, pad_id: int, device) -> dict | None:
+        key = tuple(rows.tolist())
+        if key not in self.packs:
+            self.packs[key] = shared_prompt_pack(cfg, self.host, rows, pad_id, device)
+        return self.packs[key]
+
+
+def step_batch(ref, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tensor, pad_id: int, moe_layers: int, K: int,
+               device, dist=None) -> StepBatch:
+    """The StepBatch of a rollout. Distributed, the normalisers (sequences, live sequences, dapo's tokens) are
+    summed over the ranks."""
     host = build_batch(seqs, pad_id, moe_layers, K, cfg.keep_sampling_mask, cfg.keep_routing)
     batch = to_device(host, device)
-    packs: dict[tuple, dict | None] = {}  # the shared-prompt layout of each minibatch, built once
-
-    def packed(rows):
-        key = tuple(rows.tolist())
-        if key not in packs:
-            packs[key] = shared_prompt_pack(cfg, host, rows, pad_id, device)
-        return packs[key]
     adv_d = adv.to(device)
     trunc = torch.tensor([s["completion"].finish_reason == "length" for s in seqs], device=device)
     live = ~trunc if cfg.mask_truncated else torch.ones_like(trunc)
@@ -585,8 +602,7 @@ def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tens
     rows_all = torch.arange(len(seqs), device=device)
     total_tokens = loss_token_count(batch["mask"], trunc, cfg.mask_truncated)  # dapo: the whole step's tokens
     n_seqs, n_live = len(seqs), int(live.sum())  # normalisers count every row, forwarded or not
-    W = 1 if dist is None else dist.world_size
-    if W > 1:
+    if dist is not None and dist.world_size > 1:
         import torch.distributed as torch_dist
 
         g = torch.tensor([float(total_tokens), n_seqs, n_live], dtype=torch.float64, device=device)
@@ -599,52 +615,80 @@ def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tens
         # backward pass. Zero-spread groups (often half the batch) are such rows. bnpo's per-minibatch token
         # normaliser would change, so it keeps every row.
         train_rows = rows_all[((adv_d != 0) | (ref is not None)) & live]
+    sb = StepBatch(host, batch, adv_d, trunc, live, beta, rows_all, train_rows, total_tokens, n_seqs, n_live,
+                   kl=ref is not None)
     mb = cfg.minibatch_size
-    ref_lp = None
-    if ref is not None:
+    if ref is not None and len(train_rows):
         with torch.no_grad():
-            ref_lp = torch.cat([policy_logprobs(ref, batch, train_rows[i:i + mb], cfg.temperature, False,
-                                                cfg.keep_sampling_mask, packed=packed(train_rows[i:i + mb]))[0]
-                                for i in range(0, len(train_rows), mb)]) if len(train_rows) else None
-    trainer_old = torch.zeros_like(batch["old"]) if cfg.importance_sampling_correction else None
+            sb.ref_lp = torch.cat([policy_logprobs(ref, batch, train_rows[i:i + mb], cfg.temperature, False,
+                                                   cfg.keep_sampling_mask,
+                                                   packed=sb.packed(cfg, train_rows[i:i + mb], pad_id, device))[0]
+                                   for i in range(0, len(train_rows), mb)])
+    if cfg.importance_sampling_correction:
+        sb.trainer_old = torch.zeros_like(batch["old"])
+    return sb
+
+
+def minibatch_loss(model, sb: StepBatch, cfg: GRPOConfig, i: int, it: int, pad_id: int, device, W: int = 1):
+    """The loss of minibatch i (rows train_rows[i:i + minibatch_size]) in iteration `it`, scaled to its share of the
+    step's loss; (loss, grpo_loss statistics, entropies or None, loss mask, idle). idle: this rank has no rows left
+    (distributed), so the minibatch is a zero-loss forward on one row."""
+    rows = sb.train_rows[i:i + cfg.minibatch_size]
+    idle = len(rows) == 0
+    if idle:
+        rows = sb.rows_all[:1]
+    batch = sb.batch
+    logp, ent = policy_logprobs(model, batch, rows, cfg.temperature, cfg.keep_routing, cfg.keep_sampling_mask,
+                                want_entropy=(it == 0), packed=sb.packed(cfg, rows, pad_id, device))
+    m, a, sampler_old = batch["mask"][rows], sb.adv[rows], batch["old"][rows]
+    old, is_w = sampler_old, None
+    if sb.trainer_old is not None:  # TIS: pi_old is the trainer's own log-prob before the first update
+        if it == 0 and not idle:
+            sb.trainer_old[rows] = logp.detach()
+        old = sb.trainer_old[rows]
+        is_w = truncated_importance_weights(old, sampler_old, cfg.importance_sampling_cap, m)
+    seq_mask = None
+    if cfg.off_policy_delta is not None:  # V3.2: the drift from the sampler's own log-probs
+        seq_mask = off_policy_sequence_mask(logp.detach(), sampler_old, a, m, cfg.off_policy_delta)
+    ref_logp = None if not sb.kl else logp.detach() if idle else sb.ref_lp[i:i + cfg.minibatch_size]
+    loss, st = grpo_loss(logp, old, a, m, ref_logp=ref_logp, beta=sb.beta[rows] if sb.kl else 0.0,
+                         kl_kind=cfg.kl_kind, unbiased_kl=cfg.unbiased_kl, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                         loss_type=cfg.loss_type, max_completion_length=cfg.max_tokens, seq_mask=seq_mask,
+                         truncated=sb.trunc[rows], mask_truncated=cfg.mask_truncated, num_tokens=sb.total_tokens,
+                         is_weights=is_w)
+    loss = loss * minibatch_weight(cfg.loss_type, len(rows), int(sb.live[rows].sum()), sb.n_seqs, sb.n_live)
+    if W > 1:
+        loss = loss * (0 if idle else W)  # W x this rank's share of the global loss
+    return loss, st, ent, m, idle
+
+
+def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tensor, pad_id: int, moe_layers: int,
+             K: int, device, step: int | None = None, dist=None) -> dict:
+    """`num_iterations` optimizer steps over one rollout (GRPO step `step`, for error messages); returns the metrics
+    (means over minibatches and iterations): loss, the grpo_loss statistics, entropy (first iteration), trained_frac,
+    grad_norm.
+
+    Distributed (world size W > 1; `seqs` are this rank's groups): the normalisers (sequences, live sequences, dapo's
+    tokens) count every rank's, each minibatch loss is multiplied by W (FSDP averages the ranks' gradients), and
+    every rank runs as many minibatches as the busiest one (the extra ones with a zero loss: FSDP and expert
+    parallelism need every rank in every forward and backward). bnpo normalises per minibatch, which differ."""
+    sb = step_batch(ref, cfg, seqs, adv, pad_id, moe_layers, K, device, dist)
+    W = 1 if dist is None else dist.world_size
     model.train()
     stats: dict[str, float] = {}
-    n_mb = n_mb_total(train_rows, cfg)
-    n_batches = -(-len(train_rows) // mb)
+    n_mb = n_mb_total(sb.train_rows, cfg)
+    n_batches = -(-len(sb.train_rows) // cfg.minibatch_size)
     if W > 1:  # every rank runs the busiest rank's number of minibatches
+        import torch.distributed as torch_dist
+
         t = torch.tensor([n_batches], device=device)
         torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX, group=dist.dp_group)
         n_batches = int(t)
     gnorm = torch.zeros(())
     for it in range(cfg.num_iterations if n_batches else 0):
         loss_sum = 0.0
-        for i in range(0, n_batches * mb, mb):
-            rows = train_rows[i:i + mb]
-            idle = len(rows) == 0  # this rank's rows are done: a zero-loss forward and backward on one row
-            if idle:
-                rows = rows_all[:1]
-            logp, ent = policy_logprobs(model, batch, rows, cfg.temperature, cfg.keep_routing,
-                                        cfg.keep_sampling_mask, want_entropy=(it == 0), packed=packed(rows))
-            m, a, sampler_old = batch["mask"][rows], adv_d[rows], batch["old"][rows]
-            old, is_w = sampler_old, None
-            if trainer_old is not None:  # TIS: pi_old is the trainer's own log-prob before the first update
-                if it == 0 and not idle:
-                    trainer_old[rows] = logp.detach()
-                old = trainer_old[rows]
-                is_w = truncated_importance_weights(old, sampler_old, cfg.importance_sampling_cap, m)
-            seq_mask = None
-            if cfg.off_policy_delta is not None:  # V3.2: the drift from the sampler's own log-probs
-                seq_mask = off_policy_sequence_mask(logp.detach(), sampler_old, a, m, cfg.off_policy_delta)
-            ref_logp = None if ref is None else logp.detach() if idle else ref_lp[i:i + mb]
-            loss, st = grpo_loss(logp, old, a, m, ref_logp=ref_logp,
-                                 beta=beta[rows] if ref is not None else 0.0, kl_kind=cfg.kl_kind,
-                                 unbiased_kl=cfg.unbiased_kl, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                                 loss_type=cfg.loss_type, max_completion_length=cfg.max_tokens, seq_mask=seq_mask,
-                                 truncated=trunc[rows], mask_truncated=cfg.mask_truncated, num_tokens=total_tokens,
-                                 is_weights=is_w)
-            loss = loss * minibatch_weight(cfg.loss_type, len(rows), int(live[rows].sum()), n_seqs, n_live)
-            if W > 1:
-                loss = loss * (0 if idle else W)  # W x this rank's share of the global loss
+        for i in range(0, n_batches * cfg.minibatch_size, cfg.minibatch_size):
+            loss, st, ent, m, idle = minibatch_loss(model, sb, cfg, i, it, pad_id, device, W)
             loss.backward()
             loss_sum += float(loss.detach())
             if idle:
@@ -659,7 +703,7 @@ def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tens
         C.check_finite("grpo", step, f"{cfg.out_dir}/checkpoints", loss=loss_sum, grad_norm=gnorm)  # nothing non-finite is stepped
         opt.step()
         opt.zero_grad(set_to_none=True)
-    stats["trained_frac"] = len(train_rows) / max(1, len(seqs))
+    stats["trained_frac"] = len(sb.train_rows) / max(1, len(seqs))
     stats["grad_norm"] = float(gnorm)
     return stats
 
