@@ -431,3 +431,23 @@ def test_malformed_checkpoint_files_are_refused_with_one_named_error(tmp_path, c
             Tokenizer.load(folder)
         else:
             nanoseek.from_pretrained(folder)
+
+
+def test_loading_imports_neither_dynamo_nor_sympy(tmp_path):
+    """Loading builds the model on the meta device; meta-tensor init and empty_like go through torch._refs, which
+    import torch._dynamo and sympy (~2 s added to every process that loads a model, e.g. each `nanoseek generate`).
+    Both must stay out of a process that only loads a folder and runs it."""
+    import subprocess
+    import sys
+
+    m = random_model(tiny_config(), seed=3)
+    m.save_pretrained(tmp_path)
+    code = ("import sys, torch, nanoseek\n"
+            f"m = nanoseek.from_pretrained({str(tmp_path)!r})\n"
+            "m(torch.tensor([[1, 2, 3]]))\n"
+            "print(sorted(k for k in ('torch._dynamo', 'sympy') if k in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    loaded = nanoseek.from_pretrained(tmp_path)
+    for (n, p), q in zip(m.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(p, q), n
