@@ -437,3 +437,22 @@ def test_vanishing_temperature_and_huge_top_k_sample_like_greedy_and_off():
     a = sample(logits, huge, [make_generator(1, "cpu") for _ in range(4)]).tokens
     b = sample(logits, off, [make_generator(1, "cpu") for _ in range(4)]).tokens
     assert torch.equal(a, b)
+
+
+def test_engine_leaves_a_mixed_precision_model_as_it_is():
+    """bf16 training (precision.MasterWeights) keeps the router weights fp32 in a bf16 model and optimises them
+    directly: an engine built on that model (GRPO's rollouts) must not cast them (it did: a bf16 router weight
+    then met its fp32 AdamW state on resume). An explicit dtype still casts."""
+    from nanoseek import precision as P
+    from nanoseek.train.common import make_optimizer
+
+    model = random_model(tiny_config(), seed=4)
+    opt, _ = P.prepare(model, lambda named: make_optimizer(model, 1e-3, params=named), "bf16")
+    gates = [m.gate.weight for m in (layer.mlp for layer in model.model.layers) if hasattr(m, "gate")]
+    assert gates and all(w.dtype == torch.float32 for w in gates)
+    eng = Engine(model, max_batch_size=2, max_len=32)
+    assert eng.dtype == torch.bfloat16 and all(w.dtype == torch.float32 for w in gates)
+    out = eng.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0.0))
+    assert len(out[0].outputs[0].token_ids) == 4
+    Engine(model, max_batch_size=2, max_len=32, dtype=torch.bfloat16)
+    assert all(w.dtype == torch.bfloat16 for w in gates)

@@ -171,7 +171,40 @@ def test_kl_reference_and_resume(micro_base, tmp_path):
     assert not (a / "ref").exists()
 
 
+def test_bf16_precision_rolls_out_and_trains_in_bf16_and_resumes_bit_exact(micro_base, tmp_path, monkeypatch):
+    """precision="bf16": bf16 weights between steps (rollouts and training forward in bf16), fp32 masters; the
+    run differs from fp32's, a stop and resume gives the same run bit for bit, and the saved folder is fp32."""
+    import nanoseek.train.grpo as G
+    from safetensors import safe_open
+
+    kw = dict(init_from=str(micro_base), steps=4, prompts_per_step=2, num_generations=3, max_tokens=8, lr=1e-2,
+              beta=0.05, ref_refresh_every=2, num_iterations=2, minibatch_size=4, eval_every=100, eval_problems=2,
+              tensorboard=False, save_every=100, loss_type="dapo", reward_weights={})
+    extra = {"ones": lambda prompt, completion, problem: completion.count("1") / 8}
+    dtypes, real_rollout = [], G.rollout
+
+    def spy(model, *a, **k):  # the dtype the engine samples with
+        dtypes.append(next(model.parameters()).dtype)
+        return real_rollout(model, *a, **k)
+    monkeypatch.setattr(G, "rollout", spy)
+    fp32 = grpo(GRPOConfig(out_dir=str(tmp_path / "fp32"), precision="fp32", **kw), extra_rewards=extra)
+    assert set(dtypes) == {torch.float32}
+    dtypes.clear()
+    full = grpo(GRPOConfig(out_dir=str(tmp_path / "a"), precision="bf16", **kw), extra_rewards=extra)
+    assert set(dtypes) == {torch.bfloat16}
+    grpo(GRPOConfig(out_dir=str(tmp_path / "b"), precision="bf16", stop_after=3, **kw), extra_rewards=extra)
+    resumed = grpo(GRPOConfig(out_dir=str(tmp_path / "b"), precision="bf16", **kw), extra_rewards=extra)
+    rewards = lambda out: [(r["reward"], r["loss"]) for r in read_metrics(out.parent) if "reward" in r]
+    assert rewards(full) == rewards(resumed)
+    assert rewards(full) != rewards(fp32)
+    sa, sb = nanoseek.from_pretrained(full).state_dict(), nanoseek.from_pretrained(resumed).state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with safe_open(str(next(full.glob("*.safetensors"))), "pt") as st:  # written from the fp32 masters
+        assert {st.get_tensor(k).dtype for k in st.keys()} == {torch.float32}
+
+
 @pytest.mark.parametrize("field,value", [("num_generations", 1), ("temperature", 0.0), ("loss_type", "ppo"),
+                                         ("precision", "fp8"),
                                          ("tasks", ["chess"]), ("reward_weights", {"vibes": 1.0})])
 def test_bad_grpo_config_is_named(field, value):
     with pytest.raises(ValueError, match=field):

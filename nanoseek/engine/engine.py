@@ -158,9 +158,13 @@ class Engine:
         p = next(model.parameters())
         self.device = torch.device(device) if device is not None else p.device
         self.dtype = dtype if dtype is not None else p.dtype
-        tensors = itertools.chain(model.parameters(), model.buffers())
-        if any(t.device != self.device or (t.is_floating_point() and t.dtype != self.dtype) for t in tensors):
-            model.to(device=self.device, dtype=self.dtype)  # a no-op .to() still walks every module (ms a rollout)
+        # moved / cast only when asked and needed: a no-op .to() still walks every module (ms a GRPO rollout), and
+        # without `dtype` a mixed model keeps its dtypes (bf16 training keeps the router weights fp32)
+        tensors = list(itertools.chain(model.parameters(), model.buffers()))
+        if any(t.device != self.device for t in tensors):
+            model.to(device=self.device)
+        if dtype is not None and any(t.is_floating_point() and t.dtype != dtype for t in model.parameters()):
+            model.to(dtype=dtype)
         self.model = model.eval()
         self.tokenizer, self.max_batch_size, self.max_len = tokenizer, max_batch_size, max_len
         self.prefill_chunk = prefill_chunk

@@ -38,8 +38,9 @@ import math
 import random
 import sys
 import time
-from types import SimpleNamespace
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -114,6 +115,9 @@ class GRPOConfig:
     adam_beta2: float = 0.95  # TRL / transformers default 0.999
     adam_epsilon: float = 1e-8
     grad_clip: float = 1.0  # TRL's max_grad_norm
+    # fp32 | bf16 (bf16 weights for rollouts and training, fp32 masters and AdamW state) | amp; auto: fp32 on CPU,
+    # amp on GPU (nanoseek.precision)
+    precision: str = "auto"
     num_iterations: int = 1  # optimizer steps per rollout (mu), reusing the stored old log-probs
     minibatch_size: int = 16  # sequences per forward/backward
     skip_zero_advantage: bool = True  # no forward/backward for rows with A = 0 and no KL term (same gradient)
@@ -184,6 +188,8 @@ class GRPOConfig:
             ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
             ("top_k", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0"),
             ("lr", lambda v: v > 0, "must be > 0"),
+            ("precision", lambda v: v in ("auto", "fp32", "bf16", "amp"),
+             "must be auto, fp32, bf16 or amp (GRPO has no FP8 training path)"),
             ("lr_schedule", lambda v: v in ("constant", "cosine"), "must be constant or cosine"),
             ("min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
             ("num_iterations", lambda v: isinstance(v, int) and v >= 1, "must be an integer >= 1"),
@@ -590,7 +596,7 @@ class StepBatch:
 
 
 def step_batch(ref, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tensor, pad_id: int, moe_layers: int, K: int,
-               device, dist=None) -> StepBatch:
+               device, dist=None, ctx=nullcontext()) -> StepBatch:
     """The StepBatch of a rollout. Distributed, the normalisers (sequences, live sequences, dapo's tokens) are
     summed over the ranks."""
     host = build_batch(seqs, pad_id, moe_layers, K, cfg.keep_sampling_mask, cfg.keep_routing)
@@ -619,7 +625,7 @@ def step_batch(ref, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tensor, pad_id
                    kl=ref is not None)
     mb = cfg.minibatch_size
     if ref is not None and len(train_rows):
-        with torch.no_grad():
+        with torch.no_grad(), ctx:
             sb.ref_lp = torch.cat([policy_logprobs(ref, batch, train_rows[i:i + mb], cfg.temperature, False,
                                                    cfg.keep_sampling_mask,
                                                    packed=sb.packed(cfg, train_rows[i:i + mb], pad_id, device))[0]
@@ -629,7 +635,8 @@ def step_batch(ref, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tensor, pad_id
     return sb
 
 
-def minibatch_loss(model, sb: StepBatch, cfg: GRPOConfig, i: int, it: int, pad_id: int, device, W: int = 1):
+def minibatch_loss(model, sb: StepBatch, cfg: GRPOConfig, i: int, it: int, pad_id: int, device, W: int = 1,
+                   ctx=nullcontext()):
     """The loss of minibatch i (rows train_rows[i:i + minibatch_size]) in iteration `it`, scaled to its share of the
     step's loss; (loss, grpo_loss statistics, entropies or None, loss mask, idle). idle: this rank has no rows left
     (distributed), so the minibatch is a zero-loss forward on one row."""
@@ -638,8 +645,9 @@ def minibatch_loss(model, sb: StepBatch, cfg: GRPOConfig, i: int, it: int, pad_i
     if idle:
         rows = sb.rows_all[:1]
     batch = sb.batch
-    logp, ent = policy_logprobs(model, batch, rows, cfg.temperature, cfg.keep_routing, cfg.keep_sampling_mask,
-                                want_entropy=(it == 0), packed=sb.packed(cfg, rows, pad_id, device))
+    with ctx:  # the forward under the precision's autocast (amp); logits are upcast to fp32 inside
+        logp, ent = policy_logprobs(model, batch, rows, cfg.temperature, cfg.keep_routing, cfg.keep_sampling_mask,
+                                    want_entropy=(it == 0), packed=sb.packed(cfg, rows, pad_id, device))
     m, a, sampler_old = batch["mask"][rows], sb.adv[rows], batch["old"][rows]
     old, is_w = sampler_old, None
     if sb.trainer_old is not None:  # TIS: pi_old is the trainer's own log-prob before the first update
@@ -663,7 +671,7 @@ def minibatch_loss(model, sb: StepBatch, cfg: GRPOConfig, i: int, it: int, pad_i
 
 
 def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tensor, pad_id: int, moe_layers: int,
-             K: int, device, step: int | None = None, dist=None) -> dict:
+             K: int, device, step: int | None = None, dist=None, ctx=nullcontext()) -> dict:
     """`num_iterations` optimizer steps over one rollout (GRPO step `step`, for error messages); returns the metrics
     (means over minibatches and iterations): loss, the grpo_loss statistics, entropy (first iteration), trained_frac,
     grad_norm.
@@ -672,7 +680,7 @@ def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tens
     tokens) count every rank's, each minibatch loss is multiplied by W (FSDP averages the ranks' gradients), and
     every rank runs as many minibatches as the busiest one (the extra ones with a zero loss: FSDP and expert
     parallelism need every rank in every forward and backward). bnpo normalises per minibatch, which differ."""
-    sb = step_batch(ref, cfg, seqs, adv, pad_id, moe_layers, K, device, dist)
+    sb = step_batch(ref, cfg, seqs, adv, pad_id, moe_layers, K, device, dist, ctx)
     W = 1 if dist is None else dist.world_size
     model.train()
     stats: dict[str, float] = {}
@@ -688,7 +696,7 @@ def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tens
     for it in range(cfg.num_iterations if n_batches else 0):
         loss_sum = 0.0
         for i in range(0, n_batches * cfg.minibatch_size, cfg.minibatch_size):
-            loss, st, ent, m, idle = minibatch_loss(model, sb, cfg, i, it, pad_id, device, W)
+            loss, st, ent, m, idle = minibatch_loss(model, sb, cfg, i, it, pad_id, device, W, ctx)
             loss.backward()
             loss_sum += float(loss.detach())
             if idle:
@@ -814,9 +822,11 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
         ref_src = run.resume_from / "ref" if run.resumed and (run.resume_from / "ref").exists() else cfg.init_from
         ref = load_model(ref_src, dtype=torch.float32, device=run.device).eval()
         ref.requires_grad_(False)
-    model, opt, _ = run.prepare(model, lambda named: C.make_optimizer(
+    # precision wraps the fp32 model from outside (bf16: bf16 weights between steps, so rollouts and training run
+    # in bf16, fp32 masters in the optimizer); under torchrun FSDP's policy, the samplers stay fp32 copies
+    model, opt, ctx = run.prepare(model, lambda named: C.make_optimizer(
         model, cfg.lr, cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, params=named),
-        "fp32")
+        P.resolve(cfg.precision, device=run.device))
     # the effective settings; "speciale" says they came from speciale_config
     run.restore(opt, config_json=json.dumps({**dataclasses.asdict(cfg), "speciale": speciale}, indent=2) + "\n",
                 model=model)
@@ -830,7 +840,7 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
     if not run.resumed and evaluate is not None:
         run.log(0, **evaluate())
     refreshed = lambda step: ref is not None and cfg.ref_refresh_every and step >= cfg.ref_refresh_every
-    return run.fit(make_train_step(cfg, model, ref, tokenizer, tasks, reward_fn, run.device, sampler, run.dist),
+    return run.fit(make_train_step(cfg, model, ref, tokenizer, tasks, reward_fn, run.device, sampler, run.dist, ctx),
                    cfg.steps, model,
                    tokenizer, lr_at=lambda step, elapsed_s: grpo_lr(cfg, step, elapsed_s), evaluate=evaluate,
                    extras=lambda step: {"ref": ref} if refreshed(step) else None,
@@ -886,7 +896,8 @@ def make_evaluator(cfg: GRPOConfig, model, tokenizer, held_out: list, reward_fn,
     return run_eval
 
 
-def make_train_step(cfg: GRPOConfig, model, ref, tokenizer, tasks, reward_fn, device, sampler=None, dist=None):
+def make_train_step(cfg: GRPOConfig, model, ref, tokenizer, tasks, reward_fn, device, sampler=None, dist=None,
+                    ctx=nullcontext()):
     """One GRPO step: sample and score the groups, then `optimise` (num_iterations optimizer steps) on their
     advantages; the reference model is refreshed every ref_refresh_every steps.
 
@@ -919,7 +930,7 @@ def make_train_step(cfg: GRPOConfig, model, ref, tokenizer, tasks, reward_fn, de
                 n = len(seqs)
                 adv = adv[dist.rank * n:(dist.rank + 1) * n]
             metrics.update(optimise(model, ref, opt, cfg, seqs, adv, tokenizer.pad_id, moe_layers, K, device, step,
-                                    dist))
+                                    dist, ctx))
         if sampler is not model:
             from ..parallel import copy_full_weights
 
