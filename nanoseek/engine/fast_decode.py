@@ -141,6 +141,9 @@ class _Layer:
         return new
 
 
+_UNFLATTENED = object()  # FastDecoder._flat before the first compiled call after a repack
+
+
 def _flatten(layers: list[_Layer]) -> torch.Tensor | None:
     """Move every packed tensor of `layers` into one flat buffer (each becomes a view of it, `spec` records
     where); None, leaving the layers as they are, when the tensors do not share one dtype and device."""
@@ -226,7 +229,7 @@ class FastDecoder:
         m, cfg = self.model, self.model.config
         with torch.no_grad():
             self.layers = [_Layer(layer) for layer in m.model.layers[: cfg.num_hidden_layers]]
-            self._flat = _flatten(self.layers)
+            self._flat = _UNFLATTENED  # flattened on the first compiled call: eager steps do not need it
             self.mtp = [_MTP(layer) for layer in m.mtp_layers]
             self.embed = m.model.embed_tokens.weight.detach()
             self.w_norm, self.eps_norm = m.model.norm.weight.detach(), m.model.norm.eps
@@ -285,6 +288,8 @@ class FastDecoder:
         if S > cache.max_len:
             raise ValueError(f"position {S - 1} is beyond the cache length {cache.max_len}")
         if self.compile if compiled is None else compiled:
+            if self._flat is _UNFLATTENED:
+                self._flat = _flatten(self.layers)  # None: mixed dtypes, the layers stay as they are
             return self.compiled_run()(self._flat, ids, positions, cache.latent, S)
         return self._run(ids, positions, cache.latent, S)
 
