@@ -123,6 +123,8 @@ HELP = {
     "GRPOConfig.num_generations": "completions sampled per problem (the group size G)",
     "GRPOConfig.adam_beta2": "AdamW beta2 (default: 0.95; TRL / transformers use 0.999)",
     "GRPOConfig.grad_clip": "clip the global gradient norm to this (TRL's max_grad_norm)",
+    "DSAConfig.precision": "fp32, bf16 (bf16 weights, fp32 master weights and AdamW state, carried from the warm-up "
+                           "into the sparse phase) or amp (default auto: fp32 on CPU, amp on GPU)",
     "GRPOConfig.precision": "fp32, bf16 (bf16 weights for rollouts and training, fp32 master weights and AdamW "
                             "state) or amp (default auto: fp32 on CPU, amp on GPU); no FP8 path in GRPO",
     "GRPOConfig.eval_every": "evaluate on held-out problems every this many steps; 0 = no evaluation",

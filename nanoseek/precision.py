@@ -189,6 +189,17 @@ class MasterWeights:
         self.optimizer.load_state_dict(sd)
         self.sync_model()
 
+    @torch.no_grad()
+    def release(self) -> None:
+        """Give the model its fp32 weights back (the masters' values) and stop accumulating into the masters: before
+        a new optimizer over the same model (DSA's next phase builds its own MasterWeights from them)."""
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        for p, m in self.pairs:
+            p.data = m.data
+        self.pairs = []
+
     @contextmanager
     def full_precision(self):
         """The model holds the fp32 masters inside the block (for saving checkpoints), its bf16 weights after."""

@@ -95,6 +95,34 @@ def test_resume_mid_run_matches(micro_base, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_bf16_keeps_fp32_masters_across_the_phase_change_and_resumes_bit_exact(micro_base, tmp_path, monkeypatch):
+    """precision="bf16": each phase's optimizer holds fp32 masters; the sparse phase starts from the warm-up's
+    masters (the frozen weights' fp32 values, not their bf16 roundings), and a run stopped in either phase and
+    resumed ends bit for bit where the uninterrupted run does."""
+    from nanoseek import precision as P
+
+    masters = []  # per MasterWeights built: parameter name -> its fp32 master at construction
+
+    class Spy(P.MasterWeights):
+        def __init__(self, model, *a, **k):
+            super().__init__(model, *a, **k)
+            names = {id(p): n for n, p in model.named_parameters()}
+            masters.append({names[id(p)]: m.detach().clone() for p, m in self.pairs})
+    monkeypatch.setattr(P, "MasterWeights", Spy)
+    kw = dict(init_from=str(micro_base), index_topk=16, seq_len=128, batch_size=2, warmup_steps=3, sparse_steps=3,
+              embedded_docs=300, tensorboard=False, save_every=100, precision="bf16")
+    a = dsa(DSAConfig(out_dir=str(tmp_path / "a"), **kw))
+    assert len(masters) == 2  # one per phase
+    base = nanoseek.from_pretrained(micro_base).state_dict()
+    main = [n for n in masters[1] if ".indexer." not in n and n in base]
+    assert main and all(torch.equal(masters[1][n], base[n]) for n in main)
+    for stop in (2, 4):  # in the warm-up, in the sparse phase
+        dsa(DSAConfig(out_dir=str(tmp_path / f"s{stop}"), stop_after=stop, **kw))
+        b = dsa(DSAConfig(out_dir=str(tmp_path / f"s{stop}"), **kw))
+        sa, sb = nanoseek.from_pretrained(a).state_dict(), nanoseek.from_pretrained(b).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), stop
+
+
 def test_dsa_output_loads_in_transformers(micro_base, tmp_path):
     import transformers
 
@@ -114,6 +142,8 @@ def test_bad_dsa_config_is_named(micro_base, tmp_path):
         DSAConfig(init_from=str(micro_base), index_topk=64, seq_len=64)
     with pytest.raises(ValueError, match="init_from"):
         DSAConfig(init_from=str(tmp_path))
+    with pytest.raises(ValueError, match="precision"):
+        DSAConfig(init_from=str(micro_base), precision="fp8")
 
 
 # ---------------------------------------------------------------------------------------------- the indexer loss

@@ -69,7 +69,10 @@ class DSAConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     device: str | None = None
-    dtype: str = "auto"
+    # fp32 | bf16 (bf16 weights between steps, fp32 masters and AdamW state, per phase) | amp; auto: fp32 on CPU,
+    # amp on GPU (nanoseek.precision)
+    precision: str = "auto"
+    dtype: str = "auto"  # deprecated alias of precision (float32 -> fp32, bfloat16 -> bf16)
     resume: bool = True
     stop_after: int | None = None  # checkpoint and stop at this step (a later call resumes)
     time_limit_s: float | None = None  # wall-clock budget: the step that spends it is the last (checkpointed, published)
@@ -79,6 +82,8 @@ class DSAConfig:
     def __post_init__(self):
         C.validate_fields(self, [
             ("ep", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "must be an integer >= 1"),
+            ("precision", lambda v: v in ("auto", "fp32", "bf16", "amp"),
+             "must be auto, fp32, bf16 or amp (DSA has no FP8 training path)"),
             ("index_topk", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
             ("seq_len", lambda v: isinstance(v, int) and v > self.index_topk,
              f"must exceed index_topk={self.index_topk} (otherwise DSA equals dense attention)"),
@@ -165,7 +170,8 @@ def dsa(cfg: DSAConfig, progress: C.Progress | None = None) -> Path:
 
     run = Trainer("dsa", cfg, progress)  # device, seed, the checkpoint to resume from
     device = run.device
-    ctx = C.autocast_ctx(device, cfg.dtype)
+    precision = P.resolve(cfg.precision, cfg.dtype, device=device)
+    ctx = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "amp" else nullcontext()
     tokenizer = Tokenizer.load(cfg.init_from)
     data_cfg = PretrainConfig(out_dir=cfg.out_dir, data=cfg.data, embedded_docs=cfg.embedded_docs, seq_len=cfg.seq_len,
                               seed=cfg.seed + 1, steps=1, warmup=0)
@@ -181,16 +187,25 @@ def dsa(cfg: DSAConfig, progress: C.Progress | None = None) -> Path:
     dense_loss = dense_eval_loss(reference.eval(), held, cfg, device, ctx)
     del reference
     if run.distributed:  # FSDP2 (+ EP): fp32, or bf16 compute with fp32 masters where the run would autocast
-        model = run.parallelize(model, "fp32" if isinstance(ctx, nullcontext) else "bf16")
+        model = run.parallelize(model, "fp32" if precision == "fp32" else "bf16")
         ctx = nullcontext()
     evaluate = lambda: evaluate_dsa(model, held, cfg, device, ctx, dense_loss)
     if not run.resumed:
         init = evaluate()  # before training: the fresh indexers' recall, the sparse and dense losses
 
+    masters: list = []  # bf16: the phase's MasterWeights (the next phase starts from its fp32 masters)
+
     def make_opt(stage: str):  # warm-up: the indexers only; sparse: everything (sharded parameters too)
         for n, p in model.named_parameters():
             p.requires_grad_(stage == "sparse" or ".indexer." in n)
-        return C.make_optimizer(model, cfg.warmup_lr if stage == "warmup" else cfg.sparse_lr, cfg.weight_decay)
+        lr = cfg.warmup_lr if stage == "warmup" else cfg.sparse_lr
+        if precision != "bf16" or run.distributed:
+            return C.make_optimizer(model, lr, cfg.weight_decay)
+        if masters:
+            masters.pop().release()
+        masters.append(P.MasterWeights(model, lambda named: C.make_optimizer(model, lr, cfg.weight_decay,
+                                                                             params=named)))
+        return masters[-1]
 
     run.restore(Phases(lambda step: stage_of(cfg, step), make_opt),
                 load_state=lambda st: train.load_state_dict(st["data"]),
