@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,11 @@ class DSAConfig:
     index_head_dim: int | None = None
     data: list[str] = dataclasses.field(default_factory=list)
     embedded_docs: int = 2000
+    # the embedded corpus's focus, as in PretrainConfig: give pre-training's (a model pre-trained on English
+    # arithmetic and continued here on all tasks and languages loses what it learned)
+    embedded_tasks: list[str] = dataclasses.field(default_factory=list)  # empty = all
+    embedded_levels: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3, 4, 5])
+    embedded_langs: list[str] = dataclasses.field(default_factory=lambda: ["en", "zh"])
     seq_len: int = 256
     batch_size: int = 8
     warmup_steps: int = 60  # stage 1: indexer only, dense attention
@@ -135,6 +142,17 @@ def eval_batches(held, cfg: DSAConfig, device):
 
 
 @torch.no_grad()
+def check_data_fits(dense_loss: float, vocab_size: int, cfg: DSAConfig) -> None:
+    """Warn when the dense model predicts the DSA data worse than a uniform guess (loss > ln V): the data is not
+    what it was trained on, and the sparse stage would retrain the whole model on it."""
+    if dense_loss > math.log(vocab_size):
+        warnings.warn(f"DSA: the dense model's loss on this stage's data is {dense_loss:.2f}, above a uniform guess "
+                      f"(ln {vocab_size} = {math.log(vocab_size):.2f}): the data differs from the model's "
+                      f"pre-training data (data={cfg.data}, embedded_tasks={cfg.embedded_tasks}, embedded_langs="
+                      f"{cfg.embedded_langs}, embedded_levels={cfg.embedded_levels}); give pre-training's",
+                      stacklevel=3)
+
+
 def dense_eval_loss(reference, held, cfg: DSAConfig, device, ctx) -> float:
     """The dense model's LM loss on the held-out batches: a constant of the run (that model is frozen), so it is
     computed once and the model dropped (no rank keeps a full copy of it beside its shards)."""
@@ -174,7 +192,8 @@ def dsa(cfg: DSAConfig, progress: C.Progress | None = None) -> Path:
     ctx = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "amp" else nullcontext()
     tokenizer = Tokenizer.load(cfg.init_from)
     data_cfg = PretrainConfig(out_dir=cfg.out_dir, data=cfg.data, embedded_docs=cfg.embedded_docs, seq_len=cfg.seq_len,
-                              seed=cfg.seed + 1, steps=1, warmup=0)
+                              embedded_tasks=cfg.embedded_tasks, embedded_levels=cfg.embedded_levels,
+                              embedded_langs=cfg.embedded_langs, seed=cfg.seed + 1, steps=1, warmup=0)
     _, train, held = build_data(data_cfg, tokenizer)
     reference = load_pretrained(cfg.init_from, dtype=torch.float32, device=device)
     if reference.config.use_dsa:
@@ -185,6 +204,7 @@ def dsa(cfg: DSAConfig, progress: C.Progress | None = None) -> Path:
     else:
         model = add_indexer(reference, cfg.index_topk, cfg.index_n_heads, cfg.index_head_dim, cfg.seed)
     dense_loss = dense_eval_loss(reference.eval(), held, cfg, device, ctx)
+    check_data_fits(dense_loss, reference.config.vocab_size, cfg)
     del reference
     if run.distributed:  # FSDP2 (+ EP): fp32, or bf16 compute with fp32 masters where the run would autocast
         model = run.parallelize(model, "fp32" if precision == "fp32" else "bf16")
