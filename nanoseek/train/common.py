@@ -37,13 +37,6 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_ctx(device: torch.device, dtype: str = "auto"):
-    """bf16 autocast on GPU, plain fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
-    if dtype == "float32" or (dtype == "auto" and device.type == "cpu"):
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)

@@ -141,7 +141,6 @@ def eval_batches(held, cfg: DSAConfig, device):
     held.load_state_dict(state)
 
 
-@torch.no_grad()
 def check_data_fits(dense_loss: float, vocab_size: int, cfg: DSAConfig) -> None:
     """Warn when the dense model predicts the DSA data worse than a uniform guess (loss > ln V): the data is not
     what it was trained on, and the sparse stage would retrain the whole model on it."""
@@ -153,6 +152,7 @@ def check_data_fits(dense_loss: float, vocab_size: int, cfg: DSAConfig) -> None:
                       stacklevel=3)
 
 
+@torch.no_grad()
 def dense_eval_loss(reference, held, cfg: DSAConfig, device, ctx) -> float:
     """The dense model's LM loss on the held-out batches: a constant of the run (that model is frozen), so it is
     computed once and the model dropped (no rank keeps a full copy of it beside its shards)."""
