@@ -15,7 +15,6 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
