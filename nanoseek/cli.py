@@ -102,6 +102,8 @@ HELP = {
     "eval_max_tokens": "tokens per held-out completion at most; None = max_tokens",
     "num_prompts": "problems to sample from",
     "samples_per_prompt": "teacher samples per problem",
+    "student_from": "scratch: a fresh Qwen2-compatible student of --student-preset; teacher: the teacher with "
+                    "each MoE layer merged into a dense SwiGLU (as `nanoseek prune --dense`)",
     "student_preset": "dense student preset (DenseConfig), sized from the teacher",
     "student_overrides": "DenseConfig fields to change from the student preset; a JSON object",
     "max_len": "tokens per training row; longer samples are truncated",
@@ -483,8 +485,13 @@ def cmd_prune(args) -> None:
     from .prune import prune
 
     info = prune(args.model, args.out, args.keep_experts, args.calib, args.num_samples, args.ablate_routed,
-                 args.ablate_shared)
-    if args.keep_experts is not None:
+                 args.ablate_shared, dense=args.dense)
+    if args.dense:
+        print(f"merged every MoE layer into a dense SwiGLU (shared expert + the routed experts of largest mean "
+              f"combine weight over {info['calibration_sequences']} calibration sequences):")
+        for layer, ids in info["kept"].items():
+            print(f"  layer {layer}: experts {ids}, scaled {info['scale'][layer]}")
+    elif args.keep_experts is not None:
         groups = (f"group-limited routing kept (n_group {info['n_group']}, topk_group {info['topk_group']})"
                   if info["group_limited"] else "group-limited routing off (n_group = topk_group = 1)")
         print(f"kept {info['n_routed_experts']} of {info['n_routed_experts_before']} routed experts per MoE layer "
@@ -623,6 +630,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="zero these MoE layers' routed experts (their output becomes exactly 0)")
     s.add_argument("--ablate-shared", type=int, nargs="+", default=[], metavar="LAYER",
                    help="zero these MoE layers' shared expert")
+    s.add_argument("--dense", action="store_true",
+                   help="merge each MoE layer into a dense SwiGLU of intermediate_size: the shared expert and the "
+                        "--keep-experts routed experts of largest mean combine weight (default: as many as fit)")
     s.set_defaults(fn=cmd_prune)
 
     s = sub.add_parser("plan", help="per-rank memory of a parallelism plan, simulated on a fake process group")

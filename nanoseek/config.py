@@ -250,8 +250,8 @@ class ModelConfig(HFConfigFile):
             rp.update({k: v for k, v in self.rope_scaling.items() if k not in ("type", "rope_type")})
             d["rope_scaling"] = {**{k: v for k, v in self.rope_scaling.items() if k != "rope_type"}, "type": self.rope_type}
         d["rope_parameters"] = rp
-        if self.n_routed_experts == 0:
-            d["n_routed_experts"] = None
+        if self.n_routed_experts == 0:  # a dense model: every layer dense for every reader (transformers takes
+            d["first_k_dense_replace"] = self.num_hidden_layers  # only ints; vLLM builds MoE from this index on)
         return d
 
     @classmethod

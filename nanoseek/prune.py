@@ -19,7 +19,13 @@ Ablations (same shapes, a valid checkpoint): `ablate_routed` layers lose their r
 and `ablate_shared` layers their shared expert's, by zeroing the down projections (an expert with a zero
 down_proj adds exactly 0 to the residual stream).
 
-Shape legend: E = routed experts, K' = kept experts, D = hidden, I = expert width.
+Densifying (`densify`, `nanoseek prune --dense`) turns every MoE layer into a dense SwiGLU of the model's
+`intermediate_size`: the shared expert's rows followed by the `keep` routed experts with the largest mean combine
+weight on the calibration set (0 for a token that did not choose it), each expert's down projection scaled by that
+mean, the kept means rescaled to the layer's total. With constant routing (every expert chosen with the same weight)
+the dense layer equals the MoE layer exactly; otherwise it is the starting point of a distilled dense student.
+
+Shape legend: E = routed experts, K' = kept experts, D = hidden, I = expert width, F = dense width.
 """
 
 from __future__ import annotations
@@ -80,10 +86,22 @@ def moe_layers(model: DeepSeekModel) -> list[tuple[int, torch.nn.Module]]:
     return [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if getattr(layer, "is_moe", False)]
 
 
-@torch.no_grad()
 def expert_loads(model: DeepSeekModel, token_lists: list[list[int]]) -> dict[int, torch.Tensor]:
     """{layer index: (E,) fp32 tokens routed to each expert} over the calibration sequences (one forward each,
     MTP modules included when the model has them)."""
+    return _router_totals(model, token_lists)[0]
+
+
+def mean_combine_weights(model: DeepSeekModel, token_lists: list[list[int]]) -> dict[int, torch.Tensor]:
+    """{layer index: (E,) fp32 mean over calibration tokens of each expert's combine weight (routed scaling
+    included; 0 for a token that did not route to it)}: the weight a dense merge gives each expert."""
+    _, weights, tokens = _router_totals(model, token_lists)
+    return {i: w / max(1, tokens[i]) for i, w in weights.items()}
+
+
+@torch.no_grad()
+def _router_totals(model: DeepSeekModel, token_lists: list[list[int]]):
+    """Per MoE layer: (E,) routed token counts, (E,) summed combine weights, and the number of tokens seen."""
     if not token_lists:
         raise ValueError("no calibration sequences (all were empty after tokenising)")
     layers = moe_layers(model)
@@ -93,6 +111,8 @@ def expert_loads(model: DeepSeekModel, token_lists: list[list[int]]) -> dict[int
     model.eval()
     dev = next(model.parameters()).device
     totals = {i: torch.zeros(m.gate.E) for i, m in layers}
+    weights = {i: torch.zeros(m.gate.E) for i, m in layers}
+    tokens = {i: 0 for i, _ in layers}
     mtp = model.config.num_nextn_predict_layers > 0
     for ids in token_lists:
         x = torch.tensor([ids], device=dev)
@@ -101,8 +121,10 @@ def expert_loads(model: DeepSeekModel, token_lists: list[list[int]]) -> dict[int
         out = model(x, mtp=mtp)
         for (i, _), r in zip(layers, list(out.router) + list(out.mtp_router)):
             totals[i] += r.load.cpu()
+            weights[i].index_add_(0, r.expert_ids.reshape(-1).cpu(), r.weights.reshape(-1).float().cpu())
+            tokens[i] += r.expert_ids[..., 0].numel()
     model.train(was_training)
-    return totals
+    return totals, weights, tokens
 
 
 def _keep_ids(load: torch.Tensor, keep: int, n_group: int, by_group: bool) -> torch.Tensor:
@@ -168,6 +190,71 @@ def prune_experts(model: DeepSeekModel, loads: dict[int, torch.Tensor], keep: in
     return new, info
 
 
+def dense_keep(config) -> int:
+    """Routed experts a dense merge keeps by default: as many as fit beside the shared expert in the dense
+    layers' intermediate_size (the tiny preset: (384 - 64) / 64 = 5; V3: (18432 - 2048) / 2048 = 8)."""
+    return (config.intermediate_size - config.n_shared_experts * config.moe_intermediate_size) // \
+        config.moe_intermediate_size
+
+
+@torch.no_grad()
+def densify(model: DeepSeekModel, weights: dict[int, torch.Tensor], keep: int | None = None
+            ) -> tuple[DeepSeekModel, dict]:
+    """A new dense DeepSeekModel (n_routed_experts 0, every layer a SwiGLU of intermediate_size F): each MoE
+    layer becomes [shared expert; the `keep` routed experts of largest mean combine weight `weights[layer]`],
+    expert e's down projection times its mean weight (the kept means rescaled to the layer's total), zero rows
+    padding the width to F. Returns (model, info) with info = {"kept": {layer: ids}, "scale": {layer: [..]}}."""
+    cfg = model.config
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("the model has no MoE layers: nothing to densify")
+    E, I, F = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.intermediate_size
+    keep = dense_keep(cfg) if keep is None else keep
+    if not isinstance(keep, int) or not 1 <= keep <= E or (cfg.n_shared_experts + keep) * I > F:
+        raise ValueError(f"--keep-experts {keep}: a dense merge keeps 1 to {min(E, dense_keep(cfg))} routed experts "
+                         f"(n_shared_experts {cfg.n_shared_experts} + kept, each {I} wide, within intermediate_size {F})")
+    sd = dict(model.state_dict())
+    info: dict = {"kept": {}, "scale": {}}
+    for i, moe in layers:
+        w = weights[i].float()
+        ids = sorted(sorted(range(E), key=lambda e: (-float(w[e]), e))[:keep])
+        scale = w[ids] * (w.sum() / w[ids].sum().clamp_min(1e-20))
+        prefix = next(n for n, m in model.named_modules() if m is moe)
+        gate_up, down = moe.experts.gate_up_proj.float(), moe.experts.down_proj.float()
+        parts = [(gate_up[e, :I], gate_up[e, I:], down[e] * scale[j]) for j, e in enumerate(ids)]
+        if moe.shared_experts is not None:
+            s = moe.shared_experts
+            parts.insert(0, (s.gate_proj.weight.float(), s.up_proj.weight.float(), s.down_proj.weight.float()))
+        g, u, d = (torch.cat(t, dim=1 if k == 2 else 0) for k, t in enumerate(zip(*parts)))
+        pad = F - g.shape[0]
+        for key in [k for k in sd if k.startswith(prefix + ".")]:
+            del sd[key]
+        sd[f"{prefix}.gate_proj.weight"] = _pad_zeros(g, pad, 0)
+        sd[f"{prefix}.up_proj.weight"] = _pad_zeros(u, pad, 0)
+        sd[f"{prefix}.down_proj.weight"] = _pad_zeros(d, pad, 1)
+        info["kept"][i], info["scale"][i] = ids, [round(float(x), 6) for x in scale]
+    new_cfg = cfg.replace(n_routed_experts=0, first_k_dense_replace=cfg.num_hidden_layers)
+    with torch.device("meta"):
+        new = DeepSeekModel(new_cfg)
+    dtype = next(model.parameters()).dtype
+    new.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, strict=True,
+                        assign=True)
+    if new_cfg.tie_word_embeddings:
+        new.lm_head.weight = new.model.embed_tokens.weight
+    new.reset_rope()
+    new.to(next(model.parameters()).device)
+    return new.eval(), info
+
+
+def _pad_zeros(w: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """w with n zero rows (dim 0) or columns (dim 1) appended."""
+    if n == 0:
+        return w.contiguous()
+    shape = list(w.shape)
+    shape[dim] = n
+    return torch.cat([w, w.new_zeros(shape)], dim=dim)
+
+
 @torch.no_grad()
 def ablate(model: DeepSeekModel, routed_layers=(), shared_layers=()) -> None:
     """In place: zero the routed experts' down projections of `routed_layers` and the shared expert's of
@@ -187,14 +274,22 @@ def ablate(model: DeepSeekModel, routed_layers=(), shared_layers=()) -> None:
 
 
 def prune(model_dir, out_dir, keep_experts: int | None = None, calib: str = "embedded", num_samples: int = 128,
-          ablate_routed=(), ablate_shared=(), max_len: int = 512) -> dict:
+          ablate_routed=(), ablate_shared=(), max_len: int = 512, dense: bool = False) -> dict:
     """Load `model_dir`, count expert loads on the calibration set, keep `keep_experts` per layer (None: all,
-    e.g. for ablations only), apply the ablations, write `out_dir` (config, weights, tokenizer, prune.json)."""
+    e.g. for ablations only), apply the ablations, write `out_dir` (config, weights, tokenizer, prune.json).
+    dense: merge every MoE layer into a dense one instead (`densify`; keep_experts None = as many as fit)."""
     from .checkpoint import load_pretrained
     from .tokenizer import Tokenizer
 
     model = load_pretrained(model_dir, dtype=torch.float32)
     info: dict = {"source": str(model_dir), "n_routed_experts_before": model.config.n_routed_experts}
+    if dense:
+        ablate(model, ablate_routed, ablate_shared)
+        seqs = calibration_token_lists(Tokenizer.load(str(model_dir)), calib, num_samples,
+                                       min(max_len, model.config.max_position_embeddings))
+        model, merged = densify(model, mean_combine_weights(model, seqs), keep_experts)
+        info.update(merged, dense=True, calib=calib, calibration_sequences=len(seqs))
+        return _write(model, model_dir, out_dir, info)
     if keep_experts is not None:
         check_keep(model.config, keep_experts)  # before the calibration forwards, not after them
         tok = Tokenizer.load(str(model_dir))
@@ -206,6 +301,10 @@ def prune(model_dir, out_dir, keep_experts: int | None = None, calib: str = "emb
     ablate(model, ablate_routed, ablate_shared)
     info.update(n_routed_experts=model.config.n_routed_experts, ablate_routed=list(ablate_routed),
                 ablate_shared=list(ablate_shared))
+    return _write(model, model_dir, out_dir, info)
+
+
+def _write(model: DeepSeekModel, model_dir, out_dir, info: dict) -> dict:
     out = Path(out_dir)
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):

@@ -51,10 +51,12 @@ def test_micro_run_end_to_end_killed_and_resumed(tmp_path):
 
     for stage, arch in (("pretrain", "DeepseekV3ForCausalLM"), ("dsa", "DeepseekV32ForCausalLM"),
                         ("sft", "DeepseekV32ForCausalLM"), ("grpo", "DeepseekV32ForCausalLM"),
-                        ("distill", "Qwen2ForCausalLM")):
+                        ("distill", "DeepseekV32ForCausalLM")):  # the student: the teacher made dense
         folder = out / stage / "model"
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         assert type(model).__name__ == arch
+        if stage == "distill":
+            assert model.config.first_k_dense_replace == model.config.num_hidden_layers  # no MoE layer
         tok = transformers.AutoTokenizer.from_pretrained(folder)
         ids = tok.apply_chat_template([{"role": "user", "content": "1+1"}], add_generation_prompt=True, thinking=True)
         ids = ids["input_ids"] if not isinstance(ids, list) else ids

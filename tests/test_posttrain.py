@@ -74,6 +74,35 @@ def test_distillation_trains_a_qwen2_student_on_teacher_samples(teacher, tmp_pat
     assert 0 <= res["pass@1"] <= 1 and json.loads((tmp_path / "e.json").read_text())["k"] == 2
 
 
+def test_distillation_into_the_teacher_made_dense(teacher, tmp_path):
+    """student_from="teacher": the student starts as the teacher with its MoE layers merged into dense SwiGLUs, so
+    it starts knowing what the teacher knows (a fresh student starts near a uniform guess, ln V), and the
+    distilled folder is a dense DeepSeek model transformers reads."""
+    import math
+
+    import transformers
+
+    model, _ = teacher
+    path, _ = rejection_sample(RejectionConfig(model=str(model), out=str(tmp_path / "rs.jsonl"), num_prompts=12,
+                                               k=2, temperature=0.5, max_tokens=80, seed=5, keep_per_prompt=2))
+    out = distill(DistillConfig(teacher=str(model), out_dir=str(tmp_path / "d"), data=[str(path)], steps=10,
+                                min_samples=0, batch_size=8, lr=1e-3, warmup=2, max_len=160, tensorboard=False,
+                                logit_kd=True, student_from="teacher", log_every=1))
+    merged = json.loads((tmp_path / "d" / "student_init" / "prune.json").read_text())
+    assert merged["dense"] and merged["kept"]["1"] and len(merged["kept"]["1"]) == 3  # (128 - 32) / 32 experts
+    first = [r for r in read_metrics(out.parent) if "loss" in r][0]
+    vocab = nanoseek.ModelConfig.load(model).vocab_size
+    assert first["loss"] < 0.5 * math.log(vocab), first
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"].startswith("deepseek") and cfg["first_k_dense_replace"] == cfg["num_hidden_layers"]
+    student = nanoseek.from_pretrained(out)
+    assert not any(layer.is_moe for layer in student.model.layers)
+    ref = transformers.DeepseekV3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    x = torch.randint(0, vocab, (1, 12))
+    with torch.no_grad():
+        assert (student(x).logits - ref(x).logits).abs().max() < 1e-4
+
+
 def test_eval_pass_at_1_and_majority_vote(teacher):
     from nanoseek.tokenizer import Tokenizer
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from nanoseek.model import load_model
-from nanoseek.prune import ablate, calibration_token_lists, expert_loads, moe_layers, prune_experts
+from nanoseek.prune import (ablate, calibration_token_lists, densify, expert_loads, mean_combine_weights, moe_layers,
+                            prune_experts)
 from oracle import random_model, tiny_config
 
 
@@ -121,3 +122,57 @@ def test_calibration_jsonl_fields_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         calibration_token_lists(CharTok(), str(tmp_path / "nope.jsonl"))
     assert len(calibration_token_lists(CharTok(), "embedded", num_samples=4)) == 4
+
+
+def _constant_routing(model):
+    """Zero router weights and selection bias: every expert scores 0.5, so with top-E routing each gets scale/E."""
+    with torch.no_grad():
+        for _, moe in moe_layers(model):
+            moe.gate.weight.zero_()
+            moe.gate.e_score_correction_bias.zero_()
+    return model
+
+
+def test_densify_equals_the_moe_layers_under_constant_routing():
+    cfg = tiny_config(num_experts_per_tok=8, n_group=1, topk_group=1, intermediate_size=9 * 32)
+    model = _constant_routing(random_model(cfg, seed=8))
+    weights = mean_combine_weights(model, _calib(cfg, n=3, T=20))
+    assert all(torch.allclose(w, torch.full((8,), 2.5 / 8)) for w in weights.values())
+    dense, info = densify(model, weights)  # keep = (288 - 32) / 32 = 8: every expert
+    assert dense.config.n_routed_experts == 0 and not any(layer.is_moe for layer in dense.model.layers)
+    assert info["kept"][1] == list(range(8))
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    (a, am), (b, bm) = _logits(model, x), _logits(dense, x)
+    assert (a - b).abs().max() < 1e-4 and (am[0] - bm[0]).abs().max() < 1e-4
+
+
+def test_densify_keeps_the_heaviest_experts_scaled_and_zero_padded():
+    model = random_model(tiny_config(num_nextn_predict_layers=0, intermediate_size=128), seed=9)
+    weights = {i: torch.tensor([.1, .6, .2, .5, 0., .3, .4, .2]) for i, _ in moe_layers(model)}
+    dense, info = densify(model, weights, keep=2)  # 32 shared + 2 x 32 routed = 96 of 128: 32 zero rows
+    assert info["kept"][1] == [1, 3]
+    scale = torch.tensor([.6, .5]) * (2.3 / 1.1)  # the kept means carry the layer's total weight
+    old, new = model.model.layers[1].mlp, dense.model.layers[1].mlp
+    I = 32
+    assert torch.equal(new.gate_proj.weight[:I], old.shared_experts.gate_proj.weight)
+    assert torch.equal(new.up_proj.weight[I:2 * I], old.experts.gate_up_proj[1, I:])
+    assert torch.allclose(new.down_proj.weight[:, 2 * I:3 * I], old.experts.down_proj[3] * scale[1])
+    assert not new.gate_proj.weight[3 * I:].any() and not new.down_proj.weight[:, 3 * I:].any()
+    with pytest.raises(ValueError, match="--keep-experts 4: a dense merge keeps 1 to 3 routed experts"):
+        densify(model, weights, keep=4)
+
+
+def test_densified_folder_loads_in_nanoseek_and_transformers(tmp_path):
+    import transformers
+
+    model = random_model(tiny_config(num_nextn_predict_layers=0), seed=10)
+    dense, _ = densify(model, mean_combine_weights(model, _calib(model.config)))
+    dense.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["first_k_dense_replace"] == cfg["num_hidden_layers"]
+    ours = load_model(tmp_path)
+    ref = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    x = torch.randint(0, model.config.vocab_size, (2, 14))
+    with torch.no_grad():
+        a, b, c = dense(x).logits, ours(x).logits, ref(x).logits
+    assert torch.equal(a, b) and (a - c).abs().max() < 1e-4

@@ -37,7 +37,10 @@ class DistillConfig:
     samples_per_prompt: int = 4
     max_tokens: int = 96
     # the student
-    student_init: str | None = None  # an existing dense model folder; None = a fresh student
+    student_init: str | None = None  # an existing dense model folder; None = made by `student_from`
+    # scratch: a fresh Qwen2-compatible student of student_preset; teacher: the teacher made dense (each MoE layer
+    # merged into one SwiGLU: shared expert + the most weighted routed experts, nanoseek.prune.densify)
+    student_from: str = "scratch"
     student_preset: str = "student-tiny"
     student_overrides: dict = field(default_factory=dict)
     logit_kd: bool = False  # add KL(teacher || student) on assistant tokens
@@ -64,6 +67,7 @@ class DistillConfig:
             ("steps", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
             ("kd_weight", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
             ("num_prompts", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+            ("student_from", lambda v: v in ("scratch", "teacher"), "must be scratch or teacher"),
             *LOOP_FIELD_CHECKS,
         ])
         for p in self.data:
@@ -80,20 +84,25 @@ def filler_records(cfg: DistillConfig, n: int) -> list[dict]:
 
 
 def make_student(cfg: DistillConfig, folder: Path) -> Path:
-    """A freshly initialised dense student sharing the teacher's tokenizer, saved as an HF folder."""
+    """The student's starting folder, sharing the teacher's tokenizer: a fresh dense Qwen2-compatible model
+    (student_from "scratch") or the teacher with its MoE layers merged into dense ones ("teacher")."""
     from ..config import ModelConfig
     from ..model.dense import DenseConfig, DenseModel
+    from ..prune import prune
 
     if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
         return folder
-    teacher_cfg = ModelConfig.load(cfg.teacher)
-    scfg = DenseConfig.student_of(teacher_cfg, preset=cfg.student_preset, **cfg.student_overrides)
-    model = DenseModel(scfg)
-    model.init_weights(seed=cfg.seed)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    if cfg.student_from == "teacher":
+        prune(cfg.teacher, tmp, dense=True)
+    else:
+        scfg = DenseConfig.student_of(ModelConfig.load(cfg.teacher), preset=cfg.student_preset,
+                                      **cfg.student_overrides)
+        model = DenseModel(scfg)
+        model.init_weights(seed=cfg.seed)
+        model.save_pretrained(tmp)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(Path(cfg.teacher) / name, tmp / name)
     if folder.exists():
