@@ -67,20 +67,26 @@ def test_pruning_that_breaks_the_groups_turns_group_limiting_off():
 
 @pytest.mark.parametrize("over,keep", [(dict(), 4), (dict(n_group=2, topk_group=1), 4), (dict(), 3)])
 def test_pruned_checkpoint_loads_in_nanoseek_and_transformers(tmp_path, over, keep):
-    import transformers
-
     model = random_model(tiny_config(num_nextn_predict_layers=0, **over), seed=5)
     pruned, _ = prune_experts(model, expert_loads(model, _calib(model.config)), keep=keep)
-    pruned.save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg, x, logits = _saved_and_reloaded(pruned, tmp_path)
     assert cfg["n_routed_experts"] == keep
-    ours = load_model(tmp_path)
-    ref = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert not torch.equal(logits, model(x).logits)  # pruning changed the model
+
+
+def _saved_and_reloaded(model, folder):
+    """Save `model`; nanoseek's reload gives identical logits and transformers' DeepseekV3 within 1e-4.
+    Returns (the written config, the input, the logits)."""
+    import transformers
+
+    model.save_pretrained(folder)
+    ours = load_model(folder)
+    ref = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     x = torch.randint(0, model.config.vocab_size, (2, 14))
     with torch.no_grad():
-        a, b, c = pruned(x).logits, ours(x).logits, ref(x).logits
+        a, b, c = model(x).logits, ours(x).logits, ref(x).logits
     assert torch.equal(a, b) and (a - c).abs().max() < 1e-4
-    assert not torch.equal(a, model(x).logits)  # pruning changed the model
+    return json.loads((folder / "config.json").read_text()), x, a
 
 
 @pytest.mark.parametrize("keep,match", [(9, "--keep-experts 9 is more than the model's n_routed_experts 8"),
@@ -163,16 +169,7 @@ def test_densify_keeps_the_heaviest_experts_scaled_and_zero_padded():
 
 
 def test_densified_folder_loads_in_nanoseek_and_transformers(tmp_path):
-    import transformers
-
     model = random_model(tiny_config(num_nextn_predict_layers=0), seed=10)
     dense, _ = densify(model, mean_combine_weights(model, _calib(model.config)))
-    dense.save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["first_k_dense_replace"] == cfg["num_hidden_layers"]
-    ours = load_model(tmp_path)
-    ref = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    x = torch.randint(0, model.config.vocab_size, (2, 14))
-    with torch.no_grad():
-        a, b, c = dense(x).logits, ours(x).logits, ref(x).logits
-    assert torch.equal(a, b) and (a - c).abs().max() < 1e-4
+    cfg, _, _ = _saved_and_reloaded(dense, tmp_path)
+    assert cfg["first_k_dense_replace"] == cfg["num_hidden_layers"] and cfg["n_routed_experts"] == 0
