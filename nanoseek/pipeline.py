@@ -56,7 +56,7 @@ RUN_PRESETS: dict[str, dict] = {
         grpo=dict(tasks=["arithmetic"], levels=[2], langs=["en"], steps=150, prompts_per_step=16, num_generations=8,
                   max_tokens=128, temperature=0.6, lr=7e-5, warmup=5, lr_schedule="cosine",
                   reward_weights={"accuracy": 1.0, "format": 0.2}, eval_every=50, eval_problems=128, save_every=25),
-        # 512 prompts x 4 samples: ~480 distinct verified samples (128 prompts gave ~85: a student distilled on
+        # 512 prompts x 4 samples: ~480 distinct verified samples (128 prompts gave 85-118: a student distilled on
         # them reached 79% of the teacher, on 482 98%; docs/results.md, "The distilled student")
         rejection=dict(tasks=["arithmetic"], levels=[2], langs=["en"], num_prompts=512, k=4, max_tokens=128),
         # the student is the teacher made dense (each MoE layer merged into one SwiGLU; a fresh Qwen2 student
