@@ -96,15 +96,15 @@ def make_student(cfg: DistillConfig, folder: Path) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     if cfg.student_from == "teacher":
-        prune(cfg.teacher, tmp, dense=True)
+        prune(cfg.teacher, tmp, dense=True)  # writes the teacher's tokenizer files beside the weights
     else:
         scfg = DenseConfig.student_of(ModelConfig.load(cfg.teacher), preset=cfg.student_preset,
                                       **cfg.student_overrides)
         model = DenseModel(scfg)
         model.init_weights(seed=cfg.seed)
         model.save_pretrained(tmp)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(cfg.teacher) / name, tmp / name)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(Path(cfg.teacher) / name, tmp / name)
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
