@@ -90,6 +90,38 @@ def test_weight_updates_are_picked_up(optimizer):
     torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_an_optimizer_step_refreshes_the_packed_weights_in_place_and_a_cast_repacks():
+    """After an in-place update every packed tensor (MTP block included) is rewritten where it lies, so nothing is
+    allocated per GRPO step and the compiled step's flat buffer stays valid; a dtype cast packs anew."""
+    model = random_model(tiny_config(num_nextn_predict_layers=1), seed=7)
+    fast = FastDecoder(model)
+    fast.refresh()
+    ptrs = [t.data_ptr() for p in [fast, *fast.layers, *fast.mtp, fast.mtp[0].block] for t in vars(p).values()
+            if isinstance(t, torch.Tensor)]
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    model(torch.randint(0, 97, (2, 8))).logits.square().mean().backward()
+    opt.step()
+    lengths, ids = [6, 3], torch.tensor([[4], [9]])
+    cache = _prefilled(model, lengths)
+    cache.latent = torch.cat([cache.latent, torch.zeros_like(cache.latent[:1])])
+    pos = torch.tensor(lengths).unsqueeze(1)
+    with torch.no_grad():
+        ref_cache = _prefilled(model, lengths)
+        ref_cache.latent = torch.cat([ref_cache.latent, torch.zeros_like(ref_cache.latent[:1])])
+        ref = model(ids, positions=pos, cache=ref_cache, absorb=True)
+        logits, hidden, _ = fast.forward(ids, pos, cache)
+        torch.testing.assert_close(logits, ref.logits, rtol=1e-4, atol=1e-4)
+        ref_l, _ = model.mtp_step(1, ref.hidden, ids, pos, cache=ref_cache, absorb=True)
+        got_l, _ = fast.mtp_step(1, hidden, ids, pos, cache)
+        torch.testing.assert_close(got_l, ref_l, rtol=1e-4, atol=1e-4)
+    assert fast.num_packs == 2
+    assert [t.data_ptr() for p in [fast, *fast.layers, *fast.mtp, fast.mtp[0].block] for t in vars(p).values()
+            if isinstance(t, torch.Tensor)] == ptrs  # refreshed where they lie
+    model.to(torch.float64)
+    fast.refresh()
+    assert fast.num_packs == 3 and fast.layers[0].wa.dtype == torch.float64  # a cast packs anew
+
+
 def test_unsupported_models_fall_back_or_raise():
     dsa = random_model(tiny_config(index_topk=4), seed=6)
     assert "DSA" in unsupported_reason(dsa)

@@ -20,9 +20,10 @@ weights and run one bmm, more go through the `nanoseek::routed_experts` op (the 
 compiler because it decides on the host which experts run. The layers' packed weights are views of one
 flat buffer, so the compiled graph takes them as one input (each input costs a guard on every call).
 
-Packed weights are rebuilt whenever a parameter changes (optimizer steps and load_state_dict bump the
-tensors' version counters, moves change their storage), so a trainer sharing the model (GRPO) never
-decodes with stale weights. The packed copy costs one extra copy of the weights in memory, which is
+Packed weights follow the parameters: when a parameter changed in place (optimizer steps and
+load_state_dict bump the tensors' version counters) every packed tensor is refreshed in place, one copy per
+source view and no allocation; when one moved or was cast (its storage changed) the weights are packed anew.
+A trainer sharing the model (GRPO) never decodes with stale weights. The packed copy costs one extra copy of the weights in memory, which is
 why `Engine` uses this step by default on CPU only (see `Engine(fast_decode=...)`).
 
 Shape legend: B = rows, D = hidden, H = heads, R = kv_lora_rank, r = qk_rope_head_dim, dn/dv = nope/value
@@ -80,37 +81,62 @@ def select(model: nn.Module, fast_decode: bool | None, compile: bool, auto: bool
 _COMPILE_OPTIONS = {"cpp_wrapper": True, "size_asserts": False}
 
 
-def _t(w: torch.Tensor) -> torch.Tensor:
-    return w.detach().t().contiguous()
+class _Packed:
+    """Weights laid out for the step. Each packed tensor is built once, by `pack`, from views of the model's
+    parameters in the packed layout (concatenated along `dim`); `reload` refreshes every one in place after
+    the parameters changed in place (an optimizer step): one copy per source, no allocation, and each tensor
+    keeps its storage, so the compiled step's flat buffer (see `_flatten`) stays valid."""
+
+    def pack(self, name: str, *sources: torch.Tensor, dim: int = -1) -> None:
+        sources = [s.detach() for s in sources]
+        setattr(self, name, torch.cat(sources, dim))  # a copy even of one source: reload writes into it
+        dim %= sources[0].dim()
+        off = 0
+        for s in sources:
+            self.__dict__.setdefault("_sources", []).append((name, dim, off, s))
+            off += s.shape[dim]
+
+    def reload(self) -> None:
+        for name, dim, off, s in self._sources:
+            getattr(self, name).narrow(dim, off, s.shape[dim]).copy_(s)
 
 
-class _Layer:
-    """One decoder layer's weights, packed for the step."""
+class _Layer(_Packed):
+    """One decoder layer's weights, packed for the step (projections transposed to (in, out))."""
 
     def __init__(self, layer):
         a = layer.self_attn
         H, dn, dv, R = a.H, a.dn, a.dv, a.R
-        self.eps_in, self.w_in = layer.input_layernorm.eps, layer.input_layernorm.weight.detach()
-        self.eps_post, self.w_post = layer.post_attention_layernorm.eps, layer.post_attention_layernorm.weight.detach()
+        self.eps_in, self.eps_post = layer.input_layernorm.eps, layer.post_attention_layernorm.eps
+        self.pack("w_in", layer.input_layernorm.weight)
+        self.pack("w_post", layer.post_attention_layernorm.weight)
         self.q_lora = hasattr(a, "q_a_proj")
         if self.q_lora:  # one GEMM for [q_a; kv_a]: both read the normalised input
             self.qr = a.q_a_proj.out_features
-            self.wa = _t(torch.cat([a.q_a_proj.weight, a.kv_a_proj_with_mqa.weight]))
-            bias = [a.q_a_proj.bias, a.kv_a_proj_with_mqa.bias]
-            self.ba = torch.cat([b.detach() for b in bias]) if bias[0] is not None else None
-            self.w_qa, self.eps_qa = a.q_a_layernorm.weight.detach(), a.q_a_layernorm.eps
-            self.wq = _t(a.q_b_proj.weight)
+            self.pack("wa", a.q_a_proj.weight.t(), a.kv_a_proj_with_mqa.weight.t())
+            self.ba = None
+            if a.q_a_proj.bias is not None:
+                self.pack("ba", a.q_a_proj.bias, a.kv_a_proj_with_mqa.bias)
+            self.eps_qa = a.q_a_layernorm.eps
+            self.pack("w_qa", a.q_a_layernorm.weight)
+            self.pack("wq", a.q_b_proj.weight.t())
         else:  # q_proj and kv_a stay apart (q needs no norm in between, but the outputs differ in use)
             self.qr = 0
-            self.wa = _t(torch.cat([a.q_proj.weight, a.kv_a_proj_with_mqa.weight]))
+            self.pack("wa", a.q_proj.weight.t(), a.kv_a_proj_with_mqa.weight.t())
             bias = a.kv_a_proj_with_mqa.bias
-            self.ba = None if bias is None else torch.cat([bias.new_zeros(a.q_proj.out_features), bias.detach()])
+            self.ba = None
+            if bias is not None:
+                self.pack("ba", bias.new_zeros(a.q_proj.out_features), bias)
             self.nq = a.q_proj.out_features
-        self.w_kv, self.eps_kv = a.kv_a_layernorm.weight.detach(), a.kv_a_layernorm.eps
-        kv_b = a.kv_b_proj.weight.detach().view(H, dn + dv, R)
-        self.w_uk = kv_b[:, :dn].contiguous()  # (H, dn, R): q_nope -> latent space
-        self.w_uv = kv_b[:, dn:].transpose(1, 2).contiguous()  # (H, R, dv): latent -> value space
-        self.wo, self.bo = _t(a.o_proj.weight), None if a.o_proj.bias is None else a.o_proj.bias.detach()
+        self.eps_kv = a.kv_a_layernorm.eps
+        self.pack("w_kv", a.kv_a_layernorm.weight)
+        kv_b = a.kv_b_proj.weight.view(H, dn + dv, R)
+        self.pack("w_uk", kv_b[:, :dn])  # (H, dn, R): q_nope -> latent space
+        self.pack("w_uv", kv_b[:, dn:].transpose(1, 2))  # (H, R, dv): latent -> value space
+        self.pack("wo", a.o_proj.weight.t())
+        self.bo = None
+        if a.o_proj.bias is not None:
+            self.pack("bo", a.o_proj.bias)
         self.H, self.dn, self.dv, self.R, self.r, self.scale = H, dn, dv, R, a.r, a.softmax_scale
         self.is_moe = layer.is_moe
         mlp = layer.mlp
@@ -118,17 +144,18 @@ class _Layer:
             self.gate = mlp.gate  # routing reuses Gate.forward: the selection maths lives in one place
             ex = mlp.experts
             self.I = ex.down_proj.shape[2]
-            self.w_gu = ex.gate_up_proj.detach().transpose(1, 2).contiguous()  # (E, D, 2I)
-            self.w_down = ex.down_proj.detach().transpose(1, 2).contiguous()  # (E, I, D)
+            self.pack("w_gu", ex.gate_up_proj.transpose(1, 2))  # (E, D, 2I)
+            self.pack("w_down", ex.down_proj.transpose(1, 2))  # (E, I, D)
             sh = mlp.shared_experts
             self.shared = sh is not None
             if self.shared:
                 self.Is = sh.gate_proj.out_features
-                self.ws_gu, self.ws_down = _t(torch.cat([sh.gate_proj.weight, sh.up_proj.weight])), _t(sh.down_proj.weight)
+                self.pack("ws_gu", sh.gate_proj.weight.t(), sh.up_proj.weight.t())
+                self.pack("ws_down", sh.down_proj.weight.t())
         else:
             self.I = mlp.gate_proj.out_features
-            self.w_gu, self.w_down = _t(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])), _t(mlp.down_proj.weight)
-
+            self.pack("w_gu", mlp.gate_proj.weight.t(), mlp.up_proj.weight.t())
+            self.pack("w_down", mlp.down_proj.weight.t())
 
     def rebased(self, flat: torch.Tensor) -> "_Layer":
         """A copy whose packed tensors are views of `flat` at the offsets `_flatten` recorded: inside the
@@ -159,15 +186,20 @@ def _flatten(layers: list[_Layer]) -> torch.Tensor | None:
     return flat
 
 
-class _MTP:
+class _MTP(_Packed):
     """MTP module k's extra weights (its decoder block is a _Layer)."""
 
     def __init__(self, layer):
         self.block = _Layer(layer)
-        self.w_e, self.eps_e = layer.enorm.weight.detach(), layer.enorm.eps
-        self.w_h, self.eps_h = layer.hnorm.weight.detach(), layer.hnorm.eps
-        self.w_eh = _t(layer.eh_proj.weight)
-        self.w_out, self.eps_out = layer.shared_head.norm.weight.detach(), layer.shared_head.norm.eps
+        self.eps_e, self.eps_h, self.eps_out = layer.enorm.eps, layer.hnorm.eps, layer.shared_head.norm.eps
+        self.pack("w_e", layer.enorm.weight)
+        self.pack("w_h", layer.hnorm.weight)
+        self.pack("w_eh", layer.eh_proj.weight.t())
+        self.pack("w_out", layer.shared_head.norm.weight)
+
+    def reload(self) -> None:
+        super().reload()
+        self.block.reload()
 
 
 class _Step:
@@ -178,7 +210,7 @@ class _Step:
         self.rows, self.cols = rows, cols  # cache row and position of each query token (B*T,)
 
 
-class FastDecoder:
+class FastDecoder(_Packed):
     """`FastDecoder(model)(ids, positions, cache)` -> (logits (B, V), expert ids per MoE layer [(B, K)]).
 
     ids: (B, 1) long, the token fed to each cache row; positions: list of B ints, where each row's token
@@ -222,21 +254,31 @@ class FastDecoder:
         return [p._version for p in self._params], [p.data_ptr() for p in self._params]  # data_ptr: moves, casts
 
     def refresh(self) -> None:
-        """Repack the weights if any parameter changed since the last pack."""
+        """Bring the packed weights up to date if any parameter changed since the last pack: in place when every
+        parameter kept its storage (an optimizer step, load_state_dict), else packed anew (a move or a cast)."""
         key = self._state_key()
         if key == self._key:
             return
-        m, cfg = self.model, self.model.config
         with torch.no_grad():
-            self.layers = [_Layer(layer) for layer in m.model.layers[: cfg.num_hidden_layers]]
-            self._flat = _UNFLATTENED  # flattened on the first compiled call: eager steps do not need it
-            self.mtp = [_MTP(layer) for layer in m.mtp_layers]
-            self.embed = m.model.embed_tokens.weight.detach()
-            self.w_norm, self.eps_norm = m.model.norm.weight.detach(), m.model.norm.eps
-            self.w_head = _t(m.lm_head.weight)
-            self._rot_index = self._rotation_index(cfg.qk_rope_head_dim, cfg.rope_interleave, self.embed.device)
+            if self._key is not None and key[1] == self._key[1]:
+                for packed in [self, *self.layers, *self.mtp]:
+                    packed.reload()
+            else:
+                self._pack()
         self._key = key
         self.num_packs += 1
+
+    def _pack(self) -> None:
+        m, cfg = self.model, self.model.config
+        self.layers = [_Layer(layer) for layer in m.model.layers[: cfg.num_hidden_layers]]
+        self._flat = _UNFLATTENED  # flattened on the first compiled call: eager steps do not need it
+        self.mtp = [_MTP(layer) for layer in m.mtp_layers]
+        self.embed = m.model.embed_tokens.weight.detach()  # the parameter itself: read by row, never packed
+        self.eps_norm = m.model.norm.eps
+        self.__dict__.pop("_sources", None)
+        self.pack("w_norm", m.model.norm.weight)
+        self.pack("w_head", m.lm_head.weight.t())
+        self._rot_index = self._rotation_index(cfg.qk_rope_head_dim, cfg.rope_interleave, self.embed.device)
 
     @staticmethod
     def _rotation_index(r: int, interleaved: bool, device) -> torch.Tensor:
