@@ -19,6 +19,8 @@ VARIANTS = {
     "half_rope_softmax_v2": dict(rope_interleave=False, scoring_func="softmax", topk_method="group_limited_greedy",
                                  norm_topk_prob=False, n_shared_experts=0, first_k_dense_replace=0),
     "top1_one_group": dict(num_experts_per_tok=1, n_group=1, topk_group=1, first_k_dense_replace=2),
+    # DSA: each query keeps its top-4 keys by index score once more than 4 are visible
+    "dsa_top4": dict(index_topk=4),
 }
 
 
@@ -45,9 +47,11 @@ def test_step_matches_absorbed_forward_logits_routing_and_cache(variant):
     torch.testing.assert_close(logits, out.logits[:, -1], rtol=1e-4, atol=1e-4)
     assert [r.tolist() for r in routing] == [r.expert_ids[:, -1].tolist() for r in out.router]
     torch.testing.assert_close(fast_cache.latent, ref_cache.latent, rtol=1e-5, atol=1e-5)
+    if model.config.use_dsa:
+        torch.testing.assert_close(fast_cache.index_keys, ref_cache.index_keys, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["default", "no_q_lora_bias_yarn"])
+@pytest.mark.parametrize("variant", ["default", "no_q_lora_bias_yarn", "dsa_top4"])
 def test_engine_greedy_and_logprobs_identical_with_and_without_fast_decode(variant):
     model = random_model(tiny_config(**VARIANTS[variant]), seed=4)
     g = torch.Generator().manual_seed(1)
@@ -123,22 +127,20 @@ def test_an_optimizer_step_refreshes_the_packed_weights_in_place_and_a_cast_repa
 
 
 def test_unsupported_models_fall_back_or_raise():
-    dsa = random_model(tiny_config(index_topk=4), seed=6)
-    assert "DSA" in unsupported_reason(dsa)
-    assert Engine(dsa, max_batch_size=1, max_len=16).fast is None  # auto: the generic forward
-    with pytest.raises(ValueError, match="DSA"):
-        Engine(dsa, max_batch_size=1, max_len=16, fast_decode=True)
-    with pytest.raises(ValueError, match="DSA"):
-        FastDecoder(dsa)
     from nanoseek.fp8 import quantize_model_for_inference
 
     fp8 = random_model(tiny_config(), seed=7)
     quantize_model_for_inference(fp8)
     assert "FP8" in unsupported_reason(fp8)
+    assert Engine(fp8, max_batch_size=1, max_len=16).fast is None  # auto: the generic forward
+    with pytest.raises(ValueError, match="FP8"):
+        Engine(fp8, max_batch_size=1, max_len=16, fast_decode=True)
+    with pytest.raises(ValueError, match="FP8"):
+        FastDecoder(fp8)
     mla = random_model(tiny_config(), seed=8)
     assert Engine(mla, max_batch_size=1, max_len=16, fast_decode=False).fast is None
-    with pytest.raises(ValueError, match="compile=True but .*DSA"):
-        Engine(dsa, max_batch_size=1, max_len=16, compile=True)
+    with pytest.raises(ValueError, match="compile=True but .*FP8"):
+        Engine(fp8, max_batch_size=1, max_len=16, compile=True)
     with pytest.raises(ValueError, match="needs fast_decode"):
         Engine(mla, max_batch_size=1, max_len=16, fast_decode=False, compile=True)
 
@@ -160,7 +162,7 @@ def test_position_beyond_cache_is_a_clear_error():
         FastDecoder(model)(torch.tensor([[1]]), [8], cache)
 
 
-@pytest.mark.parametrize("variant", ["default", "no_q_lora_bias_yarn"])
+@pytest.mark.parametrize("variant", ["default", "no_q_lora_bias_yarn", "dsa_top4"])
 @torch.no_grad()
 def test_several_tokens_per_row_and_mtp_step_match_the_model(variant):
     """Speculative verification feeds T tokens per row; drafting runs the MTP modules on the same cache."""
@@ -170,6 +172,8 @@ def test_several_tokens_per_row_and_mtp_step_match_the_model(variant):
     ref_cache, fast_cache = _prefilled(model, lengths), _prefilled(model, lengths)
     for c in (ref_cache, fast_cache):  # the prefill helper holds main layers only: give the MTP layers rows too
         c.latent = torch.cat([c.latent, torch.zeros_like(c.latent[:2])])
+        if c.index_keys is not None:
+            c.index_keys = torch.cat([c.index_keys, torch.zeros_like(c.index_keys[:2])])
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, 97, (2, 3), generator=g)
     pos = torch.tensor(lengths).unsqueeze(1) + torch.arange(3)  # (2, 3): each row continues its own prefix
@@ -187,6 +191,8 @@ def test_several_tokens_per_row_and_mtp_step_match_the_model(variant):
         torch.testing.assert_close(got_h, ref_h, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast_cache.latent, ref_cache.latent, rtol=1e-5, atol=1e-5)
     assert fast_cache.latent[N:].abs().sum() > 0  # the MTP layers' entries were written
+    if model.config.use_dsa:
+        torch.testing.assert_close(fast_cache.index_keys, ref_cache.index_keys, rtol=1e-5, atol=1e-5)
 
 
 def test_speculative_decoding_is_the_same_with_the_fast_step():
@@ -209,8 +215,9 @@ needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
 def test_compiled_step_matches_eager_across_shapes_and_weight_updates():
     """FastDecoder(compile=True) (about 40 s of compiling): logits, routing and cache writes equal the eager step for
     one row (the gather path for few token-expert pairs) and three rows (the routed-experts op), at new key lengths
-    (a dynamic-shape graph), and after an optimizer step (the compiled graph reads the repacked weights)."""
-    model = random_model(tiny_config(), seed=10)
+    (a dynamic-shape graph), and after an optimizer step (the compiled graph reads the repacked weights). The model
+    has DSA with 8 keys a query: the first check reads 6 keys (all kept), the later ones up to 21 (top-8 selection)."""
+    model = random_model(tiny_config(index_topk=8), seed=10)
     eager, comp = FastDecoder(model), FastDecoder(model, compile=True)
     assert comp.compile and not eager.compile
 
@@ -222,6 +229,7 @@ def test_compiled_step_matches_eager_across_shapes_and_weight_updates():
         torch.testing.assert_close(a_logits, b_logits, rtol=1e-4, atol=1e-4)
         assert [r.tolist() for r in a_routing] == [r.tolist() for r in b_routing]
         torch.testing.assert_close(a_cache.latent, b_cache.latent, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a_cache.index_keys, b_cache.index_keys, rtol=1e-5, atol=1e-5)
         return a_logits
 
     one, three = torch.tensor([[7]]), torch.tensor([[7], [3], [50]])

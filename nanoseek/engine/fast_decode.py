@@ -11,7 +11,9 @@ while the generic forward takes ~5 ms). What this step does differently:
     performs the de-interleave that `rope_interleaved` does, so the cache layout is unchanged;
   - the causal mask is one additive bias per step, fused with the softmax scale into one baddbmm;
   - W_UK and W_UV are applied per head with bmm (no einsum), the residual adds ride on addmm;
-  - routed experts: only the experts that received tokens run, on views of their packed weights.
+  - routed experts: only the experts that received tokens run, on views of their packed weights;
+  - DSA (V3.2): the layer's own Indexer writes its keys to the cache and, once a query sees more than
+    index_topk keys, scores them; `select_topk`'s choice becomes -inf on the step's attention bias.
 
 `FastDecoder(model, compile=True)` runs the step through `torch.compile` (inductor's C++ backend on CPU):
 elementwise chains fuse into single loops and the Python per-operator cost goes. The tensor maths is the
@@ -39,14 +41,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import DeepSeekModel
+from ..model.mla import select_topk
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why `FastDecoder` cannot run `model` (None when it can)."""
     if not isinstance(model, DeepSeekModel):
         return f"{type(model).__name__} is not a DeepSeekModel"
-    if model.config.use_dsa:
-        return "DSA models select keys with the indexer (the generic forward handles them)"
     from ..quant import QUANTIZED_MODULES
 
     for name, m in model.named_modules():
@@ -138,6 +139,7 @@ class _Layer(_Packed):
         if a.o_proj.bias is not None:
             self.pack("bo", a.o_proj.bias)
         self.H, self.dn, self.dv, self.R, self.r, self.scale = H, dn, dv, R, a.r, a.softmax_scale
+        self.indexer = a.indexer  # DSA: key selection reuses the Indexer module, as routing reuses Gate
         self.is_moe = layer.is_moe
         mlp = layer.mlp
         if self.is_moe:
@@ -205,9 +207,10 @@ class _MTP(_Packed):
 class _Step:
     """What every layer of one step shares: RoPE rotations, the causal bias, the cache slots."""
 
-    def __init__(self, latent, rot, bias, rows, cols, B, S):
-        self.latent, self.rot, self.bias, self.B, self.S = latent, rot, bias, B, S
+    def __init__(self, latent, index_keys, rot, bias, rows, cols, B, S, cos, sin, causal):
+        self.latent, self.index_keys, self.rot, self.bias, self.B, self.S = latent, index_keys, rot, bias, B, S
         self.rows, self.cols = rows, cols  # cache row and position of each query token (B*T,)
+        self.cos, self.sin, self.causal = cos, sin, causal  # (B, T, r/2) each; (B, T, S) True = key visible
 
 
 class FastDecoder(_Packed):
@@ -293,7 +296,8 @@ class FastDecoder(_Packed):
         cols = torch.cat([i, i, h + i, h + i])
         return (rows * r + cols).to(device)
 
-    def _step(self, positions: torch.Tensor, latent: torch.Tensor, S: int, dtype) -> _Step:
+    def _step(self, positions: torch.Tensor, latent: torch.Tensor, index_keys: torch.Tensor | None, S: int,
+              dtype) -> _Step:
         """positions (B, T) -> the per-step tensors every layer shares; S = max(positions) + 1 keys are read."""
         B, T = positions.shape
         flat = positions.reshape(-1)
@@ -303,14 +307,15 @@ class FastDecoder(_Packed):
         vals = torch.cat([cos, -sin, cos, sin], dim=-1)
         rot = cos.new_zeros(B * T, r * r).index_copy_(1, self._rot_index, vals).view(B * T, r, r)
         keys = torch.arange(S, device=positions.device)
+        hidden = keys > positions[..., None]  # (B, T, S): key s visible iff s <= position
         bias = torch.zeros(B, T, 1, S, dtype=dtype, device=positions.device)
-        bias.masked_fill_(keys > positions[..., None, None], float("-inf"))  # key s visible iff s <= position
+        bias.masked_fill_(hidden.unsqueeze(2), float("-inf"))
         if T > 1:  # queries are (token, head) pairs, token-major: one bias row per pair
             bias = bias.expand(B, T, self.model.config.num_attention_heads, S).reshape(B, -1, S)
         else:
             bias = bias.view(B, 1, S)  # broadcast over heads
         rows = torch.arange(B, device=positions.device).repeat_interleave(T)
-        return _Step(latent, rot, bias, rows, flat, B, S)
+        return _Step(latent, index_keys, rot, bias, rows, flat, B, S, cos.view(B, T, -1), sin.view(B, T, -1), ~hidden)
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, positions: list[int], cache, compiled: bool | None = None
@@ -332,22 +337,23 @@ class FastDecoder(_Packed):
         if self.compile if compiled is None else compiled:
             if self._flat is _UNFLATTENED:
                 self._flat = _flatten(self.layers)  # None: mixed dtypes, the layers stay as they are
-            return self.compiled_run()(self._flat, ids, positions, cache.latent, S)
-        return self._run(ids, positions, cache.latent, S)
+            return self.compiled_run()(self._flat, ids, positions, cache.latent, cache.index_keys, S)
+        return self._run(ids, positions, cache.latent, cache.index_keys, S)
 
     def _run_flat(self, flat: torch.Tensor | None, ids: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor,
-                  S: int):
+                  index_keys: torch.Tensor | None, S: int):
         """`_run` with the layers' packed weights taken from `flat` (what `compile=True` compiles); flat None:
         from the layers themselves."""
-        return self._run(ids, positions, latent, S, None if flat is None else [L.rebased(flat) for L in self.layers])
+        layers = None if flat is None else [L.rebased(flat) for L in self.layers]
+        return self._run(ids, positions, latent, index_keys, S, layers)
 
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor, S: int,
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor, index_keys: torch.Tensor | None, S: int,
              layers: list[_Layer] | None = None):
         """The step's tensor maths (no host syncs outside the routed experts)."""
         B, T = ids.shape
         h = F.embedding(ids.reshape(-1), self.embed)  # (B*T, D)
         D = h.shape[-1]
-        st = self._step(positions, latent, S, h.dtype)
+        st = self._step(positions, latent, index_keys, S, h.dtype)
         routing = []
         for li, L in enumerate(self.layers if layers is None else layers):
             h = self._attention(L, li, h, st, D)
@@ -369,16 +375,16 @@ class FastDecoder(_Packed):
         if self.compile if compiled is None else compiled:
             if self._compiled_mtp is None:  # its own graph (the MTP block's weights are not in the flat buffer)
                 self._compiled_mtp = torch.compile(self._mtp_run, fullgraph=True, options=_COMPILE_OPTIONS)
-            return self._compiled_mtp(k, h_prev, next_ids, positions, cache.latent, S)
-        return self._mtp_run(k, h_prev, next_ids, positions, cache.latent, S)
+            return self._compiled_mtp(k, h_prev, next_ids, positions, cache.latent, cache.index_keys, S)
+        return self._mtp_run(k, h_prev, next_ids, positions, cache.latent, cache.index_keys, S)
 
     def _mtp_run(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
-                 latent: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 latent: torch.Tensor, index_keys: torch.Tensor | None, S: int) -> tuple[torch.Tensor, torch.Tensor]:
         M = self.mtp[k - 1]
         B, T, D = h_prev.shape
         e = F.rms_norm(F.embedding(next_ids.reshape(-1), self.embed), (D,), M.w_e, M.eps_e)
         h = torch.cat([e, F.rms_norm(h_prev.reshape(-1, D), (D,), M.w_h, M.eps_h)], dim=-1) @ M.w_eh
-        st = self._step(positions, latent, S, h.dtype)
+        st = self._step(positions, latent, index_keys, S, h.dtype)
         h = self._attention(M.block, self.model.config.num_hidden_layers + k - 1, h, st, D)
         h, _ = self._mlp(M.block, h, D)
         h = F.rms_norm(h, (D,), M.w_out, M.eps_out)
@@ -389,11 +395,14 @@ class FastDecoder(_Packed):
         N = h.shape[0]  # B * T query tokens
         x = F.rms_norm(h, (D,), L.w_in, L.eps_in)
         a = x @ L.wa if L.ba is None else torch.addmm(L.ba, x, L.wa)
+        q_latent = None
         if L.q_lora:
-            q = F.rms_norm(a[:, : L.qr], (L.qr,), L.w_qa, L.eps_qa) @ L.wq
+            q_latent = F.rms_norm(a[:, : L.qr], (L.qr,), L.w_qa, L.eps_qa)
+            q = q_latent @ L.wq
             kv = a[:, L.qr:]
         else:
             q, kv = a[:, : L.nq], a[:, L.nq:]
+        bias = st.bias if L.indexer is None else self._sparse_bias(L, li, x, q_latent, st)
         q = q.view(N, H, dn + r)
         q_lat = torch.bmm(q[..., :dn].transpose(0, 1), L.w_uk)  # (H, N, R): W_UK folded into the query
         q_pe = torch.bmm(q[..., dn:], st.rot)  # (N, H, r)
@@ -405,11 +414,28 @@ class FastDecoder(_Packed):
         cache = st.latent  # (layers, rows, max_len, R + r)
         cache.index_put_((torch.full_like(st.rows, li), st.rows, st.cols), torch.cat([c, k_pe], dim=-1).to(cache.dtype))
         lat = cache[li, : st.B, : st.S]  # (B, S, R + r), this step's entries included
-        scores = torch.baddbmm(st.bias, qq, lat.transpose(1, 2), alpha=L.scale)  # (B, T*H, S), causal bias added
+        scores = torch.baddbmm(bias, qq, lat.transpose(1, 2), alpha=L.scale)  # (B, T*H, S), causal bias added
         o = torch.bmm(scores.softmax(dim=-1), lat[..., :R]).view(N, H, R)
         o = torch.bmm(o.transpose(0, 1), L.w_uv).transpose(0, 1).reshape(N, H * L.dv)  # W_UV after attention
         h = torch.addmm(h, o, L.wo)
         return h if L.bo is None else h + L.bo
+
+    def _sparse_bias(self, L: _Layer, li: int, x, q_latent, st: _Step) -> torch.Tensor:
+        """DSA: write this step's indexer keys to the cache; the causal bias, plus -inf on the keys outside each
+        query's top-`index_topk` by index score once more keys than that are visible (`MLA.forward`'s selection,
+        through the layer's own Indexer and `select_topk`)."""
+        B, T, N = st.B, st.cos.shape[1], x.shape[0]
+        x3, q3 = x.view(B, T, -1), q_latent.view(B, T, -1)
+        st.index_keys.index_put_((torch.full_like(st.rows, li), st.rows, st.cols),
+                                 L.indexer.keys(x3, st.cos, st.sin).reshape(N, -1).to(st.index_keys.dtype))
+        if st.S <= L.indexer.topk:
+            return st.bias
+        scores = L.indexer(x3, q3, st.cos, st.sin, st.index_keys[li, :B, : st.S]).masked_fill(~st.causal, float("-inf"))
+        outside = ~select_topk(scores, L.indexer.topk)  # (B, T, S)
+        extra = torch.zeros_like(scores, dtype=st.bias.dtype).masked_fill_(outside, float("-inf"))
+        if T > 1:  # one bias row per (token, head) pair, token-major, as in `_step`
+            return st.bias + extra.unsqueeze(2).expand(B, T, L.H, st.S).reshape(B, -1, st.S)
+        return st.bias + extra  # (B, 1, S): broadcast over heads
 
     def _mlp(self, L: _Layer, h, D):
         x = F.rms_norm(h, (D,), L.w_post, L.eps_post)
