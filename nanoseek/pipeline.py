@@ -32,8 +32,8 @@ if TYPE_CHECKING:  # torch and the stages load when a run starts, not when the C
 STAGES = ["tokenizer", "pretrain", "dsa", "sft", "grpo", "rejection", "distill", "eval", "report"]
 
 # Per preset: stage settings and the expected seconds per stage on the reference machine (2-core CPU),
-# used for the time-left estimate. "cpu" is the default: about 40 minutes on the 2-core AVX2 VM of
-# docs/results.md (the 15-minute target of issue 13 needs ~3x its training throughput).
+# used for the time-left estimate. "cpu" is the default: 14.3 minutes on the 2-core AVX-512 EPYC VM of
+# docs/results.md (about 40 on the slower AVX2 VM of the earlier runs).
 _TASKS = dict(tasks=["arithmetic"], levels=[1, 2], langs=["en"])
 _FOCUS = dict(embedded_tasks=["arithmetic"], embedded_levels=[1, 2], embedded_langs=["en"])
 RUN_PRESETS: dict[str, dict] = {
@@ -68,7 +68,7 @@ RUN_PRESETS: dict[str, dict] = {
         # the judged set, fixed before the runs: 1,024 level-2 test problems (the level GRPO trains on), greedy
         eval=dict(tasks=["arithmetic"], levels=[2], langs=["en"], num_problems=1024, k=1, temperature=0.0,
                   max_tokens=128, max_batch_size=256),
-        estimates=dict(tokenizer=2, pretrain=936, dsa=49, sft=340, grpo=800, rejection=90, distill=60, eval=90,
+        estimates=dict(tokenizer=1, pretrain=308, dsa=21, sft=130, grpo=307, rejection=33, distill=33, eval=26,
                        report=2),
     ),
 }
