@@ -42,8 +42,8 @@ RUN_PRESETS: dict[str, dict] = {
         tokenizer=dict(vocab_size=1024, docs=3000, digit_group=1),  # one token per digit: column arithmetic
         # ~2.5M tokens in 1,200 steps of 8 x 256, English only (the judged problems are English). The tiny model
         # learns to copy operands from the prompt in a sudden drop of the loss that comes after a number of
-        # optimizer steps more than of tokens: at 700 steps of 16 x 256 the drop came late or not at all on 2
-        # seeds in 4 (held-out loss 0.38-0.40, SFT 8%); at 8 x 256 it came by step ~800 (docs/results.md)
+        # optimizer steps more than of tokens: at 700 steps of 16 x 256 the drop came late or not at all in 2
+        # runs of 4 (held-out loss 0.38-0.40, SFT 8%); at 8 x 256 it came by step ~800 (docs/results.md)
         pretrain=dict(preset="tiny", embedded_docs=6000, seq_len=256, batch_size=8, steps=1200, warmup=40, lr=3e-3,
                       schedule="cosine", eval_every=200, save_every=200, **_FOCUS),
         # on pre-training's data focus (on the whole embedded mix the dense model's loss is 12.4, uniform 6.7) and
