@@ -122,7 +122,7 @@ class RunConfig:
     """preset / fp8 / seed: None = the run folder's (run.json), or for a new folder cpu / off / 0."""
 
     out: str = "runs/nanoseek"
-    preset: str | None = None  # cpu (the default; ~40 min on a 2-core CPU), micro (seconds, for tests/CI), gpu
+    preset: str | None = None  # cpu (the default; ~15-40 min on a 2-core CPU), micro (seconds, for tests/CI), gpu
     fp8: bool | None = None  # FP8 pre-training, compared with a same-length run without FP8 in the report
     threads: int | None = None  # torch CPU threads; None = the preset's choice
     seed: int | None = None
