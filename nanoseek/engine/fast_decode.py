@@ -25,8 +25,9 @@ flat buffer, so the compiled graph takes them as one input (each input costs a g
 Packed weights follow the parameters: when a parameter changed in place (optimizer steps and
 load_state_dict bump the tensors' version counters) every packed tensor is refreshed in place, one copy per
 source view and no allocation; when one moved or was cast (its storage changed) the weights are packed anew.
-A trainer sharing the model (GRPO) never decodes with stale weights. The packed copy costs one extra copy of the weights in memory, which is
-why `Engine` uses this step by default on CPU only (see `Engine(fast_decode=...)`).
+A trainer sharing the model (GRPO) never decodes with stale weights. The packed copy costs one extra copy of
+the weights in memory, which is why `Engine` uses this step by default on CPU only (see
+`Engine(fast_decode=...)`).
 
 Shape legend: B = rows, D = hidden, H = heads, R = kv_lora_rank, r = qk_rope_head_dim, dn/dv = nope/value
 head dims, S = keys read this step, E = routed experts, K = experts per token, V = vocab.
@@ -347,8 +348,8 @@ class FastDecoder(_Packed):
         layers = None if flat is None else [L.rebased(flat) for L in self.layers]
         return self._run(ids, positions, latent, index_keys, S, layers)
 
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor, index_keys: torch.Tensor | None, S: int,
-             layers: list[_Layer] | None = None):
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor, index_keys: torch.Tensor | None,
+             S: int, layers: list[_Layer] | None = None):
         """The step's tensor maths (no host syncs outside the routed experts)."""
         B, T = ids.shape
         h = F.embedding(ids.reshape(-1), self.embed)  # (B*T, D)
