@@ -136,7 +136,18 @@ def test_a_refused_request_leaves_nothing_queued(live, client):
 
 
 # ---------------------------------------------------------------------------------------------- item 3
-def test_a_non_streaming_client_that_disconnects_cancels_its_generation(live, client):
+def test_a_non_streaming_client_that_disconnects_cancels_its_generation(live, client, monkeypatch):
+    """The server notices the disconnect within DISCONNECT_POLL_S; each engine step is slowed to 10 ms here so
+    that 120 tokens take longer than that on any machine (a fast CPU decodes them before the first poll)."""
+    from nanoseek.engine import engine as engine_module
+
+    real = engine_module.sample
+
+    def slowed(*args, **kw):
+        time.sleep(0.01)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine_module, "sample", slowed)
     engine = live.app.state.engine
     assert _wait_idle(engine)
     f0 = engine.num_forwards
@@ -149,6 +160,7 @@ def test_a_non_streaming_client_that_disconnects_cancels_its_generation(live, cl
     sock.close()
     assert _wait_idle(engine)
     assert engine.num_forwards - f0 < 110  # cut short, not run to 120 tokens
+    monkeypatch.undo()
     assert_still_serving(client)
 
 

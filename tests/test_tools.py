@@ -372,7 +372,10 @@ def test_tool_choice_forces_or_forbids_the_call(live_tools):
     assert forced.finish_reason == "tool_calls" or forced.message.content.startswith(TOOL_CALLS_BEGIN)
     named = ask(client, [{"role": "user", "content": QUESTIONS[0][0]}],
                 tool_choice={"type": "function", "function": {"name": "python"}}).choices[0]
-    assert named.finish_reason == "tool_calls" and named.message.tool_calls[0].function.name == "python"
+    # the completion starts with the opened call to "python"; whether the model (trained on calculator calls only)
+    # then closes it is up to float rounding: it did on an AVX2 CPU, not on an AVX-512 one
+    assert (named.finish_reason == "tool_calls" and named.message.tool_calls[0].function.name == "python"
+            or named.message.content.startswith(TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN + "python" + TOOL_SEP))
     none = ask(client, [{"role": "user", "content": QUESTIONS[0][0]}], tool_choice="none").choices[0]
     assert none.finish_reason != "tool_calls" and not none.message.tool_calls
 
