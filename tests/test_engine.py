@@ -162,6 +162,33 @@ def test_top_k_top_p_keep_the_smallest_nucleus():
     torch.testing.assert_close(logp, logits.log_softmax(-1))
 
 
+def test_sampler_draws_from_the_final_distribution_with_one_number_per_row_and_step():
+    """Each sampled row takes exactly one number of its own stream per step (inverse CDF over the processed
+    distribution); 20,000 draws match that distribution (chi-square), tokens cut by top-k / top-p / min-p never
+    appear, and a stream's numbers depend on its key and position only."""
+    from nanoseek.engine.sampling import SampleStream, make_generator, sample
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -9.0, 1.5, 0.2])
+    params = [SamplingParams(temperature=0.8, top_k=6, top_p=0.95)] * 400
+    logp, support = process_logits(logits.expand(400, -1), params)
+    streams = [make_generator(k) for k in range(400)]
+    counts = torch.zeros(8)
+    for _ in range(50):
+        counts += torch.bincount(sample(logits.expand(400, -1), params, streams).tokens, minlength=8)
+    assert all(s.drawn == 50 for s in streams)
+    p = logp[0].exp()
+    assert counts[~support[0]].sum() == 0 and support[0].sum() < 8
+    kept = support[0]
+    chi2 = ((counts[kept] - 20000 * p[kept]) ** 2 / (20000 * p[kept])).sum()
+    assert chi2 < 20.5, (counts, 20000 * p)  # 99.9% point of chi-square with <= 5 degrees of freedom
+    a, b = SampleStream(7), SampleStream(7)
+    xs = [a.uniform() for _ in range(2000)]
+    assert xs == [b.uniform() for _ in range(2000)] and all(0 < x <= 1 for x in xs)
+    ys = [SampleStream(k).uniform() for k in range(1, 2001)]  # first numbers of neighbouring keys
+    assert abs(sum(xs) / 2000 - 0.5) < 0.02 and abs(sum(ys) / len(ys) - 0.5) < 0.02
+    assert abs(torch.corrcoef(torch.tensor([xs, ys]))[0, 1]) < 0.1
+
+
 def test_seeded_request_samples_the_same_alone_or_batched(mla):
     target = SamplingParams(max_tokens=10, temperature=0.9, top_k=20, seed=1234)
     prompt = prompts_of([4], seed=7)[0]

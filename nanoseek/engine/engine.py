@@ -40,7 +40,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..model import DeepSeekModel
-from .sampling import SamplingParams, derive_seed, make_generator, penalize, sample
+from .sampling import SampleStream, SamplingParams, derive_seed, make_generator, penalize, sample
 
 
 FAST_DECODE_MAX_BYTES = 2 << 30  # auto fast decode only for models whose weights fit twice in memory comfortably
@@ -112,7 +112,7 @@ class RequestHandle:
 class _Seq:
     handle: RequestHandle
     index: int  # sample index within the request
-    generator: torch.Generator | None
+    generator: SampleStream | None
     tokens: list[int] = field(default_factory=list)  # generated so far
     logprobs: list[float] = field(default_factory=list)
     masks: list[torch.Tensor] = field(default_factory=list)

@@ -7,10 +7,11 @@ the tokens so far, and min_tokens: the end tokens at -inf until that many were g
 so greedy rows and log-probs see it too), then logits / temperature -> min-p (drop tokens less likely than
 min_p x the most likely one) and top-k -> top-p over the remaining renormalised distribution -> sample from the
 renormalised support. Every row draws its
-randomness from its own torch.Generator, and exactly V uniforms per step (Gumbel-max), so a seeded
-request gives the same samples whatever else shares its batch. Sample i of a seeded request draws from a
-generator seeded with `derive_seed(seed, i, *prompt_ids)`: every sample and every distinct prompt has its own
-stream (never seed + i, which would let neighbouring seeds and different prompts share streams).
+randomness from its own `SampleStream`, exactly one uniform per step (inverse-CDF sampling over the final
+distribution): uniform n of a stream is a hash of (its key, n), so a seeded request gives the
+same samples whatever else shares its batch, and a batch of B rows costs B hashes, not B generator calls. Sample i
+of a seeded request has the key `derive_seed(seed, i, *prompt_ids)`: every sample and every distinct prompt has
+its own stream (never seed + i, which would let neighbouring seeds and different prompts share streams).
 
 Log-probs: for temperature > 0 the returned value is log pi(token) under the FINAL sampling
 distribution (after temperature, top-k, top-p and renormalisation over the support), which is what
@@ -190,11 +191,12 @@ class SampleResult:
     top_logprobs: torch.Tensor | None = field(default=None)  # (B, N) their log-probs (same distribution as logprobs)
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
-           return_support: bool = False, top_n: int = 0) -> SampleResult:
-    """Sample one token per row. logits (B, V); params and generators one per row (a generator may be None
-    for greedy rows, or to use torch's global RNG). top_n > 0 also returns each row's top_n tokens and
-    log-probs under the distribution `logprobs` refers to."""
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
+           generators: Sequence["SampleStream | torch.Generator | None"], return_support: bool = False,
+           top_n: int = 0) -> SampleResult:
+    """Sample one token per row. logits (B, V); params and generators one per row: a SampleStream (the engine's),
+    a torch.Generator, or None (greedy rows, or torch's global RNG). top_n > 0 also returns each row's top_n
+    tokens and log-probs under the distribution `logprobs` refers to."""
     B, V = logits.shape
     if len(generators) != B:
         raise ValueError(f"generators must have one entry per row ({B}), got {len(generators)}")
@@ -202,16 +204,59 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], generators: S
     tokens = logits.max(dim=-1).indices  # the greedy rows' tokens (argmax: first of ties; max(dim) is ~3x faster)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
-        # Gumbel-max: argmax(log pi + G) ~ pi; V uniforms per row from the row's own generator
-        u = torch.stack([torch.rand(V, generator=generators[i], device=logits.device) for i in sampled])
-        gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
+        u = torch.tensor([_uniform(generators[i]) for i in sampled], dtype=torch.float64, device=logits.device)
         rows = torch.tensor(sampled, device=logits.device)
-        tokens[rows] = (logp[rows] + gumbel).argmax(dim=-1)
+        tokens[rows] = inverse_cdf(logp[rows], u)
     lp = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
     res = SampleResult(tokens, lp, support)
     if top_n > 0:
         res.top_logprobs, res.top_ids = logp.topk(min(top_n, V), dim=-1)
     return res
+
+
+def inverse_cdf(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Tokens (b,) drawn from the distributions exp(logp) (b, V), -inf outside the support, by one uniform in (0, 1]
+    per row: the first token whose cumulative probability reaches u x the row's total. A token of probability 0
+    never has a cumulative sum above its predecessor's, so it is never the first to reach a u > 0. In fp32 (fp64's
+    cumsum is ~8x slower on CPU): a token's share is off by at most about one rounding of the running sum (~6e-8),
+    the order of the 2^-24 resolution of torch.rand that Gumbel-max sampling rests on."""
+    cdf = logp.float().exp().cumsum(dim=-1)  # (b, V)
+    target = (u.float() * cdf[:, -1]).unsqueeze(1)  # (b, 1): scaled to the row's mass, which rounding leaves near 1
+    return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=logp.shape[1] - 1)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser: a bijective 64-bit hash whose outputs pass BigCrush as a counter-mode stream."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+class SampleStream:
+    """One sample's random numbers, counter-based: uniform n is a hash of (key, n), so a stream's numbers depend
+    only on its key and how many it has drawn (not on other rows, batch order or threads), and drawing is a few
+    integer operations in Python."""
+
+    __slots__ = ("key", "drawn")
+
+    def __init__(self, key: int):
+        self.key, self.drawn = _mix64(int(key) & _MASK64), 0
+
+    def uniform(self) -> float:
+        """The next number, in (0, 1] (53 random bits; never 0, so inverse_cdf never picks a zero-probability token)."""
+        z = _mix64(self.key ^ _mix64(self.drawn))
+        self.drawn += 1
+        return ((z >> 11) + 1) * 2.0 ** -53
+
+
+def _uniform(gen) -> float:
+    if isinstance(gen, SampleStream):
+        return gen.uniform()
+    return 1.0 - float(torch.rand((), generator=gen, dtype=torch.float64))  # torch's [0, 1) -> (0, 1]
 
 
 def derive_seed(*parts: int) -> int:
@@ -221,11 +266,10 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def make_generator(seed: int | None, device) -> torch.Generator:
-    """A per-request generator; without a seed it is seeded from torch's global RNG (so torch.manual_seed
-    makes whole runs reproducible)."""
+def make_generator(seed: int | None, device=None) -> SampleStream:
+    """A per-sample stream; without a seed its key is drawn from torch's global RNG (so torch.manual_seed makes
+    whole runs reproducible). `device` is accepted for the older torch.Generator signature; numbers are drawn
+    on the host, one per step."""
     if seed is None:
         seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
+    return SampleStream(seed)
