@@ -133,7 +133,8 @@ def _ones_per_completion(model_dir, tok, problems):
     return sum(s["completion"].text.count("1") for s in ro["seqs"]) / len(ro["seqs"])
 
 
-def test_short_run_raises_reward_on_an_easy_task(micro_base, tmp_path):
+@pytest.mark.parametrize("async_rollouts", [False, True])
+def test_short_run_raises_reward_on_an_easy_task(micro_base, tmp_path, async_rollouts):
     tok = Tokenizer.load(micro_base)
 
     def ones(prompt, completion, problem):  # easy and learnable from scratch: write many 1s
@@ -141,7 +142,7 @@ def test_short_run_raises_reward_on_an_easy_task(micro_base, tmp_path):
 
     cfg = GRPOConfig(init_from=str(micro_base), out_dir=str(tmp_path / "g"), steps=30, prompts_per_step=4,
                      num_generations=6, max_tokens=12, lr=3e-3, reward_weights={}, eval_every=100,
-                     eval_problems=4, tensorboard=False, keep_routing=True)
+                     eval_problems=4, tensorboard=False, keep_routing=True, async_rollouts=async_rollouts)
     out = grpo(cfg, extra_rewards={"ones": ones})
     m = [r for r in read_metrics(out.parent) if "reward" in r]
     first = sum(r["reward"] for r in m[:3]) / 3
@@ -169,6 +170,49 @@ def test_kl_reference_and_resume(micro_base, tmp_path):
     sa, sb = nanoseek.from_pretrained(a).state_dict(), nanoseek.from_pretrained(b).state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not (a / "ref").exists()
+
+
+def test_async_rollouts_sample_a_step_behind_and_resume_bit_exact_at_any_step(micro_base, tmp_path, monkeypatch):
+    """async_rollouts: step t+1's groups are sampled (on a background thread) by the weights of the start of step t,
+    so every step after the first trains on groups one optimizer step stale; the run differs from the synchronous
+    one, and a stop at a step that is not a save step, then resume (from the checkpoint's sampler/), gives the same
+    run bit for bit."""
+    import nanoseek.train.grpo as G
+
+    kw = dict(init_from=str(micro_base), steps=5, prompts_per_step=2, num_generations=3, max_tokens=8, lr=1e-2,
+              minibatch_size=4, eval_every=2, eval_problems=2, tensorboard=False, save_every=100, loss_type="dapo",
+              reward_weights={})
+    extra = {"ones": lambda prompt, completion, problem: completion.count("1") / 8}
+    samplers, trainers, real_rollout, real_optimise = {}, {}, G.rollout, G.optimise
+    fingerprint = lambda model: float(model.model.embed_tokens.weight.detach().double().sum())
+
+    def spy_rollout(model, *a, **k):  # the weights that sampled each step's groups
+        samplers[a[3]] = fingerprint(model)
+        return real_rollout(model, *a, **k)
+
+    def spy_optimise(model, *a, **k):  # the weights each step starts training from
+        trainers[k.get("step", a[9] if len(a) > 9 else None)] = fingerprint(model)
+        return real_optimise(model, *a, **k)
+    monkeypatch.setattr(G, "rollout", spy_rollout)
+    monkeypatch.setattr(G, "optimise", spy_optimise)
+    sync = grpo(GRPOConfig(out_dir=str(tmp_path / "sync"), **kw), extra_rewards=extra)
+    assert samplers == trainers and len(samplers) == 5  # synchronous: each step samples with the weights it trains
+    samplers.clear(), trainers.clear()
+    full = grpo(GRPOConfig(out_dir=str(tmp_path / "a"), async_rollouts=True, **kw), extra_rewards=extra)
+    # step 0 from the initial weights; step t + 1 from the weights step t started with
+    assert samplers[0] == trainers[0] and all(samplers[t + 1] == trainers[t] for t in range(4))
+    assert all(samplers[t] != trainers[t] for t in range(1, 5))
+    rows = lambda out: [(r["reward"], r.get("loss"), r.get("grad_norm")) for r in read_metrics(out.parent)
+                        if "reward" in r]
+    assert rows(full) != rows(sync)
+    assert [r["policy_lag"] for r in read_metrics(full.parent) if "reward" in r] == [0, 1, 1, 1, 1]
+    grpo(GRPOConfig(out_dir=str(tmp_path / "b"), async_rollouts=True, stop_after=3, **kw), extra_rewards=extra)
+    assert (tmp_path / "b" / "checkpoints" / "step_0000003" / "sampler" / "config.json").exists()
+    resumed = grpo(GRPOConfig(out_dir=str(tmp_path / "b"), async_rollouts=True, **kw), extra_rewards=extra)
+    assert rows(full) == rows(resumed)
+    sa, sb = nanoseek.from_pretrained(full).state_dict(), nanoseek.from_pretrained(resumed).state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not (full / "sampler").exists()
 
 
 def test_bf16_precision_rolls_out_and_trains_in_bf16_and_resumes_bit_exact(micro_base, tmp_path, monkeypatch):

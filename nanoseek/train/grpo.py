@@ -41,6 +41,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -136,6 +137,9 @@ class GRPOConfig:
     keep_routing: bool = True
     keep_sampling_mask: bool = True
     dynamic_sampling: bool = False  # DAPO: train on groups whose rewards differ, drawing more problems to refill
+    # one-step off-policy rollouts: step t+1's groups are sampled on a background thread, from a copy of the policy
+    # as it was at the start of step t, while step t trains (each side gets half the torch threads); one process only
+    async_rollouts: bool = False
     max_resample_rounds: int = 4  # dynamic sampling: extra rollout rounds per step at most (then train on fewer)
     mask_truncated: bool = False
     importance_sampling_correction: bool = False  # TIS: weight tokens by min(pi_old_trainer / pi_sampler, cap)
@@ -812,11 +816,16 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
         if cfg.prompts_per_step % run.dist.world_size:
             raise ValueError(f"GRPOConfig.prompts_per_step={cfg.prompts_per_step} must be divisible by the world size "
                              f"{run.dist.world_size} (each rank rolls out whole groups)")
-        if cfg.dynamic_sampling:
-            raise ValueError("GRPOConfig.dynamic_sampling does not run distributed yet")
+        if cfg.dynamic_sampling or cfg.async_rollouts:
+            name = "dynamic_sampling" if cfg.dynamic_sampling else "async_rollouts"
+            raise ValueError(f"GRPOConfig.{name} does not run distributed yet")
         # each rank decodes its own groups with a plain copy (no collectives inside the engine), refreshed from
         # the sharded model after every step
         sampler = load_model(run.resume_from or cfg.init_from, dtype=torch.float32, device=run.device)
+    elif cfg.async_rollouts:  # the background rollouts' own copy, a step behind (AsyncRollouts)
+        resumed_sampler = run.resumed and (run.resume_from / "sampler").exists()
+        sampler = load_model(run.resume_from / "sampler" if resumed_sampler else run.resume_from or cfg.init_from,
+                             dtype=torch.float32, device=run.device)
     ref = None
     if cfg.uses_reference:
         ref_src = run.resume_from / "ref" if run.resumed and (run.resume_from / "ref").exists() else cfg.init_from
@@ -834,17 +843,29 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
                                 RewardConfig(weights=weights, max_len=cfg.length_max or cfg.max_tokens,
                                              length_buffer=cfg.length_buffer, thinking=cfg.thinking,
                                              answer_format=answer_format))
-    evaluate = make_evaluator(cfg, sampler, tokenizer, held_out, reward_fn, eval_metric, answer_format)
+    # the evaluation decodes the trained weights: the sampler's (distributed: the full weights on one rank), or with
+    # async rollouts the model's own (the sampler is a step behind and busy)
+    evaluate = make_evaluator(cfg, model if cfg.async_rollouts else sampler, tokenizer, held_out, reward_fn,
+                              eval_metric, answer_format)
     if evaluate is not None and not run.dist.is_main:
         evaluate = lambda: {}  # rank 0 evaluates (on its sampler, the full weights) and logs
     if not run.resumed and evaluate is not None:
         run.log(0, **evaluate())
     refreshed = lambda step: ref is not None and cfg.ref_refresh_every and step >= cfg.ref_refresh_every
-    return run.fit(make_train_step(cfg, model, ref, tokenizer, tasks, reward_fn, run.device, sampler, run.dist, ctx),
-                   cfg.steps, model,
-                   tokenizer, lr_at=lambda step, elapsed_s: grpo_lr(cfg, step, elapsed_s), evaluate=evaluate,
-                   extras=lambda step: {"ref": ref} if refreshed(step) else None,
-                   progress_keys={"reward": "reward", "accuracy": "acc"}, record_first_step=False)
+    train_step = make_train_step(cfg, model, ref, tokenizer, tasks, reward_fn, run.device, sampler, run.dist, ctx)
+    threads = torch.get_num_threads()
+    if cfg.async_rollouts:  # rollouts and updates side by side: half the threads each
+        torch.set_num_threads(max(1, threads // 2))
+    try:
+        return run.fit(train_step, cfg.steps, model, tokenizer,
+                       lr_at=lambda step, elapsed_s: grpo_lr(cfg, step, elapsed_s), evaluate=evaluate,
+                       extras=lambda step: {**({"ref": ref} if refreshed(step) else {}),
+                                            **({"sampler": sampler} if cfg.async_rollouts and step < cfg.steps
+                                               else {})} or None,
+                       progress_keys={"reward": "reward", "accuracy": "acc"}, record_first_step=False)
+    finally:
+        train_step.close()
+        torch.set_num_threads(threads)
 
 
 def load_tasks(cfg: GRPOConfig, needs_answer: bool) -> tuple[list, list]:
@@ -910,13 +931,20 @@ def make_train_step(cfg: GRPOConfig, model, ref, tokenizer, tasks, reward_fn, de
         if hasattr(model.config, "n_routed_experts") else 0
     K = getattr(model.config, "num_experts_per_tok", 1)
 
-    def train_step(step: int, opt) -> dict:
+    def sample(step: int) -> dict:
         t0 = time.perf_counter()
         sampler.eval()
         sampled = sample_groups(sampler, tokenizer, cfg, step, tasks, reward_fn, dist)
+        sampled["metrics"]["sample_s"] = time.perf_counter() - t0
+        return sampled
+
+    rollouts = AsyncRollouts(cfg, model, sampler, sample) if cfg.async_rollouts else None
+
+    def train_step(step: int, opt) -> dict:
+        t0 = time.perf_counter()
+        sampled = sample(step) if rollouts is None else rollouts.groups(step)
         seqs, metrics = sampled["seqs"], sampled["metrics"]
-        t_sample = time.perf_counter() - t0
-        metrics["sample_s"] = t_sample
+        t_sample = metrics["sample_s"]
         if seqs:
             rewards = sampled["rewards"]
             if W > 1:  # every rank holds the same number of groups
@@ -931,18 +959,70 @@ def make_train_step(cfg: GRPOConfig, model, ref, tokenizer, tasks, reward_fn, de
                 adv = adv[dist.rank * n:(dist.rank + 1) * n]
             metrics.update(optimise(model, ref, opt, cfg, seqs, adv, tokenizer.pad_id, moe_layers, K, device, step,
                                     dist, ctx))
-        if sampler is not model:
+        if sampler is not model and rollouts is None:
             from ..parallel import copy_full_weights
 
             copy_full_weights(model, sampler)  # the engine samples the next step from the new weights
         if ref is not None and cfg.ref_refresh_every and (step + 1) % cfg.ref_refresh_every == 0:
-            ref.load_state_dict(sampler.state_dict())
+            ref.load_state_dict(sampler.state_dict() if rollouts is None else model.state_dict())
         metrics["step_s"] = time.perf_counter() - t0
         # sampling throughput (every rank's: the ranks' mean times W)
         metrics["tokens_per_s"] = W * sampled["num_tokens"] / max(t_sample, 1e-9)
         return metrics
 
+    train_step.close = (lambda: rollouts.close(shutdown=True)) if rollouts is not None else (lambda: None)
     return train_step
+
+
+class AsyncRollouts:
+    """GRPOConfig.async_rollouts: while step t trains on its groups, a background thread samples step t+1's from
+    `sampler`, a copy of the policy as it was at the start of step t (one step off-policy: the clipped ratio and
+    the V3.2 off-policy mask measure the drift against the sampler's own log-probs, as for any stale rollout).
+    On a CPU the two sides run on their own cores (torch ops release the GIL). Checkpoints keep the sampler's
+    weights (`sampler/`), from which a resumed run samples its first step again: resume is bit-exact at any step.
+    Rollouts stay a function of (seed, step); only the policy that samples them moves."""
+
+    def __init__(self, cfg: GRPOConfig, model, sampler, sample: Callable[[int], dict]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if sampler is model:
+            raise ValueError("GRPOConfig.async_rollouts needs a sampler apart from the trained model")
+        self.cfg, self.model, self.sampler, self.sample = cfg, model, sampler, sample
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="grpo-rollout")
+        self.pending: tuple[int, object] | None = None  # (step, future)
+
+    def groups(self, step: int) -> dict:
+        """Step `step`'s sampled groups: prefetched during the step before, or (the first step of a run or of a
+        resumed one) sampled now by the sampler as it is (the initial weights, or the checkpoint's sampler);
+        then the sampler takes the current weights and step + 1's groups start in the background. Metrics:
+        rollout_wait_s (time this step waited for its groups), policy_lag (optimizer steps between the policy
+        that sampled them and the one they train)."""
+        t0 = time.perf_counter()
+        if self.pending is not None and self.pending[0] == step:
+            sampled = self.pending[1].result()
+        else:
+            self.close()
+            sampled = self.sample(step)
+        self.pending = None
+        lag = 0 if step == 0 else self.cfg.num_iterations
+        sampled["metrics"].update(rollout_wait_s=time.perf_counter() - t0, policy_lag=lag)
+        if step + 1 < self.cfg.steps:
+            self.sync_weights()
+            self.pending = (step + 1, self.pool.submit(self.sample, step + 1))
+        return sampled
+
+    @torch.no_grad()
+    def sync_weights(self) -> None:
+        self.sampler.load_state_dict(self.model.state_dict())  # in place: the sampler's packed decode weights follow
+
+    def close(self, shutdown: bool = False) -> None:
+        """Wait for a rollout in flight (the run ended or changed course) and drop it; shutdown: also end the
+        background thread."""
+        if self.pending is not None:
+            self.pending[1].exception()
+            self.pending = None
+        if shutdown:
+            self.pool.shutdown(wait=True)
 
 
 def n_mb_total(rows: torch.Tensor, cfg: GRPOConfig) -> int:
