@@ -18,6 +18,8 @@ permutation test on the difference of mean gains, and the per-seed and median th
     python benchmarks/bench_grpo_trl.py --seeds 0 1 2 3 4 5 6 7 --out runs/h2h          # ~40 min on 2 cores
     python benchmarks/bench_grpo_trl.py --moe --seeds 0 1 2 3 4 5 6 7 --out runs/h2h_moe
     python benchmarks/bench_grpo_trl.py --seeds 0 --steps 5 --out /tmp/h2h                # the mechanics
+    python benchmarks/bench_grpo_trl.py --threads 2 --async-rollouts --seeds 0 1 2 --out runs/h2h_t2
+        # both sides on both cores: TRL with 2 torch threads, nanoseek's rollout and update on one each
 
 Runs whose metrics.json exists are reused (delete the folder to rerun); the SFT folder is built once per --out.
 """
@@ -226,11 +228,15 @@ def run_nanoseek(a) -> dict:
                      temperature=1.0, lr=a.lr, lr_schedule="constant", weight_decay=0.0, grad_clip=1.0,
                      minibatch_size=a.prompts * a.generations, loss_type="dapo", scale_rewards="group", beta=0.0,
                      eps_low=0.2, eps_high=0.2, off_policy_delta=None, reward_weights={}, eval_every=a.steps,
-                     eval_problems=1, save_every=a.steps, seed=a.seed, device="cpu", resume=False, tensorboard=False)
+                     eval_problems=1, save_every=a.steps, seed=a.seed, device="cpu", resume=False, tensorboard=False,
+                     async_rollouts=a.async_rollouts)
     model_dir = grpo(cfg, extra_rewards={"correct": correct_sum})
     logs = [r for r in read_metrics(Path(cfg.out_dir) / "metrics.jsonl") if "reward" in r]
     os.symlink(Path(model_dir).resolve(), Path(a.run_dir) / "model")
-    return {"step_times": [r["step_s"] for r in logs], "rewards": [r["reward"] for r in logs]}
+    res = {"step_times": [r["step_s"] for r in logs], "rewards": [r["reward"] for r in logs]}
+    if a.async_rollouts:  # a step's own time leaves out its next rollout, which ran beside it: use the wall clock
+        res["wall_s"] = logs[-1]["time"] - logs[0]["time"] + logs[0]["step_s"]
+    return res
 
 
 def worker(a) -> None:
@@ -245,7 +251,8 @@ def worker(a) -> None:
     _, _, test = split_pairs()
     after = greedy_accuracy(DeepseekV3ForCausalLM.from_pretrained(Path(a.run_dir) / "model"), tok, test)
     n = a.prompts * a.generations * len(res["step_times"])
-    res.update(framework=a.worker, seed=a.seed, acc_after=after, completions_per_s=n / sum(res["step_times"]),
+    res.update(framework=a.worker, seed=a.seed, acc_after=after,
+               completions_per_s=n / res.get("wall_s", sum(res["step_times"])),
                threads=torch.get_num_threads())
     (Path(a.run_dir) / "metrics.json").write_text(json.dumps(res))
 
@@ -299,6 +306,9 @@ def main():
     ap.add_argument("--sft-target", type=float, default=0.25, help="SFT stops at this dev accuracy")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of every run")
     ap.add_argument("--only", choices=["trl", "nanoseek"], help="run one side only")
+    ap.add_argument("--async-rollouts", action="store_true",
+                    help="nanoseek with async_rollouts (rollout and update side by side, half the threads each; "
+                         "throughput from the wall clock); its runs go to nanoseek_async_s<seed>")
     ap.add_argument("--worker", choices=["trl", "nanoseek"], help=argparse.SUPPRESS)
     ap.add_argument("--init", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -319,13 +329,14 @@ def main():
     sides = [a.only] if a.only else ["trl", "nanoseek"]
     for s in a.seeds:
         for fw in sides:  # alternating, seed by seed
-            run_dir = out / f"{fw}_s{s}"
+            run_dir = out / f"{fw}{'_async' if a.async_rollouts and fw == 'nanoseek' else ''}_s{s}"
             if not (run_dir / "metrics.json").exists():
                 run_dir.mkdir(parents=True, exist_ok=True)
                 t0 = time.time()
                 cmd = [sys.executable, __file__, "--worker", fw, "--init", str(init), "--run-dir", str(run_dir),
                        "--seed", str(s), "--steps", str(a.steps), "--prompts", str(a.prompts), "--generations",
-                       str(a.generations), "--max-tokens", str(a.max_tokens), "--lr", str(a.lr), "--threads", str(a.threads)]
+                       str(a.generations), "--max-tokens", str(a.max_tokens), "--lr", str(a.lr), "--threads",
+                       str(a.threads)] + (["--async-rollouts"] if a.async_rollouts else [])
                 with open(run_dir / "log.txt", "w") as log:
                     subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
                 print(f"{fw} seed {s}: {time.time() - t0:.0f} s", flush=True)
