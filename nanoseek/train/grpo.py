@@ -137,9 +137,9 @@ class GRPOConfig:
     keep_routing: bool = True
     keep_sampling_mask: bool = True
     dynamic_sampling: bool = False  # DAPO: train on groups whose rewards differ, drawing more problems to refill
-    # one-step off-policy rollouts: step t+1's groups are sampled on a background thread, from a copy of the policy
-    # as it was at the start of step t, while step t trains (each side gets half the torch threads); one process only
-    async_rollouts: bool = False
+    # step t+1's groups are sampled on a background thread, by a copy of the policy as it was at the start of step t,
+    # while step t trains (each side gets half the torch threads); one process only
+    async_rollouts: bool = False  # rollouts one step ahead, beside the update (one step off-policy; AsyncRollouts)
     max_resample_rounds: int = 4  # dynamic sampling: extra rollout rounds per step at most (then train on fewer)
     mask_truncated: bool = False
     importance_sampling_correction: bool = False  # TIS: weight tokens by min(pi_old_trainer / pi_sampler, cap)
