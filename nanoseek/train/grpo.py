@@ -675,8 +675,10 @@ def minibatch_loss(model, sb: StepBatch, cfg: GRPOConfig, i: int, it: int, pad_i
 
 
 def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tensor, pad_id: int, moe_layers: int,
-             K: int, device, step: int | None = None, dist=None, ctx=nullcontext()) -> dict:
-    """`num_iterations` optimizer steps over one rollout (GRPO step `step`, for error messages); returns the metrics
+             K: int, device, step: int | None = None, dist=None, ctx=nullcontext(), sb: StepBatch | None = None
+             ) -> dict:
+    """`num_iterations` optimizer steps over one rollout (GRPO step `step`, for error messages; `sb`: its StepBatch
+    when built already, by async rollouts); returns the metrics
     (means over minibatches and iterations): loss, the grpo_loss statistics, entropy (first iteration), trained_frac,
     grad_norm.
 
@@ -684,7 +686,7 @@ def optimise(model, ref, opt, cfg: GRPOConfig, seqs: list[dict], adv: torch.Tens
     tokens) count every rank's, each minibatch loss is multiplied by W (FSDP averages the ranks' gradients), and
     every rank runs as many minibatches as the busiest one (the extra ones with a zero loss: FSDP and expert
     parallelism need every rank in every forward and backward). bnpo normalises per minibatch, which differ."""
-    sb = step_batch(ref, cfg, seqs, adv, pad_id, moe_layers, K, device, dist, ctx)
+    sb = sb if sb is not None else step_batch(ref, cfg, seqs, adv, pad_id, moe_layers, K, device, dist, ctx)
     W = 1 if dist is None else dist.world_size
     model.train()
     stats: dict[str, float] = {}
@@ -938,7 +940,19 @@ def make_train_step(cfg: GRPOConfig, model, ref, tokenizer, tasks, reward_fn, de
         sampled["metrics"]["sample_s"] = time.perf_counter() - t0
         return sampled
 
-    rollouts = AsyncRollouts(cfg, model, sampler, sample) if cfg.async_rollouts else None
+    def sample_and_prepare(step: int) -> dict:
+        """Async rollouts: also the update's batch (advantages, padded rows, shared-prompt packs), built on the
+        rollout's thread beside the previous update (not with a reference model, whose forward belongs to it)."""
+        sampled = sample(step)
+        if sampled["seqs"] and ref is None:
+            adv = group_advantages(sampled["rewards"], cfg.num_generations, scale=cfg.scale_rewards)
+            sb = step_batch(None, cfg, sampled["seqs"], adv, tokenizer.pad_id, moe_layers, K, device)
+            for i in range(0, len(sb.train_rows), cfg.minibatch_size):
+                sb.packed(cfg, sb.train_rows[i:i + cfg.minibatch_size], tokenizer.pad_id, device)
+            sampled["prepared"] = (adv, sb)
+        return sampled
+
+    rollouts = AsyncRollouts(cfg, model, sampler, sample_and_prepare) if cfg.async_rollouts else None
 
     def train_step(step: int, opt) -> dict:
         t0 = time.perf_counter()
@@ -953,12 +967,14 @@ def make_train_step(cfg: GRPOConfig, model, ref, tokenizer, tasks, reward_fn, de
                 parts = [torch.empty_like(rewards) for _ in range(W)]
                 torch_dist.all_gather(parts, rewards, group=dist.dp_group)
                 rewards = torch.cat(parts)
-            adv = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards)
+            adv, sb = sampled.get("prepared", (None, None))
+            if adv is None:
+                adv = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards)
             if W > 1:
                 n = len(seqs)
                 adv = adv[dist.rank * n:(dist.rank + 1) * n]
             metrics.update(optimise(model, ref, opt, cfg, seqs, adv, tokenizer.pad_id, moe_layers, K, device, step,
-                                    dist, ctx))
+                                    dist, ctx, sb))
         if sampler is not model and rollouts is None:
             from ..parallel import copy_full_weights
 
@@ -990,6 +1006,7 @@ class AsyncRollouts:
         self.cfg, self.model, self.sampler, self.sample = cfg, model, sampler, sample
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="grpo-rollout")
         self.pending: tuple[int, object] | None = None  # (step, future)
+        self.pairs: tuple[list, list] | None = None  # (sampler tensors, model tensors), for sync_weights
 
     def groups(self, step: int) -> dict:
         """Step `step`'s sampled groups: prefetched during the step before, or (the first step of a run or of a
@@ -1013,7 +1030,15 @@ class AsyncRollouts:
 
     @torch.no_grad()
     def sync_weights(self) -> None:
-        self.sampler.load_state_dict(self.model.state_dict())  # in place: the sampler's packed decode weights follow
+        """The sampler takes the model's weights, in one foreach copy (load_state_dict's per-tensor Python costs
+        ~2 ms a step on the tiny model); the copy bumps version counters, so the packed decode weights follow."""
+        if self.pairs is None:
+            src = self.model.state_dict(keep_vars=True)
+            dst = self.sampler.state_dict(keep_vars=True)
+            if src.keys() != dst.keys():
+                raise ValueError("GRPOConfig.async_rollouts: the sampler's tensors differ from the model's")
+            self.pairs = ([dst[k] for k in dst], [src[k] for k in dst])
+        torch._foreach_copy_(*self.pairs)
 
     def close(self, shutdown: bool = False) -> None:
         """Wait for a rollout in flight (the run ended or changed course) and drop it; shutdown: also end the
