@@ -334,7 +334,8 @@ def copy_model_folder(src: Path, dst: Path) -> Path:
     tmp = dst.with_name("." + dst.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("trainer_state.pt", "ref", "dcp"))  # dcp: sharded state
+    # ref, sampler: GRPO's reference model and async rollouts' sampler copy; dcp: sharded state
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("trainer_state.pt", "ref", "sampler", "dcp"))
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(tmp, dst)

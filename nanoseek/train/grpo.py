@@ -862,8 +862,7 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
         return run.fit(train_step, cfg.steps, model, tokenizer,
                        lr_at=lambda step, elapsed_s: grpo_lr(cfg, step, elapsed_s), evaluate=evaluate,
                        extras=lambda step: {**({"ref": ref} if refreshed(step) else {}),
-                                            **({"sampler": sampler} if cfg.async_rollouts and step < cfg.steps
-                                               else {})} or None,
+                                            **({"sampler": sampler} if cfg.async_rollouts else {})} or None,
                        progress_keys={"reward": "reward", "accuracy": "acc"}, record_first_step=False)
     finally:
         train_step.close()
