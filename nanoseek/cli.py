@@ -565,7 +565,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="the whole recipe end to end on embedded data, with a report (the main job)")
     s.add_argument("--out", default="runs/nanoseek", help="run folder (default: runs/nanoseek); rerun to resume")
     s.add_argument("--preset", default=None, choices=sorted(RUN_PRESETS),
-                   help="cpu: ~15 min on a 2-core AVX-512 CPU, ~40 on an AVX2 one (the default for a new folder); "
+                   help="cpu: ~12 min on a 2-core AVX-512 CPU, ~30 on an AVX2 one (the default for a new folder); "
                         "micro: seconds, a smoke test; gpu: larger runs. A folder resumes with the preset it was started "
                         "with (run.json); naming another one is an error")
     s.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,

@@ -32,8 +32,8 @@ if TYPE_CHECKING:  # torch and the stages load when a run starts, not when the C
 STAGES = ["tokenizer", "pretrain", "dsa", "sft", "grpo", "rejection", "distill", "eval", "report"]
 
 # Per preset: stage settings and the expected seconds per stage on the reference machine (2-core CPU),
-# used for the time-left estimate. "cpu" is the default: 14.3 minutes on the 2-core AVX-512 EPYC VM of
-# docs/results.md (about 40 on the slower AVX2 VM of the earlier runs).
+# used for the time-left estimate. "cpu" is the default: 10.9-11.8 minutes on the 2-core AVX-512 EPYC VM of
+# docs/results.md (three seeds; about 2.5x longer on the AVX2 VM of the earlier runs).
 _TASKS = dict(tasks=["arithmetic"], levels=[1, 2], langs=["en"])
 _FOCUS = dict(embedded_tasks=["arithmetic"], embedded_levels=[1, 2], embedded_langs=["en"])
 RUN_PRESETS: dict[str, dict] = {
@@ -70,7 +70,7 @@ RUN_PRESETS: dict[str, dict] = {
         # the judged set, fixed before the runs: 1,024 level-2 test problems (the level GRPO trains on), greedy
         eval=dict(tasks=["arithmetic"], levels=[2], langs=["en"], num_problems=1024, k=1, temperature=0.0,
                   max_tokens=128, max_batch_size=256),
-        estimates=dict(tokenizer=1, pretrain=308, dsa=21, sft=130, grpo=280, rejection=33, distill=33, eval=26,
+        estimates=dict(tokenizer=1, pretrain=230, dsa=16, sft=96, grpo=300, rejection=18, distill=25, eval=19,
                        report=2),
     ),
 }
@@ -124,7 +124,7 @@ class RunConfig:
     """preset / fp8 / seed: None = the run folder's (run.json), or for a new folder cpu / off / 0."""
 
     out: str = "runs/nanoseek"
-    preset: str | None = None  # cpu (the default; ~15-40 min on a 2-core CPU), micro (seconds, for tests/CI), gpu
+    preset: str | None = None  # cpu (the default; ~12-30 min on a 2-core CPU), micro (seconds, for tests/CI), gpu
     fp8: bool | None = None  # FP8 pre-training, compared with a same-length run without FP8 in the report
     threads: int | None = None  # torch CPU threads; None = the preset's choice
     seed: int | None = None
