@@ -13,7 +13,7 @@ import math
 import torch
 
 from ..engine import SamplingParams
-from ..engine.sampling import sample
+from ..engine.sampling import make_generator, sample
 from ..tokenizer import ROLES
 from .reasoning import ReasoningSplitter
 
@@ -157,7 +157,7 @@ def dry_run(params: SamplingParams, vocab_size: int, sampler=sample) -> None:
     """Run the sampler once on a dummy row with these params: whatever a decode step would raise for them
     (a value torch cannot hold, a bad combination) raises here, before the request is queued. The server calls
     it on every request, and the engine thread calls it to find which request made a failed step fail."""
-    g = None if params.greedy else torch.Generator().manual_seed(0)
+    g = None if params.greedy else make_generator(0)  # the engine's own kind of stream
     sampler(torch.zeros(1, vocab_size), [params], [g], return_support=params.return_sampling_mask,
             top_n=params.top_logprobs)
 
