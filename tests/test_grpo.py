@@ -3,7 +3,9 @@ sampler's log-probs, independent rollout randomness per sample, a short run rais
 errors, and one short run per trainer path (scale_rewards, mask_truncated, dynamic sampling, domain_beta,
 dr_grpo, the off-policy mask, truncated importance sampling, log_every) asserting its observable effect."""
 
+import os
 import random
+import sys
 
 import pytest
 import torch
@@ -198,6 +200,7 @@ def test_async_rollouts_sample_a_step_behind_and_resume_bit_exact_at_any_step(mi
     sync = grpo(GRPOConfig(out_dir=str(tmp_path / "sync"), **kw), extra_rewards=extra)
     assert samplers == trainers and len(samplers) == 5  # synchronous: each step samples with the weights it trains
     samplers.clear(), trainers.clear()
+    kw["async_worker"] = "thread"  # the spies see the rollouts: a worker process's calls stay in that process
     full = grpo(GRPOConfig(out_dir=str(tmp_path / "a"), async_rollouts=True, **kw), extra_rewards=extra)
     # step 0 from the initial weights; step t + 1 from the weights step t started with
     assert samplers[0] == trainers[0] and all(samplers[t + 1] == trainers[t] for t in range(4))
@@ -213,6 +216,43 @@ def test_async_rollouts_sample_a_step_behind_and_resume_bit_exact_at_any_step(mi
     sa, sb = nanoseek.from_pretrained(full).state_dict(), nanoseek.from_pretrained(resumed).state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not (full / "sampler").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the rollout worker process is forked (Linux)")
+def test_async_rollouts_in_a_worker_process_equal_the_thread_and_resume_bit_exact(micro_base, tmp_path):
+    """async_worker="process": the rollouts run in a forked process that reads the sampler's weights from shared
+    memory and sends its groups back pickled. Same groups, same run as the thread worker (both sample on one thread),
+    so the process must see every step's new weights (a stale packed decode copy would sample from old ones), and
+    a stop between save steps resumes bit-exact. A reward that records its process id shows where it ran (the
+    held-out evaluation scores with it too, in this process)."""
+    kw = dict(init_from=str(micro_base), steps=5, prompts_per_step=2, num_generations=3, max_tokens=8, lr=1e-2,
+              minibatch_size=4, eval_every=2, eval_problems=2, tensorboard=False, save_every=100, loss_type="dapo",
+              reward_weights={}, async_rollouts=True)
+    log = tmp_path / "pids"
+    pids = lambda: set(log.read_text().split()) if log.exists() else set()
+
+    def ones(prompt, completion, problem):
+        with open(log, "a") as f:  # a file: the worker process's memory is its own
+            f.write(f"{os.getpid()}\n")
+        return completion.count("1") / 8
+
+    rows = lambda out: [(r["reward"], r.get("loss"), r.get("grad_norm"), r["policy_lag"]) for r in read_metrics(out.parent)
+                        if "reward" in r]
+    thread = grpo(GRPOConfig(out_dir=str(tmp_path / "t"), async_worker="thread", **kw), extra_rewards={"ones": ones})
+    assert pids() == {str(os.getpid())}
+    log.unlink()
+    proc = grpo(GRPOConfig(out_dir=str(tmp_path / "p"), async_worker="process", **kw), extra_rewards={"ones": ones})
+    assert len(pids() - {str(os.getpid())}) == 1  # the training rewards were computed in the worker (evaluation: here)
+    assert rows(proc) == rows(thread) and len(rows(proc)) == 5
+    sa, sb = nanoseek.from_pretrained(thread).state_dict(), nanoseek.from_pretrained(proc).state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    grpo(GRPOConfig(out_dir=str(tmp_path / "r"), async_worker="process", stop_after=3, **kw), extra_rewards={"ones": ones})
+    resumed = grpo(GRPOConfig(out_dir=str(tmp_path / "r"), async_worker="process", **kw), extra_rewards={"ones": ones})
+    assert rows(resumed) == rows(proc)
+    sc = nanoseek.from_pretrained(resumed).state_dict()
+    assert all(torch.equal(sa[k], sc[k]) for k in sa)
+    with pytest.raises(ValueError, match="async_worker must be"):
+        GRPOConfig(init_from=str(micro_base), async_worker="fork")
 
 
 def test_bf16_precision_rolls_out_and_trains_in_bf16_and_resumes_bit_exact(micro_base, tmp_path, monkeypatch):

@@ -272,6 +272,12 @@ class FastDecoder(_Packed):
         self._key = key
         self.num_packs += 1
 
+    def weights_changed(self) -> None:
+        """The parameters were written where their version counters cannot tell (shared memory, by another
+        process): the next call reloads the packed weights in place."""
+        if self._key is not None:
+            self._key = ([-1] * len(self._params), self._key[1])
+
     def _pack(self) -> None:
         m, cfg = self.model, self.model.config
         self.layers = [_Layer(layer) for layer in m.model.layers[: cfg.num_hidden_layers]]

@@ -33,8 +33,10 @@ its held-out set is `eval_jsonl` or an explicit `eval_fraction`. TRL's option na
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
+import pickle
 import random
 import sys
 import time
@@ -137,9 +139,13 @@ class GRPOConfig:
     keep_routing: bool = True
     keep_sampling_mask: bool = True
     dynamic_sampling: bool = False  # DAPO: train on groups whose rewards differ, drawing more problems to refill
-    # step t+1's groups are sampled on a background thread, by a copy of the policy as it was at the start of step t,
-    # while step t trains (each side gets half the torch threads); one process only
+    # step t+1's groups are sampled in the background, by a copy of the policy as it was at the start of step t,
+    # while step t trains; one process only (not under torchrun)
     async_rollouts: bool = False  # rollouts one step ahead, beside the update (one step off-policy; AsyncRollouts)
+    # where async rollouts run: "process" = a forked worker process on one thread (no GIL shared with the update;
+    # Linux, CPU), "thread" = a thread of this process (half the torch threads each side), "auto" = process where
+    # the rollouts would get one thread anyway (at most 3 torch threads) and fork exists, else thread
+    async_worker: str = "auto"
     max_resample_rounds: int = 4  # dynamic sampling: extra rollout rounds per step at most (then train on fewer)
     mask_truncated: bool = False
     importance_sampling_correction: bool = False  # TIS: weight tokens by min(pi_old_trainer / pi_sampler, cap)
@@ -171,6 +177,8 @@ class GRPOConfig:
     ep: int = 1  # expert-parallel ranks under torchrun; each rank rolls out prompts_per_step / world_size groups
 
     def __post_init__(self):
+        if self.async_worker not in ("auto", "process", "thread"):
+            raise ValueError(f"GRPOConfig.async_worker must be auto, process or thread, got {self.async_worker!r}")
         if isinstance(self.scale_rewards, bool) or self.scale_rewards in ("true", "True", "false", "False"):
             self.scale_rewards = "group" if self.scale_rewards in (True, "true", "True") else "none"  # TRL's old bool
         if isinstance(self.reward_weights, (int, float)) and not isinstance(self.reward_weights, bool):
@@ -856,8 +864,8 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
     refreshed = lambda step: ref is not None and cfg.ref_refresh_every and step >= cfg.ref_refresh_every
     train_step = make_train_step(cfg, model, ref, tokenizer, tasks, reward_fn, run.device, sampler, run.dist, ctx)
     threads = torch.get_num_threads()
-    if cfg.async_rollouts:  # rollouts and updates side by side: half the threads each
-        torch.set_num_threads(max(1, threads // 2))
+    if cfg.async_rollouts:  # rollouts and updates side by side: a forked worker on one thread, or half the threads each
+        torch.set_num_threads(max(1, threads - 1 if train_step.rollouts.worker == "process" else threads // 2))
     try:
         return run.fit(train_step, cfg.steps, model, tokenizer,
                        lr_at=lambda step, elapsed_s: grpo_lr(cfg, step, elapsed_s), evaluate=evaluate,
@@ -986,26 +994,52 @@ def make_train_step(cfg: GRPOConfig, model, ref, tokenizer, tasks, reward_fn, de
         return metrics
 
     train_step.close = (lambda: rollouts.close(shutdown=True)) if rollouts is not None else (lambda: None)
+    train_step.rollouts = rollouts
     return train_step
 
 
 class AsyncRollouts:
-    """GRPOConfig.async_rollouts: while step t trains on its groups, a background thread samples step t+1's from
+    """GRPOConfig.async_rollouts: while step t trains on its groups, a background worker samples step t+1's from
     `sampler`, a copy of the policy as it was at the start of step t (one step off-policy: the clipped ratio and
     the V3.2 off-policy mask measure the drift against the sampler's own log-probs, as for any stale rollout).
-    On a CPU the two sides run on their own cores (torch ops release the GIL). Checkpoints keep the sampler's
-    weights (`sampler/`), from which a resumed run samples its first step again: resume is bit-exact at any step.
-    Rollouts stay a function of (seed, step); only the policy that samples them moves."""
+    Checkpoints keep the sampler's weights (`sampler/`), from which a resumed run samples its first step again:
+    resume is bit-exact at any step. Rollouts stay a function of (seed, step); only the policy that samples them moves.
+
+    The worker (GRPOConfig.async_worker): "process" forks one worker process at the first step, on one torch thread,
+    that shares the sampler's weights (moved to shared memory) and runs `sample` there, returning its groups by
+    pickle; rewards and the update's batch are built there too. Nothing of the rollout's Python then competes for
+    the trainer's GIL: on the GRPO head-to-head model both sides' Python costs as much as their tensor work, and a
+    thread gives each side ~1.3x its time alone (docs/benchmarks.md). Every step's groups come from the worker, the
+    first included, so every rollout runs with the same thread count (bit-exact resume). Linux only (fork; one
+    thread, as libgomp does not survive a fork into several). A reward function's state changes stay in the worker.
+    "thread": a thread of this process (torch ops release the GIL; half the torch threads each side)."""
 
     def __init__(self, cfg: GRPOConfig, model, sampler, sample: Callable[[int], dict]):
-        from concurrent.futures import ThreadPoolExecutor
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
         if sampler is model:
             raise ValueError("GRPOConfig.async_rollouts needs a sampler apart from the trained model")
         self.cfg, self.model, self.sampler, self.sample = cfg, model, sampler, sample
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="grpo-rollout")
+        can_fork = "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
+        on_cpu = all(p.device.type == "cpu" for p in sampler.parameters())
+        if cfg.async_worker == "process" and not (can_fork and on_cpu):
+            raise ValueError("GRPOConfig.async_worker='process' forks a worker: it needs Linux and a CPU model "
+                             f"(here {sys.platform}, {next(sampler.parameters()).device}); use 'thread'")
+        auto = can_fork and on_cpu and torch.get_num_threads() // 2 <= 1
+        self.worker = "process" if cfg.async_worker == "process" or (cfg.async_worker == "auto" and auto) else "thread"
+        if self.worker == "process":
+            sampler.share_memory()  # the trainer writes each step's weights here; the worker reads them
+            # fork: the worker inherits `sample` (closures, user rewards, registered tasks), nothing is pickled in
+            self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"),
+                                            initializer=_rollout_worker_init, initargs=(sample, sampler))
+        else:
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="grpo-rollout")
         self.pending: tuple[int, object] | None = None  # (step, future)
         self.pairs: tuple[list, list] | None = None  # (sampler tensors, model tensors), for sync_weights
+
+    def submit(self, step: int):
+        return self.pool.submit(_rollout_in_worker if self.worker == "process" else self.sample, step)
 
     def groups(self, step: int) -> dict:
         """Step `step`'s sampled groups: prefetched during the step before, or (the first step of a run or of a
@@ -1014,23 +1048,27 @@ class AsyncRollouts:
         rollout_wait_s (time this step waited for its groups), policy_lag (optimizer steps between the policy
         that sampled them and the one they train)."""
         t0 = time.perf_counter()
-        if self.pending is not None and self.pending[0] == step:
-            sampled = self.pending[1].result()
-        else:
+        if self.pending is None or self.pending[0] != step:
             self.close()
+            self.pending = (step, self.submit(step) if self.worker == "process" else None)
+        if self.pending[1] is None:
             sampled = self.sample(step)
+        else:
+            sampled = self.pending[1].result()
+            sampled = pickle.loads(sampled) if self.worker == "process" else sampled
         self.pending = None
         lag = 0 if step == 0 else self.cfg.num_iterations
         sampled["metrics"].update(rollout_wait_s=time.perf_counter() - t0, policy_lag=lag)
         if step + 1 < self.cfg.steps:
             self.sync_weights()
-            self.pending = (step + 1, self.pool.submit(self.sample, step + 1))
+            self.pending = (step + 1, self.submit(step + 1))
         return sampled
 
     @torch.no_grad()
     def sync_weights(self) -> None:
         """The sampler takes the model's weights, in one foreach copy (load_state_dict's per-tensor Python costs
-        ~2 ms a step on the tiny model); the copy bumps version counters, so the packed decode weights follow."""
+        ~2 ms a step on the tiny model); the copy bumps version counters, so the packed decode weights follow
+        (in a worker process, which cannot see the counters move, `_rollout_in_worker` marks them changed)."""
         if self.pairs is None:
             src = self.model.state_dict(keep_vars=True)
             dst = self.sampler.state_dict(keep_vars=True)
@@ -1041,12 +1079,50 @@ class AsyncRollouts:
 
     def close(self, shutdown: bool = False) -> None:
         """Wait for a rollout in flight (the run ended or changed course) and drop it; shutdown: also end the
-        background thread."""
+        background worker."""
         if self.pending is not None:
-            self.pending[1].exception()
+            if self.pending[1] is not None:
+                self.pending[1].exception()
             self.pending = None
         if shutdown:
             self.pool.shutdown(wait=True)
+
+
+_WORKER: tuple | None = None  # (sample, sampler) in the forked rollout worker
+
+
+def _rollout_worker_init(sample: Callable[[int], dict], sampler) -> None:
+    global _WORKER
+    torch.set_num_threads(1)
+    _WORKER = (sample, sampler)
+
+
+def _rollout_in_worker(step: int) -> bytes:
+    """Step `step`'s groups, sampled in the worker and pickled with tensors by value (`_ByValue`)."""
+    sample, sampler = _WORKER
+    fast = sampler.__dict__.get("_fast_decoder")  # its packed weights: the trainer wrote new ones in shared memory
+    if fast is not None:
+        fast.weights_changed()
+    buf = io.BytesIO()
+    _ByValue(buf, protocol=5).dump(sample(step))
+    return buf.getvalue()
+
+
+class _ByValue(pickle.Pickler):
+    """Tensors as their bytes. The executor's own pickler would move each tensor to shared memory and pass its
+    file descriptor by a round trip to the worker: ~0.3 ms a tensor, ~40 ms for one step's groups on the
+    head-to-head model, against ~3 ms to pickle and unpickle them this way."""
+
+    def reducer_override(self, obj):
+        if type(obj) is not torch.Tensor:
+            return NotImplemented
+        t = obj.detach().contiguous()
+        return _tensor_from_bytes, (str(t.dtype).removeprefix("torch."), tuple(t.shape),
+                                    t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _tensor_from_bytes(dtype: str, shape: tuple, data) -> torch.Tensor:
+    return torch.from_numpy(data).view(getattr(torch, dtype)).reshape(shape)
 
 
 def n_mb_total(rows: torch.Tensor, cfg: GRPOConfig) -> int:
