@@ -19,7 +19,7 @@ permutation test on the difference of mean gains, and the per-seed and median th
     python benchmarks/bench_grpo_trl.py --moe --seeds 0 1 2 3 4 5 6 7 --out runs/h2h_moe
     python benchmarks/bench_grpo_trl.py --seeds 0 --steps 5 --out /tmp/h2h                # the mechanics
     python benchmarks/bench_grpo_trl.py --threads 2 --async-rollouts --seeds 0 1 2 --out runs/h2h_t2
-        # both sides on both cores: TRL with 2 torch threads, nanoseek's rollout and update on one each
+        # both sides on both cores: TRL with 2 torch threads, nanoseek's rollout (a worker process) and update on one each
 
 Runs whose metrics.json exists are reused (delete the folder to rerun); the SFT folder is built once per --out.
 """
@@ -307,8 +307,9 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="torch threads of every run")
     ap.add_argument("--only", choices=["trl", "nanoseek"], help="run one side only")
     ap.add_argument("--async-rollouts", action="store_true",
-                    help="nanoseek with async_rollouts (rollout and update side by side, half the threads each; "
-                         "throughput from the wall clock); its runs go to nanoseek_async_s<seed>")
+                    help="nanoseek with async_rollouts (rollout and update side by side: at 2 threads a forked "
+                         "worker process on one, the update on the other; throughput from the wall clock); its runs "
+                         "go to nanoseek_async_s<seed>")
     ap.add_argument("--worker", choices=["trl", "nanoseek"], help=argparse.SUPPRESS)
     ap.add_argument("--init", help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", help=argparse.SUPPRESS)
