@@ -115,6 +115,30 @@ def dequantize_int(q: torch.Tensor, scale: torch.Tensor, bits: int, group: int |
 
 
 # ---------------------------------------------------------------------------------------------- modules
+def int8_kernel_applies(x: torch.Tensor, K: int) -> bool:
+    """Whether `int8_weight_only_mm` runs x (..., K): a CPU float tensor with rows, K a multiple of 16 (the bf16
+    kernel reads 16 columns at a time: at other K it crashes or misreads, measured on torch 2.13)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.numel() > 0 and K % 16 == 0
+            and hasattr(torch, "_weight_int8pack_mm"))
+
+
+def int8_weight_only_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ (q * scale)^T in x's dtype, for int8 q (N, K) and fp32 per-row scales (N,), without materialising
+    the dense weight: torch's CPU int8 weight-only GEMM on bf16 activations (w8a16), accumulated in fp32 and rounded
+    once to bf16; the scales are applied after, in fp32 (the kernel would take them in bf16). Its fp32-activation
+    variant is a scalar loop, 8-30x slower than dequantising on an AVX-512 CPU; this one runs 0.5-1.0x the time of
+    the fp32 GEMM on the dense weight (docs/benchmarks.md). The bf16 rounding of x and of the sum is the accuracy
+    cost, measured with the format's (docs/results.md)."""
+    ones = _ONES.get(q.shape[0])
+    if ones is None or ones.device != q.device:
+        ones = _ONES[q.shape[0]] = torch.ones(q.shape[0], dtype=torch.bfloat16, device=q.device)
+    y = torch.mul(torch._weight_int8pack_mm(x.to(torch.bfloat16), q, ones), scale)  # bf16 x fp32 -> fp32
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+_ONES: dict[int, torch.Tensor] = {}  # int8_weight_only_mm's unit scales, one per width
+
+
 class _KeepStoredDtypes:
     """`.to(dtype)` moves the stored weights and scales between devices but never recasts them."""
 
@@ -169,10 +193,8 @@ class IntLinear(_KeepStoredDtypes, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if (self.bits == 8 and self.group is None and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.numel() and hasattr(torch, "_weight_int8pack_mm")):
-            # torch's CPU int8 weight-only GEMM (y = x @ (q * s)^T without materialising the dense weight)
-            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.weight_scale[:, 0])
+        if self.bits == 8 and self.group is None and int8_kernel_applies(x, self.in_features):
+            y = int8_weight_only_mm(x.reshape(-1, self.in_features), self.weight, self.weight_scale[:, 0])
             y = y.view(*x.shape[:-1], self.out_features)
             return y if bias is None else y + bias
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
@@ -239,8 +261,12 @@ class QuantizedExperts(_KeepStoredDtypes, Experts):
                           dequantize_weight_blocks(q[self.I:], s[h:], dtype=dtype)])
 
     def grouped(self, x: torch.Tensor, which: str, counts: list[int]) -> torch.Tensor:
-        outs = [F.linear(xe, self.expert_weight(which, e, x.dtype))
-                for e, (xe, c) in enumerate(zip(x.split(counts), counts)) if c]
+        if self.fmt == "int8" and int8_kernel_applies(x, x.shape[-1]):  # per channel: the int8 kernel, no dequantising
+            q, s = getattr(self, which), getattr(self, which + "_scale")
+            outs = [int8_weight_only_mm(xe, q[e], s[e, :, 0]) for e, (xe, c) in enumerate(zip(x.split(counts), counts)) if c]
+        else:
+            outs = [F.linear(xe, self.expert_weight(which, e, x.dtype))
+                    for e, (xe, c) in enumerate(zip(x.split(counts), counts)) if c]
         if not outs:
             out = (2 * self.I) if which == "gate_up_proj" else self.D
             return x.new_zeros(0, out)
