@@ -126,6 +126,40 @@ def test_an_optimizer_step_refreshes_the_packed_weights_in_place_and_a_cast_repa
     assert fast.num_packs == 3 and fast.layers[0].wa.dtype == torch.float64  # a cast packs anew
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(q_lora_rank=40)])
+@torch.no_grad()
+def test_int8_weights_run_in_the_step_with_the_int8_kernel(overrides):
+    """An int8 (per channel) model decodes in the fast step: the Linears' int8 rows stacked as one GEMM through
+    torch's int8 weight-only kernel, as IntLinear does in the generic forward, so the two agree; a width the kernel
+    cannot read (q_b_proj's 40 inputs) is dequantised once into a float pack. Greedy decoding is identical with and
+    without the step; compiling is refused (the compiled step takes float weights)."""
+    from nanoseek.engine.fast_decode import _Int8
+    from nanoseek.quant import quantize
+
+    model = random_model(tiny_config(initializer_range=0.05, **overrides), seed=3)
+    quantize(model, "int8")
+    assert unsupported_reason(model) is None
+    fast = FastDecoder(model)
+    lengths = [5, 1, 12]
+    ref_cache, fast_cache = _prefilled(model, lengths), _prefilled(model, lengths)
+    ids = torch.tensor([[7], [3], [50]])
+    out = model(ids, positions=torch.tensor(lengths).unsqueeze(1), cache=ref_cache, absorb=True)
+    logits, routing = fast(ids, lengths, fast_cache)
+    L = fast.layers[1]
+    assert isinstance(L.wa, _Int8) and isinstance(L.w_gu, _Int8) and isinstance(L.ws_down, _Int8)
+    assert isinstance(L.wq, torch.Tensor) == ("q_lora_rank" in overrides)
+    torch.testing.assert_close(logits, out.logits[:, -1], rtol=1e-4, atol=1e-4)
+    assert [r.tolist() for r in routing] == [r.expert_ids[:, -1].tolist() for r in out.router]
+    torch.testing.assert_close(fast_cache.latent, ref_cache.latent, rtol=1e-5, atol=1e-5)
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    runs = [[o.outputs[0].token_ids for o in Engine(model, max_batch_size=2, max_len=32, eos_token_ids=[],
+                                                     fast_decode=f).generate(prompts, greedy)] for f in (True, False)]
+    assert runs[0] == runs[1]
+    with pytest.raises(ValueError, match="int8 weights run eagerly"):
+        Engine(model, max_batch_size=1, max_len=16, compile=True)
+
+
 def test_unsupported_models_fall_back_or_raise():
     from nanoseek.fp8 import quantize_model_for_inference
 

@@ -46,12 +46,17 @@ from ..model.mla import select_topk
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
-    """Why `FastDecoder` cannot run `model` (None when it can)."""
+    """Why `FastDecoder` cannot run `model` (None when it can). Of the quantised formats it runs int8 per channel
+    (torch's int8 weight-only kernel, as the generic forward does); the others dequantise in the generic forward."""
     if not isinstance(model, DeepSeekModel):
         return f"{type(model).__name__} is not a DeepSeekModel"
-    from ..quant import QUANTIZED_MODULES
+    from ..quant import QUANTIZED_MODULES, IntLinear, QuantizedExperts
 
     for name, m in model.named_modules():
+        if isinstance(m, IntLinear) and m.bits == 8 and m.group is None:
+            continue
+        if isinstance(m, QuantizedExperts) and m.fmt == "int8":
+            continue
         if isinstance(m, QUANTIZED_MODULES):
             return f"{name} keeps quantised weights (FP8 or int {type(m).__name__}: the generic forward dequantises them)"
         if isinstance(m, nn.Linear) and type(m) is not nn.Linear:
@@ -71,11 +76,56 @@ def select(model: nn.Module, fast_decode: bool | None, compile: bool, auto: bool
     if not (compile or fast_decode or (fast_decode is None and auto)):
         return None
     reason = unsupported_reason(model)
+    if reason is None and compile and _has_int8(model):
+        reason = "its int8 weights run eagerly (the compiled step takes float weights)"
     if reason is None:
         return FastDecoder.for_model(model)
     if fast_decode or compile:
         raise ValueError(f"{'compile' if compile else 'fast_decode'}=True but {reason}")
     return None
+
+
+def _has_int8(model: nn.Module) -> bool:
+    from ..quant import QUANTIZED_MODULES
+
+    return any(isinstance(m, QUANTIZED_MODULES) for m in model.modules())
+
+
+class _Int8:
+    """An int8 per-channel weight as the step keeps it: q (..., N, K) int8 in the Linear layout, fp32 scales
+    (..., N); `x @ W` becomes `int8_weight_only_mm` (torch's int8 weight-only kernel on bf16 activations, as
+    `IntLinear.forward`); [e] is expert e's. Quantised weights are frozen: packed once, never reloaded."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        self.q, self.scale = q, scale
+
+    def __getitem__(self, e) -> "_Int8":
+        return _Int8(self.q[e], self.scale[e])
+
+
+def _mm(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ W for a packed weight: (in, out) float, or _Int8."""
+    if isinstance(w, torch.Tensor):
+        return x @ w
+    from ..quant import int8_weight_only_mm
+
+    return int8_weight_only_mm(x, w.q, w.scale)
+
+
+def _addmm(h: torch.Tensor, x: torch.Tensor, w) -> torch.Tensor:
+    """h + x @ W (one addmm for float weights)."""
+    return torch.addmm(h, x, w) if isinstance(w, torch.Tensor) else h + _mm(x, w)
+
+
+def _int8_packable(m: nn.Module) -> bool:
+    from ..quant import IntLinear
+
+    return isinstance(m, IntLinear) and m.bits == 8 and m.group is None and m.in_features % 16 == 0
+
+
+def _float_weight(m: nn.Module) -> torch.Tensor:
+    """A Linear's (out, in) weight in float: the parameter, or an int8 one dequantised (a fresh tensor)."""
+    return m.dequantized_weight() if hasattr(m, "dequantized_weight") else m.weight
 
 
 # cpp_wrapper: the graph's kernel calls are made from C++, not Python; size_asserts off: the inputs are the
@@ -99,8 +149,20 @@ class _Packed:
             off += s.shape[dim]
 
     def reload(self) -> None:
-        for name, dim, off, s in self._sources:
+        for name, dim, off, s in self.__dict__.get("_sources", []):
             getattr(self, name).narrow(dim, off, s.shape[dim]).copy_(s)
+
+    def pack_linear(self, name: str, *linears: nn.Module) -> None:
+        """The Linears' weights side by side as one (in, out) GEMM: int8 when every one is int8 per channel with a
+        width the kernel reads (`_Int8`, their rows stacked), else float (int8 ones dequantised: a quantised
+        weight is frozen, so its float copy is packed once, never reloaded)."""
+        if all(_int8_packable(m) for m in linears):
+            setattr(self, name, _Int8(torch.cat([m.weight for m in linears]),
+                                      torch.cat([m.weight_scale[:, 0] for m in linears])))
+        elif any(hasattr(m, "dequantized_weight") for m in linears):
+            setattr(self, name, torch.cat([_float_weight(m).detach().t() for m in linears], dim=-1))
+        else:
+            self.pack(name, *[m.weight.t() for m in linears])
 
 
 class _Layer(_Packed):
@@ -115,16 +177,16 @@ class _Layer(_Packed):
         self.q_lora = hasattr(a, "q_a_proj")
         if self.q_lora:  # one GEMM for [q_a; kv_a]: both read the normalised input
             self.qr = a.q_a_proj.out_features
-            self.pack("wa", a.q_a_proj.weight.t(), a.kv_a_proj_with_mqa.weight.t())
+            self.pack_linear("wa", a.q_a_proj, a.kv_a_proj_with_mqa)
             self.ba = None
             if a.q_a_proj.bias is not None:
                 self.pack("ba", a.q_a_proj.bias, a.kv_a_proj_with_mqa.bias)
             self.eps_qa = a.q_a_layernorm.eps
             self.pack("w_qa", a.q_a_layernorm.weight)
-            self.pack("wq", a.q_b_proj.weight.t())
+            self.pack_linear("wq", a.q_b_proj)
         else:  # q_proj and kv_a stay apart (q needs no norm in between, but the outputs differ in use)
             self.qr = 0
-            self.pack("wa", a.q_proj.weight.t(), a.kv_a_proj_with_mqa.weight.t())
+            self.pack_linear("wa", a.q_proj, a.kv_a_proj_with_mqa)
             bias = a.kv_a_proj_with_mqa.bias
             self.ba = None
             if bias is not None:
@@ -132,10 +194,10 @@ class _Layer(_Packed):
             self.nq = a.q_proj.out_features
         self.eps_kv = a.kv_a_layernorm.eps
         self.pack("w_kv", a.kv_a_layernorm.weight)
-        kv_b = a.kv_b_proj.weight.view(H, dn + dv, R)
+        kv_b = _float_weight(a.kv_b_proj).view(H, dn + dv, R)  # applied per head by bmm: float (int8 dequantised)
         self.pack("w_uk", kv_b[:, :dn])  # (H, dn, R): q_nope -> latent space
         self.pack("w_uv", kv_b[:, dn:].transpose(1, 2))  # (H, R, dv): latent -> value space
-        self.pack("wo", a.o_proj.weight.t())
+        self.pack_linear("wo", a.o_proj)
         self.bo = None
         if a.o_proj.bias is not None:
             self.pack("bo", a.o_proj.bias)
@@ -145,20 +207,31 @@ class _Layer(_Packed):
         mlp = layer.mlp
         if self.is_moe:
             self.gate = mlp.gate  # routing reuses Gate.forward: the selection maths lives in one place
-            ex = mlp.experts
-            self.I = ex.down_proj.shape[2]
-            self.pack("w_gu", ex.gate_up_proj.transpose(1, 2))  # (E, D, 2I)
-            self.pack("w_down", ex.down_proj.transpose(1, 2))  # (E, I, D)
+            self._pack_experts(mlp.experts)
             sh = mlp.shared_experts
             self.shared = sh is not None
             if self.shared:
                 self.Is = sh.gate_proj.out_features
-                self.pack("ws_gu", sh.gate_proj.weight.t(), sh.up_proj.weight.t())
-                self.pack("ws_down", sh.down_proj.weight.t())
+                self.pack_linear("ws_gu", sh.gate_proj, sh.up_proj)
+                self.pack_linear("ws_down", sh.down_proj)
         else:
             self.I = mlp.gate_proj.out_features
-            self.pack("w_gu", mlp.gate_proj.weight.t(), mlp.up_proj.weight.t())
-            self.pack("w_down", mlp.down_proj.weight.t())
+            self.pack_linear("w_gu", mlp.gate_proj, mlp.up_proj)
+            self.pack_linear("w_down", mlp.down_proj)
+
+    def _pack_experts(self, ex) -> None:
+        """Routed experts: float (E, D, 2I) and (E, I, D), or int8 (`_Int8` in the stored (E, out, in) layout)."""
+        E, I2, D = ex.gate_up_proj.shape
+        self.I = I2 // 2
+        if not hasattr(ex, "expert_weight"):  # float Experts
+            self.pack("w_gu", ex.gate_up_proj.transpose(1, 2))  # (E, D, 2I)
+            self.pack("w_down", ex.down_proj.transpose(1, 2))  # (E, I, D)
+        elif D % 16 == 0 and self.I % 16 == 0:  # int8 per channel (unsupported_reason lets no other format in)
+            self.w_gu = _Int8(ex.gate_up_proj, ex.gate_up_proj_scale[..., 0])
+            self.w_down = _Int8(ex.down_proj, ex.down_proj_scale[..., 0])
+        else:  # widths the int8 kernel cannot read: dequantised once
+            self.w_gu = torch.stack([ex.expert_weight("gate_up_proj", e).t() for e in range(E)])
+            self.w_down = torch.stack([ex.expert_weight("down_proj", e).t() for e in range(E)])
 
     def rebased(self, flat: torch.Tensor) -> "_Layer":
         """A copy whose packed tensors are views of `flat` at the offsets `_flatten` recorded: inside the
@@ -197,7 +270,7 @@ class _MTP(_Packed):
         self.eps_e, self.eps_h, self.eps_out = layer.enorm.eps, layer.hnorm.eps, layer.shared_head.norm.eps
         self.pack("w_e", layer.enorm.weight)
         self.pack("w_h", layer.hnorm.weight)
-        self.pack("w_eh", layer.eh_proj.weight.t())
+        self.pack_linear("w_eh", layer.eh_proj)
         self.pack("w_out", layer.shared_head.norm.weight)
 
     def reload(self) -> None:
@@ -242,6 +315,8 @@ class FastDecoder(_Packed):
         the next process faster). Weights are graph inputs, so repacked weights (optimizer steps) are read
         without recompiling."""
         if self._compiled is None:
+            if _has_int8(self.model):
+                raise ValueError("FastDecoder: the compiled step takes float weights; int8 ones run eagerly")
             self._compiled = torch.compile(self._run_flat, fullgraph=True, options=_COMPILE_OPTIONS)
         return self._compiled
 
@@ -287,7 +362,7 @@ class FastDecoder(_Packed):
         self.eps_norm = m.model.norm.eps
         self.__dict__.pop("_sources", None)
         self.pack("w_norm", m.model.norm.weight)
-        self.pack("w_head", m.lm_head.weight.t())
+        self.pack_linear("w_head", m.lm_head)
         self._rot_index = self._rotation_index(cfg.qk_rope_head_dim, cfg.rope_interleave, self.embed.device)
 
     @staticmethod
@@ -368,7 +443,7 @@ class FastDecoder(_Packed):
             if ids_l is not None:
                 routing.append(ids_l.view(B, T, -1))
         h = F.rms_norm(h, (D,), self.w_norm, self.eps_norm)
-        return (h @ self.w_head).view(B, T, -1), h.view(B, T, D), routing
+        return _mm(h, self.w_head).view(B, T, -1), h.view(B, T, D), routing
 
     @torch.no_grad()
     def mtp_step(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache,
@@ -390,22 +465,22 @@ class FastDecoder(_Packed):
         M = self.mtp[k - 1]
         B, T, D = h_prev.shape
         e = F.rms_norm(F.embedding(next_ids.reshape(-1), self.embed), (D,), M.w_e, M.eps_e)
-        h = torch.cat([e, F.rms_norm(h_prev.reshape(-1, D), (D,), M.w_h, M.eps_h)], dim=-1) @ M.w_eh
+        h = _mm(torch.cat([e, F.rms_norm(h_prev.reshape(-1, D), (D,), M.w_h, M.eps_h)], dim=-1), M.w_eh)
         st = self._step(positions, latent, index_keys, S, h.dtype)
         h = self._attention(M.block, self.model.config.num_hidden_layers + k - 1, h, st, D)
         h, _ = self._mlp(M.block, h, D)
         h = F.rms_norm(h, (D,), M.w_out, M.eps_out)
-        return (h @ self.w_head).view(B, T, -1), h.view(B, T, D)
+        return _mm(h, self.w_head).view(B, T, -1), h.view(B, T, D)
 
     def _attention(self, L: _Layer, li: int, h, st: _Step, D: int):
         H, dn, R, r = L.H, L.dn, L.R, L.r
         N = h.shape[0]  # B * T query tokens
         x = F.rms_norm(h, (D,), L.w_in, L.eps_in)
-        a = x @ L.wa if L.ba is None else torch.addmm(L.ba, x, L.wa)
+        a = _mm(x, L.wa) if L.ba is None else _addmm(L.ba, x, L.wa)
         q_latent = None
         if L.q_lora:
             q_latent = F.rms_norm(a[:, : L.qr], (L.qr,), L.w_qa, L.eps_qa)
-            q = q_latent @ L.wq
+            q = _mm(q_latent, L.wq)
             kv = a[:, L.qr:]
         else:
             q, kv = a[:, : L.nq], a[:, L.nq:]
@@ -424,7 +499,7 @@ class FastDecoder(_Packed):
         scores = torch.baddbmm(bias, qq, lat.transpose(1, 2), alpha=L.scale)  # (B, T*H, S), causal bias added
         o = torch.bmm(scores.softmax(dim=-1), lat[..., :R]).view(N, H, R)
         o = torch.bmm(o.transpose(0, 1), L.w_uv).transpose(0, 1).reshape(N, H * L.dv)  # W_UV after attention
-        h = torch.addmm(h, o, L.wo)
+        h = _addmm(h, o, L.wo)
         return h if L.bo is None else h + L.bo
 
     def _sparse_bias(self, L: _Layer, li: int, x, q_latent, st: _Step) -> torch.Tensor:
@@ -447,8 +522,8 @@ class FastDecoder(_Packed):
     def _mlp(self, L: _Layer, h, D):
         x = F.rms_norm(h, (D,), L.w_post, L.eps_post)
         if not L.is_moe:
-            g = x @ L.w_gu
-            return torch.addmm(h, F.silu(g[:, : L.I]) * g[:, L.I:], L.w_down), None
+            g = _mm(x, L.w_gu)
+            return _addmm(h, F.silu(g[:, : L.I]) * g[:, L.I:], L.w_down), None
         ids, w, _ = L.gate(x)  # (N, K) ids, fp32 weights
         if not torch.compiler.is_compiling():
             h = routed_experts(x, ids, w, L.w_gu, L.w_down, base=h)  # adds into h: no zeros, no extra add
@@ -463,8 +538,8 @@ class FastDecoder(_Packed):
         else:
             h = h + torch.ops.nanoseek.routed_experts(x, ids, w, L.w_gu, L.w_down)
         if L.shared:
-            s = x @ L.ws_gu
-            h = torch.addmm(h, F.silu(s[:, : L.Is]) * s[:, L.Is:], L.ws_down)
+            s = _mm(x, L.ws_gu)
+            h = _addmm(h, F.silu(s[:, : L.Is]) * s[:, L.Is:], L.ws_down)
         return h, ids
 
 
@@ -478,17 +553,17 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_gu: to
     """base (zeros if None) + sum_k w[n, k] * expert_{ids[n, k]}(x[n]) for packed experts w_gu (E, D, 2I),
     w_down (E, I, D): only the experts that received tokens run (one host sync for the counts)."""
     N, K = ids.shape
-    E, I = w_gu.shape[0], w_down.shape[1]
+    I = w_down.shape[1] if isinstance(w_down, torch.Tensor) else w_down.q.shape[2]  # (E, I, D) float, int8 (E, D, I)
     flat = ids.reshape(-1)
     order = flat.argsort(stable=True)
     token = order // K
     xs = x[token]  # (N*K, D) sorted by expert
-    counts = torch.bincount(flat, minlength=E).tolist()  # the host sync
+    counts = torch.bincount(flat).tolist()  # the host sync
     experts = [e for e, n in enumerate(counts) if n]
     sizes = [counts[e] for e in experts]
-    g = torch.cat([xe @ w_gu[e] for e, xe in zip(experts, xs.split(sizes))])
+    g = torch.cat([_mm(xe, w_gu[e]) for e, xe in zip(experts, xs.split(sizes))])
     a = (F.silu(g[:, :I]) * g[:, I:]).split(sizes)
-    y = torch.cat([ae @ w_down[e] for e, ae in zip(experts, a)])
+    y = torch.cat([_mm(ae, w_down[e]) for e, ae in zip(experts, a)])
     y = y * w.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
     return (torch.zeros_like(x) if base is None else base).index_add(0, token, y)
 
