@@ -11,11 +11,12 @@ plain greedy at batch 1.
     python benchmarks/bench_decode.py --config small   # the ~75M-parameter preset (default: bench, ~8M)
 
 Weight formats (`--formats`): the same model in each nanoseek.quant format, each through the Engine it gets by
-default (fp32 / bf16: the FastDecoder step; int and fp8 weights: the generic forward, so an fp32 generic-forward
-row is added as their like-for-like reference), decode tokens/s at each batch with the formats alternating
-within every round, and the ratio to fp32:
+default (fp32 / bf16 / int8 per channel: the FastDecoder step; the group-wise int and fp8 weights: the generic
+forward, so an fp32 generic-forward row is added as their like-for-like reference), decode tokens/s at each batch
+with the formats alternating within every round, and the ratio to fp32; `--model` times a trained folder:
 
     python benchmarks/bench_decode.py --threads 1 --formats fp32 bf16 int8 int8-g128 int4-g128 fp8
+    python benchmarks/bench_decode.py --threads 1 --formats fp32 bf16 int8 --model runs/main/grpo/model
 """
 
 from __future__ import annotations
@@ -219,6 +220,9 @@ def main() -> None:
                     choices=["fp32", "bf16", "int8", "int8-g128", "int4-g128", "fp8"],
                     help="time only the Engine's decode with the weights in each format (fp32 always included as the "
                          "reference), formats alternating within each round; no transformers, no MTP section")
+    ap.add_argument("--model", default=None,
+                    help="with --formats: a trained float model folder (a pipeline's grpo/model) instead of --config's "
+                         "random weights")
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds; each contender's best counts")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="leave out Engine(compile=True) (torch.compile of the decode step; needs a C++ compiler)")
@@ -227,8 +231,16 @@ def main() -> None:
         args.new_tokens, args.prompt_len, args.mtp_steps, args.mtp_seqs, args.batches = 16, 8, 30, 16, [1, 4]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = build_config(args.config, args.quick)
-    model = DeepSeekModel(cfg).eval()
+    if args.model and not args.formats:
+        ap.error("--model times a folder's weight formats: give --formats too")
+    if args.model:
+        from nanoseek.model import load_model
+
+        model = load_model(args.model, dtype=torch.float32).eval()
+        args.config = args.model
+    else:
+        model = DeepSeekModel(build_config(args.config, args.quick)).eval()
+    cfg = model.config
     for p in model.parameters():
         p.requires_grad_(False)
     if args.formats:
