@@ -142,10 +142,10 @@ class GRPOConfig:
     # step t+1's groups are sampled in the background, by a copy of the policy as it was at the start of step t,
     # while step t trains; one process only (not under torchrun)
     async_rollouts: bool = False  # rollouts one step ahead, beside the update (one step off-policy; AsyncRollouts)
-    # where async rollouts run: "process" = a forked worker process on one thread (no GIL shared with the update;
-    # Linux, CPU), "thread" = a thread of this process (half the torch threads each side), "auto" = process where
-    # the rollouts would get one thread anyway (at most 3 torch threads) and fork exists, else thread
-    async_worker: str = "auto"
+    # "process" = a forked worker process on one thread (no GIL shared with the update; Linux, CPU), "thread" = a
+    # thread of this process (half the torch threads each side), "auto" = process where the rollouts would get one
+    # thread anyway (at most 3 torch threads) and fork exists, else thread
+    async_worker: str = "auto"  # where async rollouts run: process | thread | auto
     max_resample_rounds: int = 4  # dynamic sampling: extra rollout rounds per step at most (then train on fewer)
     mask_truncated: bool = False
     importance_sampling_correction: bool = False  # TIS: weight tokens by min(pi_old_trainer / pi_sampler, cap)
