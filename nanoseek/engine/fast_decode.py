@@ -13,7 +13,9 @@ while the generic forward takes ~5 ms). What this step does differently:
   - W_UK and W_UV are applied per head with bmm (no einsum), the residual adds ride on addmm;
   - routed experts: only the experts that received tokens run, on views of their packed weights;
   - DSA (V3.2): the layer's own Indexer writes its keys to the cache and, once a query sees more than
-    index_topk keys, scores them; `select_topk`'s choice becomes -inf on the step's attention bias.
+    index_topk keys, scores them; `select_topk`'s choice becomes -inf on the step's attention bias;
+  - int8 (per channel) models: the fused projections' int8 rows are stacked into one GEMM through torch's int8
+    weight-only kernel (`_Int8`, `quant.int8_weight_only_mm`), as `IntLinear` runs them in the generic forward.
 
 `FastDecoder(model, compile=True)` runs the step through `torch.compile` (inductor's C++ backend on CPU):
 elementwise chains fuse into single loops and the Python per-operator cost goes. The tensor maths is the
@@ -76,7 +78,7 @@ def select(model: nn.Module, fast_decode: bool | None, compile: bool, auto: bool
     if not (compile or fast_decode or (fast_decode is None and auto)):
         return None
     reason = unsupported_reason(model)
-    if reason is None and compile and _has_int8(model):
+    if reason is None and compile and _has_quantized_weights(model):
         reason = "its int8 weights run eagerly (the compiled step takes float weights)"
     if reason is None:
         return FastDecoder.for_model(model)
@@ -85,7 +87,7 @@ def select(model: nn.Module, fast_decode: bool | None, compile: bool, auto: bool
     return None
 
 
-def _has_int8(model: nn.Module) -> bool:
+def _has_quantized_weights(model: nn.Module) -> bool:
     from ..quant import QUANTIZED_MODULES
 
     return any(isinstance(m, QUANTIZED_MODULES) for m in model.modules())
@@ -315,7 +317,7 @@ class FastDecoder(_Packed):
         the next process faster). Weights are graph inputs, so repacked weights (optimizer steps) are read
         without recompiling."""
         if self._compiled is None:
-            if _has_int8(self.model):
+            if _has_quantized_weights(self.model):
                 raise ValueError("FastDecoder: the compiled step takes float weights; int8 ones run eagerly")
             self._compiled = torch.compile(self._run_flat, fullgraph=True, options=_COMPILE_OPTIONS)
         return self._compiled
