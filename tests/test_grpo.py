@@ -255,6 +255,35 @@ def test_async_rollouts_in_a_worker_process_equal_the_thread_and_resume_bit_exac
         GRPOConfig(init_from=str(micro_base), async_worker="fork")
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the rollout worker process is forked (Linux)")
+def test_async_rollout_worker_errors_reach_the_trainer(micro_base, tmp_path):
+    """A reward that raises in the worker process raises the same exception in the trainer; a worker that dies
+    (here it exits from inside a reward at step 2) is a clear error naming the step, and the checkpoint written
+    before it is intact."""
+    kw = dict(init_from=str(micro_base), steps=4, prompts_per_step=2, num_generations=3, max_tokens=8, lr=1e-2,
+              minibatch_size=4, eval_every=0, tensorboard=False, save_every=1, loss_type="dapo", reward_weights={},
+              async_rollouts=True, async_worker="process")
+
+    def raises(prompt, completion, problem):
+        raise KeyError("a column the reward needs")
+
+    with pytest.raises(KeyError, match="a column the reward needs"):
+        grpo(GRPOConfig(out_dir=str(tmp_path / "raise"), **kw), extra_rewards={"r": raises})
+    marker = tmp_path / "sampled"
+
+    def dies_at_step_2(prompt, completion, problem):
+        n = len(marker.read_text()) if marker.exists() else 0
+        with open(marker, "a") as f:
+            f.write("x")
+        if n >= 12:  # the first two steps' 6 completions each were scored
+            os._exit(3)
+        return 1.0
+
+    with pytest.raises(RuntimeError, match="worker process died while sampling step 2"):
+        grpo(GRPOConfig(out_dir=str(tmp_path / "die"), **kw), extra_rewards={"r": dies_at_step_2})
+    assert (tmp_path / "die" / "checkpoints" / "step_0000001" / "config.json").exists()
+
+
 def test_bf16_precision_rolls_out_and_trains_in_bf16_and_resumes_bit_exact(micro_base, tmp_path, monkeypatch):
     """precision="bf16": bf16 weights between steps (rollouts and training forward in bf16), fp32 masters; the
     run differs from fp32's, a stop and resume gives the same run bit for bit, and the saved folder is fp32."""

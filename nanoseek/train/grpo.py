@@ -1054,8 +1054,7 @@ class AsyncRollouts:
         if self.pending[1] is None:
             sampled = self.sample(step)
         else:
-            sampled = self.pending[1].result()
-            sampled = pickle.loads(sampled) if self.worker == "process" else sampled
+            sampled = self._result(step, self.pending[1])
         self.pending = None
         lag = 0 if step == 0 else self.cfg.num_iterations
         sampled["metrics"].update(rollout_wait_s=time.perf_counter() - t0, policy_lag=lag)
@@ -1063,6 +1062,22 @@ class AsyncRollouts:
             self.sync_weights()
             self.pending = (step + 1, self.submit(step + 1))
         return sampled
+
+    def _result(self, step: int, future) -> dict:
+        """The future's groups; a worker process that died (killed, out of memory) is a clear error, not
+        concurrent.futures' BrokenProcessPool. An exception raised in the worker (a reward function's) is re-raised
+        as itself, with the worker's traceback."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        if self.worker == "thread":
+            return future.result()
+        try:
+            return pickle.loads(future.result())
+        except BrokenProcessPool as e:
+            self.pending = None
+            raise RuntimeError(f"grpo: the async rollout worker process died while sampling step {step} (killed, or "
+                               "out of memory?); the run's checkpoints are intact: run again to resume, or set "
+                               "async_worker='thread'") from e
 
     @torch.no_grad()
     def sync_weights(self) -> None:
@@ -1082,7 +1097,7 @@ class AsyncRollouts:
         background worker."""
         if self.pending is not None:
             if self.pending[1] is not None:
-                self.pending[1].exception()
+                self.pending[1].exception()  # waits; a dead worker's error is the future's, not raised here
             self.pending = None
         if shutdown:
             self.pool.shutdown(wait=True)
