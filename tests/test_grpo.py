@@ -6,6 +6,7 @@ dr_grpo, the off-policy mask, truncated importance sampling, log_every) assertin
 import os
 import random
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -253,6 +254,25 @@ def test_async_rollouts_in_a_worker_process_equal_the_thread_and_resume_bit_exac
     assert all(torch.equal(sa[k], sc[k]) for k in sa)
     with pytest.raises(ValueError, match="async_worker must be"):
         GRPOConfig(init_from=str(micro_base), async_worker="fork")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the rollout worker process is forked (Linux)")
+def test_async_worker_without_room_in_shared_memory_falls_back_to_a_thread_or_says_why(monkeypatch, capsys):
+    """The worker reads the sampler's weights from shared memory; where they do not fit (a container's 64 MB
+    /dev/shm), "auto" takes a thread and says so, "process" is a clear error."""
+    from nanoseek.train.grpo import AsyncRollouts
+
+    def full(self):
+        raise RuntimeError("unable to write to file </torch_1>: No space left on device (28)")
+
+    monkeypatch.setattr(torch.nn.Module, "share_memory", full)
+    cfg = lambda worker: SimpleNamespace(async_worker=worker)
+    model, sampler = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    auto = AsyncRollouts(cfg("auto"), model, sampler, lambda step: {})
+    assert auto.worker == "thread" and "shared memory" in capsys.readouterr().err
+    auto.close(shutdown=True)
+    with pytest.raises(ValueError, match="do not fit in shared memory.*No space left"):
+        AsyncRollouts(cfg("process"), model, sampler, lambda step: {})
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the rollout worker process is forked (Linux)")

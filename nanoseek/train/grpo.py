@@ -1029,7 +1029,16 @@ class AsyncRollouts:
         auto = can_fork and on_cpu and torch.get_num_threads() // 2 <= 1
         self.worker = "process" if cfg.async_worker == "process" or (cfg.async_worker == "auto" and auto) else "thread"
         if self.worker == "process":
-            sampler.share_memory()  # the trainer writes each step's weights here; the worker reads them
+            try:
+                sampler.share_memory()  # the trainer writes each step's weights here; the worker reads them
+            except RuntimeError as e:  # /dev/shm too small (a container's 64 MB default) for the sampler's weights
+                if cfg.async_worker == "process":
+                    raise ValueError(f"GRPOConfig.async_worker='process': the sampler's weights do not fit in shared "
+                                     f"memory ({e}); enlarge /dev/shm or use 'thread'") from e
+                print(f"grpo: async rollouts on a thread: the sampler's weights do not fit in shared memory ({e})",
+                      file=sys.stderr, flush=True)
+                self.worker = "thread"
+        if self.worker == "process":
             # fork: the worker inherits `sample` (closures, user rewards, registered tasks), nothing is pickled in
             self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"),
                                             initializer=_rollout_worker_init, initargs=(sample, sampler))
