@@ -161,6 +161,11 @@ def bench_formats(model: DeepSeekModel, args) -> tuple[list, dict]:
         engines = {f: Engine(m, **mk) for f, m in models.items()}
         if any(e.fast is None for e in engines.values()) and engines["fp32"].fast is not None:
             engines["fp32 (generic forward)"] = Engine(models["fp32"], fast_decode=False, **mk)
+        if args.compile:  # the compiled step of each format that has one, compiled before the timing
+            for f, m in models.items():
+                if engines[f].fast is not None:
+                    engines[f"{f} compiled"] = Engine(m, compile=True, **mk)
+                    engines[f"{f} compiled"].generate(prompts, SamplingParams(max_tokens=n, temperature=0))
         runs = [lambda k, e=e: e.generate(prompts, SamplingParams(max_tokens=k, temperature=0))
                 for e in engines.values()]
         rates = decode_rates(runs, B, n, args.repeats)
@@ -181,7 +186,8 @@ def print_formats(rows: list, models: dict, threads: int) -> None:
     print("|---|---|---:|" + "---:|---:|" * len(batches) + "---:|")
     for name in rows[0][1]:
         fmt = name.split(" ")[0]
-        step = "generic" if "generic" in name or unsupported_reason(models[fmt]) is not None else "FastDecoder"
+        step = ("generic" if "generic" in name or unsupported_reason(models[fmt]) is not None
+                else "FastDecoder, compiled" if name.endswith("compiled") else "FastDecoder")
         cells = []
         for _, res in rows:
             r, base = res[name][0], res["fp32"][0]

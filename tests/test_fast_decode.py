@@ -132,7 +132,7 @@ def test_int8_weights_run_in_the_step_with_the_int8_kernel(overrides):
     """An int8 (per channel) model decodes in the fast step: the Linears' int8 rows stacked as one GEMM through
     torch's int8 weight-only kernel, as IntLinear does in the generic forward, so the two agree; a width the kernel
     cannot read (q_b_proj's 40 inputs) is dequantised once into a float pack. Greedy decoding is identical with and
-    without the step; compiling is refused (the compiled step takes float weights)."""
+    without the step."""
     from nanoseek.engine.fast_decode import _Int8
     from nanoseek.quant import quantize
 
@@ -156,8 +156,6 @@ def test_int8_weights_run_in_the_step_with_the_int8_kernel(overrides):
     runs = [[o.outputs[0].token_ids for o in Engine(model, max_batch_size=2, max_len=32, eos_token_ids=[],
                                                      fast_decode=f).generate(prompts, greedy)] for f in (True, False)]
     assert runs[0] == runs[1]
-    with pytest.raises(ValueError, match="int8 weights run eagerly"):
-        Engine(model, max_batch_size=1, max_len=16, compile=True)
 
 
 def test_unsupported_models_fall_back_or_raise():
@@ -276,6 +274,27 @@ def test_compiled_step_matches_eager_across_shapes_and_weight_updates():
     opt.step()
     after = check(one, [5])
     assert (after - before).abs().max() > 1e-3  # the step really changed the weights the graph reads
+
+
+@needs_cxx
+@pytest.mark.slow
+def test_compiled_step_runs_int8_weights_as_the_eager_step():
+    """An int8 (per channel) model through the compiled step: the int8 GEMMs inside the graph, the routed experts by
+    the gather path (one row: int8 kernel calls per pair) and by the `routed_experts_int8` op (three rows), equal to
+    the eager int8 step."""
+    from nanoseek.quant import quantize
+
+    model = random_model(tiny_config(initializer_range=0.05), seed=11)
+    quantize(model, "int8")
+    eager, comp = FastDecoder(model), FastDecoder(model, compile=True)
+    for ids, lengths in ((torch.tensor([[7]]), [5]), (torch.tensor([[7], [3], [50]]), [5, 1, 12])):
+        a_cache, b_cache = _prefilled(model, lengths), _prefilled(model, lengths)
+        with torch.no_grad():
+            a_logits, a_routing = comp(ids, lengths, a_cache)
+            b_logits, b_routing = eager(ids, lengths, b_cache)
+        torch.testing.assert_close(a_logits, b_logits, rtol=1e-4, atol=1e-4)
+        assert [r.tolist() for r in a_routing] == [r.tolist() for r in b_routing]
+        torch.testing.assert_close(a_cache.latent, b_cache.latent, rtol=1e-5, atol=1e-5)
 
 
 @needs_cxx

@@ -15,7 +15,8 @@ while the generic forward takes ~5 ms). What this step does differently:
   - DSA (V3.2): the layer's own Indexer writes its keys to the cache and, once a query sees more than
     index_topk keys, scores them; `select_topk`'s choice becomes -inf on the step's attention bias;
   - int8 (per channel) models: the fused projections' int8 rows are stacked into one GEMM through torch's int8
-    weight-only kernel (`_Int8`, `quant.int8_weight_only_mm`), as `IntLinear` runs them in the generic forward.
+    weight-only kernel (`_Int8`, `quant.int8_weight_only_mm`), as `IntLinear` runs them in the generic forward;
+    compiled too (the routed experts through `nanoseek::routed_experts_int8`).
 
 `FastDecoder(model, compile=True)` runs the step through `torch.compile` (inductor's C++ backend on CPU):
 elementwise chains fuse into single loops and the Python per-operator cost goes. The tensor maths is the
@@ -78,19 +79,11 @@ def select(model: nn.Module, fast_decode: bool | None, compile: bool, auto: bool
     if not (compile or fast_decode or (fast_decode is None and auto)):
         return None
     reason = unsupported_reason(model)
-    if reason is None and compile and _has_quantized_weights(model):
-        reason = "its int8 weights run eagerly (the compiled step takes float weights)"
     if reason is None:
         return FastDecoder.for_model(model)
     if fast_decode or compile:
         raise ValueError(f"{'compile' if compile else 'fast_decode'}=True but {reason}")
     return None
-
-
-def _has_quantized_weights(model: nn.Module) -> bool:
-    from ..quant import QUANTIZED_MODULES
-
-    return any(isinstance(m, QUANTIZED_MODULES) for m in model.modules())
 
 
 class _Int8:
@@ -317,8 +310,6 @@ class FastDecoder(_Packed):
         the next process faster). Weights are graph inputs, so repacked weights (optimizer steps) are read
         without recompiling."""
         if self._compiled is None:
-            if _has_quantized_weights(self.model):
-                raise ValueError("FastDecoder: the compiled step takes float weights; int8 ones run eagerly")
             self._compiled = torch.compile(self._run_flat, fullgraph=True, options=_COMPILE_OPTIONS)
         return self._compiled
 
@@ -529,20 +520,37 @@ class FastDecoder(_Packed):
         ids, w, _ = L.gate(x)  # (N, K) ids, fp32 weights
         if not torch.compiler.is_compiling():
             h = routed_experts(x, ids, w, L.w_gu, L.w_down, base=h)  # adds into h: no zeros, no extra add
-        elif ids.numel() * _GATHER_SHARE <= L.w_gu.shape[0]:
+        elif ids.numel() * _GATHER_SHARE <= _num_experts(L.w_gu):
             # few (token, expert) pairs: gather their experts' weights, one bmm each way (no host sync)
             flat = ids.reshape(-1)
-            g = torch.bmm(x.repeat_interleave(ids.shape[1], 0).unsqueeze(1), L.w_gu[flat]).squeeze(1)
+            xs = x.repeat_interleave(ids.shape[1], 0)
+            g = _pair_mm(xs, L.w_gu, flat)
             a = F.silu(g[:, : L.I]) * g[:, L.I:]
-            y = torch.bmm(a.unsqueeze(1), L.w_down[flat]).squeeze(1)  # (N*K, D)
+            y = _pair_mm(a, L.w_down, flat)  # (N*K, D)
             y = (y.view(*ids.shape, -1) * w.unsqueeze(-1).to(y.dtype)).sum(1)
             h = h + y
+        elif isinstance(L.w_gu, _Int8):
+            h = h + torch.ops.nanoseek.routed_experts_int8(x, ids, w, L.w_gu.q, L.w_gu.scale, L.w_down.q,
+                                                           L.w_down.scale)
         else:
             h = h + torch.ops.nanoseek.routed_experts(x, ids, w, L.w_gu, L.w_down)
         if L.shared:
             s = _mm(x, L.ws_gu)
             h = _addmm(h, F.silu(s[:, : L.Is]) * s[:, L.Is:], L.ws_down)
         return h, ids
+
+
+def _num_experts(w) -> int:
+    return (w if isinstance(w, torch.Tensor) else w.q).shape[0]
+
+
+def _pair_mm(x: torch.Tensor, w, experts: torch.Tensor) -> torch.Tensor:
+    """Row i of x times expert experts[i]'s weight, for a few rows (the compiled step's gather path): float
+    weights gathered into one bmm; int8 ones row by row through the int8 kernel (the eager step's numerics)."""
+    if isinstance(w, torch.Tensor):
+        return torch.bmm(x.unsqueeze(1), w[experts]).squeeze(1)
+    pick = lambda t, i: t[experts[i: i + 1]][0]  # a one-element index tensor: a gather, no host sync
+    return torch.cat([_mm(x[i: i + 1], _Int8(pick(w.q, i), pick(w.scale, i))) for i in range(x.shape[0])])
 
 
 # under compile, (token, expert) pairs up to E / _GATHER_SHARE take the gather path: copying K experts' weights
@@ -578,5 +586,16 @@ def _routed_experts_op(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_gu
 
 @_routed_experts_op.register_fake
 def _(x, ids, w, w_gu, w_down):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("nanoseek::routed_experts_int8", mutates_args=())
+def _routed_experts_int8_op(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, q_gu: torch.Tensor,
+                            s_gu: torch.Tensor, q_down: torch.Tensor, s_down: torch.Tensor) -> torch.Tensor:
+    return routed_experts(x, ids, w, _Int8(q_gu, s_gu), _Int8(q_down, s_down))
+
+
+@_routed_experts_int8_op.register_fake
+def _(x, ids, w, q_gu, s_gu, q_down, s_down):
     return torch.empty_like(x)
 
