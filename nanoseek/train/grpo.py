@@ -865,7 +865,10 @@ def grpo(cfg: GRPOConfig, progress: C.Progress | None = None, extra_rewards: dic
     train_step = make_train_step(cfg, model, ref, tokenizer, tasks, reward_fn, run.device, sampler, run.dist, ctx)
     threads = torch.get_num_threads()
     if cfg.async_rollouts:  # rollouts and updates side by side: a forked worker on one thread, or half the threads each
-        torch.set_num_threads(max(1, threads - 1 if train_step.rollouts.worker == "process" else threads // 2))
+        worker = train_step.rollouts.worker
+        torch.set_num_threads(max(1, threads - 1 if worker == "process" else threads // 2))
+        side = "a worker process on 1 torch thread" if worker == "process" else f"a thread on {torch.get_num_threads()}"
+        print(f"grpo: async rollouts in {side}, the update on {torch.get_num_threads()}", file=sys.stderr, flush=True)
     try:
         return run.fit(train_step, cfg.steps, model, tokenizer,
                        lr_at=lambda step, elapsed_s: grpo_lr(cfg, step, elapsed_s), evaluate=evaluate,
