@@ -177,6 +177,21 @@ def test_unsupported_models_fall_back_or_raise():
         Engine(mla, max_batch_size=1, max_len=16, fast_decode=False, compile=True)
 
 
+def test_compiled_steps_of_many_decoders_fit_under_the_recompile_limit():
+    """Every decoder's compiled graphs share one dynamo cache (one code object), and fullgraph makes reaching its
+    recompile limit (8 by default) an error: the whole test suite hit it once int8 decoders compiled too. Building
+    a compiled step raises the limit to at least 64 (compiling itself is exercised by the slow tests)."""
+    import torch._dynamo.config as dynamo_config
+
+    before = dynamo_config.recompile_limit
+    try:
+        dynamo_config.recompile_limit = 8
+        FastDecoder(random_model(tiny_config(), seed=12), compile=True).compiled_run()
+        assert dynamo_config.recompile_limit >= 64
+    finally:
+        dynamo_config.recompile_limit = max(before, dynamo_config.recompile_limit)
+
+
 def test_large_models_do_not_get_a_second_copy_by_default(monkeypatch):
     import nanoseek.engine.engine as E
 

@@ -126,6 +126,16 @@ def _float_weight(m: nn.Module) -> torch.Tensor:
 # cpp_wrapper: the graph's kernel calls are made from C++, not Python; size_asserts off: the inputs are the
 # decoder's own packed weights and cache, shapes checked by construction
 _COMPILE_OPTIONS = {"cpp_wrapper": True, "size_asserts": False}
+_RECOMPILE_LIMIT = 64
+
+
+def _compile(fn):
+    """torch.compile(fn) as the step compiles it. Dynamo keeps one graph cache per code object: every decoder's
+    graphs (guarded on the decoder, its shapes and its weights' kinds) count against one recompile limit, 8 by
+    default, and fullgraph turns reaching it into an error; a process that compiles decoders for several models or
+    weight formats (a benchmark, the test suite) needs more, so the limit is raised to at least 64."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+    return torch.compile(fn, fullgraph=True, options=_COMPILE_OPTIONS)
 
 
 class _Packed:
@@ -310,7 +320,7 @@ class FastDecoder(_Packed):
         the next process faster). Weights are graph inputs, so repacked weights (optimizer steps) are read
         without recompiling."""
         if self._compiled is None:
-            self._compiled = torch.compile(self._run_flat, fullgraph=True, options=_COMPILE_OPTIONS)
+            self._compiled = _compile(self._run_flat)
         return self._compiled
 
     @classmethod
@@ -449,7 +459,7 @@ class FastDecoder(_Packed):
             raise ValueError(f"position {S - 1} is beyond the cache length {cache.max_len}")
         if self.compile if compiled is None else compiled:
             if self._compiled_mtp is None:  # its own graph (the MTP block's weights are not in the flat buffer)
-                self._compiled_mtp = torch.compile(self._mtp_run, fullgraph=True, options=_COMPILE_OPTIONS)
+                self._compiled_mtp = _compile(self._mtp_run)
             return self._compiled_mtp(k, h_prev, next_ids, positions, cache.latent, cache.index_keys, S)
         return self._mtp_run(k, h_prev, next_ids, positions, cache.latent, cache.index_keys, S)
 
