@@ -126,8 +126,8 @@ def int8_weight_only_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -
     """x (M, K) @ (q * scale)^T in x's dtype, for int8 q (N, K) and fp32 per-row scales (N,), without materialising
     the dense weight: torch's CPU int8 weight-only GEMM on bf16 activations (w8a16), accumulated in fp32 and rounded
     once to bf16; the scales are applied after, in fp32 (the kernel would take them in bf16). Its fp32-activation
-    variant is a scalar loop, 8-30x slower than dequantising on an AVX-512 CPU; this one runs 0.5-1.0x the time of
-    the fp32 GEMM on the dense weight (docs/benchmarks.md). The bf16 rounding of x and of the sum is the accuracy
+    variant is a scalar loop, 8-30x slower than dequantising on an AVX-512 CPU; this one takes 0.5-1.3x the time of
+    the fp32 GEMM on the dense weight at decode shapes (docs/benchmarks.md). The bf16 rounding of x and of the sum is the accuracy
     cost, measured with the format's (docs/results.md)."""
     ones = _ONES.get(q.shape[0])
     if ones is None or ones.device != q.device:
