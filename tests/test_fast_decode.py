@@ -257,6 +257,20 @@ needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
                                reason="torch.compile on CPU needs a C++ compiler")
 
 
+def _compiled_matches_eager(model, comp: FastDecoder, eager: FastDecoder, ids, lengths) -> torch.Tensor:
+    """One step of both decoders from equal prefilled caches: logits, routing and cache writes agree; the logits."""
+    a_cache, b_cache = _prefilled(model, lengths), _prefilled(model, lengths)
+    with torch.no_grad():
+        a_logits, a_routing = comp(ids, lengths, a_cache)
+        b_logits, b_routing = eager(ids, lengths, b_cache)
+    torch.testing.assert_close(a_logits, b_logits, rtol=1e-4, atol=1e-4)
+    assert [r.tolist() for r in a_routing] == [r.tolist() for r in b_routing]
+    torch.testing.assert_close(a_cache.latent, b_cache.latent, rtol=1e-5, atol=1e-5)
+    if a_cache.index_keys is not None:
+        torch.testing.assert_close(a_cache.index_keys, b_cache.index_keys, rtol=1e-5, atol=1e-5)
+    return a_logits
+
+
 @needs_cxx
 @pytest.mark.slow
 def test_compiled_step_matches_eager_across_shapes_and_weight_updates():
@@ -267,18 +281,7 @@ def test_compiled_step_matches_eager_across_shapes_and_weight_updates():
     model = random_model(tiny_config(index_topk=8), seed=10)
     eager, comp = FastDecoder(model), FastDecoder(model, compile=True)
     assert comp.compile and not eager.compile
-
-    def check(ids, lengths):
-        a_cache, b_cache = _prefilled(model, lengths), _prefilled(model, lengths)
-        with torch.no_grad():
-            a_logits, a_routing = comp(ids, lengths, a_cache)
-            b_logits, b_routing = eager(ids, lengths, b_cache)
-        torch.testing.assert_close(a_logits, b_logits, rtol=1e-4, atol=1e-4)
-        assert [r.tolist() for r in a_routing] == [r.tolist() for r in b_routing]
-        torch.testing.assert_close(a_cache.latent, b_cache.latent, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(a_cache.index_keys, b_cache.index_keys, rtol=1e-5, atol=1e-5)
-        return a_logits
-
+    check = lambda ids, lengths: _compiled_matches_eager(model, comp, eager, ids, lengths)
     one, three = torch.tensor([[7]]), torch.tensor([[7], [3], [50]])
     before = check(one, [5])
     check(one, [9])
@@ -303,13 +306,7 @@ def test_compiled_step_runs_int8_weights_as_the_eager_step():
     quantize(model, "int8")
     eager, comp = FastDecoder(model), FastDecoder(model, compile=True)
     for ids, lengths in ((torch.tensor([[7]]), [5]), (torch.tensor([[7], [3], [50]]), [5, 1, 12])):
-        a_cache, b_cache = _prefilled(model, lengths), _prefilled(model, lengths)
-        with torch.no_grad():
-            a_logits, a_routing = comp(ids, lengths, a_cache)
-            b_logits, b_routing = eager(ids, lengths, b_cache)
-        torch.testing.assert_close(a_logits, b_logits, rtol=1e-4, atol=1e-4)
-        assert [r.tolist() for r in a_routing] == [r.tolist() for r in b_routing]
-        torch.testing.assert_close(a_cache.latent, b_cache.latent, rtol=1e-5, atol=1e-5)
+        _compiled_matches_eager(model, comp, eager, ids, lengths)
 
 
 @needs_cxx
