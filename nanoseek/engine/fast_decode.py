@@ -46,6 +46,7 @@ from torch import nn
 
 from ..model import DeepSeekModel
 from ..model.mla import select_topk
+from ..quant import QUANTIZED_MODULES, IntLinear, QuantizedExperts, int8_weight_only_mm
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -53,8 +54,6 @@ def unsupported_reason(model: nn.Module) -> str | None:
     (torch's int8 weight-only kernel, as the generic forward does); the others dequantise in the generic forward."""
     if not isinstance(model, DeepSeekModel):
         return f"{type(model).__name__} is not a DeepSeekModel"
-    from ..quant import QUANTIZED_MODULES, IntLinear, QuantizedExperts
-
     for name, m in model.named_modules():
         if isinstance(m, IntLinear) and m.bits == 8 and m.group is None:
             continue
@@ -100,11 +99,7 @@ class _Int8:
 
 def _mm(x: torch.Tensor, w) -> torch.Tensor:
     """x @ W for a packed weight: (in, out) float, or _Int8."""
-    if isinstance(w, torch.Tensor):
-        return x @ w
-    from ..quant import int8_weight_only_mm
-
-    return int8_weight_only_mm(x, w.q, w.scale)
+    return x @ w if isinstance(w, torch.Tensor) else int8_weight_only_mm(x, w.q, w.scale)
 
 
 def _addmm(h: torch.Tensor, x: torch.Tensor, w) -> torch.Tensor:
@@ -113,8 +108,6 @@ def _addmm(h: torch.Tensor, x: torch.Tensor, w) -> torch.Tensor:
 
 
 def _int8_packable(m: nn.Module) -> bool:
-    from ..quant import IntLinear
-
     return isinstance(m, IntLinear) and m.bits == 8 and m.group is None and m.in_features % 16 == 0
 
 

@@ -1060,13 +1060,11 @@ class AsyncRollouts:
         rollout_wait_s (time this step waited for its groups), policy_lag (optimizer steps between the policy
         that sampled them and the one they train)."""
         t0 = time.perf_counter()
-        if self.pending is None or self.pending[0] != step:
-            self.close()
-            self.pending = (step, self.submit(step) if self.worker == "process" else None)
-        if self.pending[1] is None:
-            sampled = self.sample(step)
-        else:
+        if self.pending is not None and self.pending[0] == step:
             sampled = self._result(step, self.pending[1])
+        else:  # nothing prefetched: sampled now (by the worker process, so every step's groups come from it)
+            self.close()
+            sampled = self._result(step, self.submit(step)) if self.worker == "process" else self.sample(step)
         self.pending = None
         lag = 0 if step == 0 else self.cfg.num_iterations
         sampled["metrics"].update(rollout_wait_s=time.perf_counter() - t0, policy_lag=lag)
@@ -1108,8 +1106,7 @@ class AsyncRollouts:
         """Wait for a rollout in flight (the run ended or changed course) and drop it; shutdown: also end the
         background worker."""
         if self.pending is not None:
-            if self.pending[1] is not None:
-                self.pending[1].exception()  # waits; a dead worker's error is the future's, not raised here
+            self.pending[1].exception()  # waits; a dead worker's error is the future's, not raised here
             self.pending = None
         if shutdown:
             self.pool.shutdown(wait=True)
