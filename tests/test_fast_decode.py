@@ -158,6 +158,51 @@ def test_int8_weights_run_in_the_step_with_the_int8_kernel(overrides):
     assert runs[0] == runs[1]
 
 
+def test_routed_experts_padded_bmm_is_the_per_token_sum(monkeypatch):
+    """Non-fp32 experts (bf16) take one zero-padded bmm each way when a quarter of them or more get tokens: checked in
+    float64 (which takes that path too) against the definition, sum_k w[n, k] * expert_ids[n, k](x[n]), token by
+    token. Rows of one expert at different slots, experts with no tokens and an uneven count per expert all occur."""
+    from nanoseek.engine import fast_decode as fd
+
+    g = torch.Generator().manual_seed(0)
+    E, D, I, N, K = 16, 16, 12, 6, 2
+    x, w = torch.randn(N, D, generator=g, dtype=torch.float64), torch.rand(N, K, generator=g, dtype=torch.float64)
+    w_gu = torch.randn(E, D, 2 * I, generator=g, dtype=torch.float64)
+    w_down = torch.randn(E, I, D, generator=g, dtype=torch.float64)
+    ids = torch.tensor([[0, 3], [3, 5], [5, 0], [3, 1], [6, 3], [1, 15]])  # expert 3 x4, 2 and 4 none
+    calls = []
+    padded = fd._padded_experts
+    monkeypatch.setattr(fd, "_padded_experts", lambda *a: calls.append(1) or padded(*a))
+    want = torch.zeros(N, D, dtype=torch.float64)
+    for n in range(N):
+        for k in range(K):
+            h = x[n] @ w_gu[ids[n, k]]
+            want[n] += w[n, k] * ((torch.nn.functional.silu(h[:I]) * h[I:]) @ w_down[ids[n, k]])
+    torch.testing.assert_close(fd.routed_experts(x, ids, w, w_gu, w_down), want, rtol=1e-12, atol=1e-12)
+    assert calls == [1]  # 6 of 16 experts hit: the padded path ran
+    fd.routed_experts(x.float(), ids, w, w_gu.float(), w_down.float())  # fp32: the per-expert loop
+    fd.routed_experts(x[:1], ids[:1], w[:1], w_gu, w_down)  # 2 of 16 hit: the loop
+    assert calls == [1]
+
+
+@torch.no_grad()
+def test_bf16_step_with_padded_experts_matches_the_bf16_model():
+    """A bf16 model's fast step at 16 rows (every expert gets tokens: the padded bmm path) against the model's own
+    absorbed forward in bf16: same routing, logits within bf16 rounding (greedy tokens are not compared: bf16
+    rounding in another GEMM order flips near-ties of a random model)."""
+    model = random_model(tiny_config(initializer_range=0.1), seed=5).to(torch.bfloat16)
+    lengths = [3 + (7 * i) % 11 for i in range(16)]
+    ref_cache, fast_cache = _prefilled(model, lengths), _prefilled(model, lengths)
+    ids = torch.randint(0, 97, (16, 1), generator=torch.Generator().manual_seed(2))
+    out = model(ids, positions=torch.tensor(lengths).unsqueeze(1), cache=ref_cache, absorb=True)
+    fast = FastDecoder(model)
+    logits, routing = fast(ids, lengths, fast_cache)
+    assert len(torch.cat(routing).unique()) == model.config.n_routed_experts
+    assert [r.tolist() for r in routing] == [r.expert_ids[:, -1].tolist() for r in out.router]
+    # bf16 rounding in another GEMM order: max 0.05 here (logits ~0.7); a 10% error in the scores' scale gives 0.67
+    assert (logits.float() - out.logits[:, -1].float()).abs().max() < 0.1
+
+
 def test_unsupported_models_fall_back_or_raise():
     from nanoseek.fp8 import quantize_model_for_inference
 

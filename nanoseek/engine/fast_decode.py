@@ -492,7 +492,10 @@ class FastDecoder(_Packed):
         cache = st.latent  # (layers, rows, max_len, R + r)
         cache.index_put_((torch.full_like(st.rows, li), st.rows, st.cols), torch.cat([c, k_pe], dim=-1).to(cache.dtype))
         lat = cache[li, : st.B, : st.S]  # (B, S, R + r), this step's entries included
-        scores = torch.baddbmm(bias, qq, lat.transpose(1, 2), alpha=L.scale)  # (B, T*H, S), causal bias added
+        if lat.dtype == torch.float32:
+            scores = torch.baddbmm(bias, qq, lat.transpose(1, 2), alpha=L.scale)  # (B, T*H, S), causal bias added
+        else:  # oneDNN (bf16) copies a transposed operand first (~0.5 ms a layer at batch 16, latent 576): lat @ qq^T
+            scores = torch.bmm(lat, qq.transpose(1, 2)).transpose(1, 2) * L.scale + bias
         o = torch.bmm(scores.softmax(dim=-1), lat[..., :R]).view(N, H, R)
         o = torch.bmm(o.transpose(0, 1), L.w_uv).transpose(0, 1).reshape(N, H * L.dv)  # W_UV after attention
         h = _addmm(h, o, L.wo)
@@ -571,14 +574,36 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_gu: to
     order = flat.argsort(stable=True)
     token = order // K
     xs = x[token]  # (N*K, D) sorted by expert
-    counts = torch.bincount(flat).tolist()  # the host sync
+    E = _num_experts(w_gu)
+    counts_t = torch.bincount(flat, minlength=E)
+    counts = counts_t.tolist()  # the host sync
     experts = [e for e, n in enumerate(counts) if n]
-    sizes = [counts[e] for e in experts]
-    g = torch.cat([_mm(xe, w_gu[e]) for e, xe in zip(experts, xs.split(sizes))])
-    a = (F.silu(g[:, :I]) * g[:, I:]).split(sizes)
-    y = torch.cat([_mm(ae, w_down[e]) for e, ae in zip(experts, a)])
+    if isinstance(w_gu, torch.Tensor) and w_gu.dtype != torch.float32 and len(experts) * _PAD_SHARE >= E:
+        y = _padded_experts(xs, flat[order], counts_t, max(counts), w_gu, w_down, I)
+    else:
+        sizes = [counts[e] for e in experts]
+        g = torch.cat([_mm(xe, w_gu[e]) for e, xe in zip(experts, xs.split(sizes))])
+        a = (F.silu(g[:, :I]) * g[:, I:]).split(sizes)
+        y = torch.cat([_mm(ae, w_down[e]) for e, ae in zip(experts, a)])
     y = y * w.reshape(-1)[order].unsqueeze(-1).to(y.dtype)
     return (torch.zeros_like(x) if base is None else base).index_add(0, token, y)
+
+
+# bf16 (any float but fp32) experts take one padded bmm each way once a quarter of them or more have tokens: oneDNN
+# costs ~12 us a bf16 GEMM call whatever its size, ~30 calls a layer in the loop (fp32 MKL calls cost 3-5 us, and
+# the padding's extra rows cost more than that saves); docs/benchmarks.md
+_PAD_SHARE = 4
+
+
+def _padded_experts(xs: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, cap: int, w_gu: torch.Tensor,
+                    w_down: torch.Tensor, I: int) -> torch.Tensor:
+    """The rows xs (M, D), sorted by expert (experts (M,) ascending, counts (E,) rows each), through their experts
+    as two batched GEMMs over all E experts, each expert's rows zero-padded to cap: (M, D) out, rows in xs's order.
+    Every row is its own GEMM row, so padding changes no real row's sums."""
+    slot = torch.arange(len(experts), device=xs.device) - (counts.cumsum(0) - counts)[experts]  # row within expert
+    buf = xs.new_zeros(w_gu.shape[0], cap, xs.shape[1]).index_put_((experts, slot), xs)  # (E, cap, D)
+    g = torch.bmm(buf, w_gu)  # (E, cap, 2I)
+    return torch.bmm(F.silu(g[..., :I]) * g[..., I:], w_down)[experts, slot]
 
 
 @torch.library.custom_op("nanoseek::routed_experts", mutates_args=())
