@@ -341,6 +341,30 @@ def test_compiled_step_matches_eager_across_shapes_and_weight_updates():
 
 @needs_cxx
 @pytest.mark.slow
+@torch.no_grad()
+def test_compiled_bf16_step_matches_the_bf16_model(monkeypatch):
+    """A bf16 model through the compiled step: at 2 rows its GEMMs are fused reductions (`_reduction_mm`, traced),
+    at 16 rows oneDNN GEMMs and the padded experts; both against the bf16 model's own absorbed forward (routing equal,
+    logits within bf16 rounding: max 0.05 here, a 10% error in one GEMM's output gives ~0.5)."""
+    from nanoseek.engine import fast_decode as fd
+
+    traced = []
+    reduction = fd._reduction_mm
+    monkeypatch.setattr(fd, "_reduction_mm", lambda x, w: traced.append(x.shape[0]) or reduction(x, w))
+    model = random_model(tiny_config(initializer_range=0.1), seed=5).to(torch.bfloat16)
+    comp = FastDecoder(model, compile=True)
+    for lengths in ([5, 1], [3 + (7 * i) % 11 for i in range(16)]):
+        ref_cache, fast_cache = _prefilled(model, lengths), _prefilled(model, lengths)
+        ids = torch.randint(0, 97, (len(lengths), 1), generator=torch.Generator().manual_seed(2))
+        out = model(ids, positions=torch.tensor(lengths).unsqueeze(1), cache=ref_cache, absorb=True)
+        logits, routing = comp(ids, lengths, fast_cache)
+        assert [r.tolist() for r in routing] == [r.expert_ids[:, -1].tolist() for r in out.router]
+        assert (logits.float() - out.logits[:, -1].float()).abs().max() < 0.1
+    assert traced and set(traced) == {2}  # only the 2-row graph fuses its GEMMs as reductions
+
+
+@needs_cxx
+@pytest.mark.slow
 def test_compiled_step_runs_int8_weights_as_the_eager_step():
     """An int8 (per channel) model through the compiled step: the int8 GEMMs inside the graph, the routed experts by
     the gather path (one row: int8 kernel calls per pair) and by the `routed_experts_int8` op (three rows), equal to

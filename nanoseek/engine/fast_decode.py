@@ -99,12 +99,31 @@ class _Int8:
 
 def _mm(x: torch.Tensor, w) -> torch.Tensor:
     """x @ W for a packed weight: (in, out) float, or _Int8."""
-    return x @ w if isinstance(w, torch.Tensor) else int8_weight_only_mm(x, w.q, w.scale)
+    if not isinstance(w, torch.Tensor):
+        return int8_weight_only_mm(x, w.q, w.scale)
+    return _reduction_mm(x, w) if _fuse_as_reduction(x, w) else x @ w
 
 
 def _addmm(h: torch.Tensor, x: torch.Tensor, w) -> torch.Tensor:
     """h + x @ W (one addmm for float weights)."""
-    return torch.addmm(h, x, w) if isinstance(w, torch.Tensor) else h + _mm(x, w)
+    if isinstance(w, torch.Tensor) and not _fuse_as_reduction(x, w):
+        return torch.addmm(h, x, w)
+    return h + _mm(x, w)
+
+
+# Compiled, a bf16 GEMM of a few rows becomes a reduction that inductor fuses into one C++ loop: oneDNN costs ~12 us
+# a bf16 GEMM call whatever its size (~25 calls a step outside the experts), the loop ~5 us for 1 x 256 @ 256 x 256;
+# from ~8 rows on oneDNN's GEMM wins (docs/benchmarks.md). Eager, the reduction would materialise (rows, in, out).
+_REDUCTION_ROWS = 4
+
+
+def _fuse_as_reduction(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return w.dtype != torch.float32 and x.shape[0] <= _REDUCTION_ROWS and torch.compiler.is_compiling()
+
+
+def _reduction_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M, in) @ w (in, out) as a sum of products, accumulated in fp32 (as the GEMM accumulates)."""
+    return (x.unsqueeze(-1).float() * w.float()).sum(1).to(x.dtype)
 
 
 def _int8_packable(m: nn.Module) -> bool:
