@@ -169,7 +169,7 @@ def test_routed_experts_padded_bmm_is_the_per_token_sum(monkeypatch):
     x, w = torch.randn(N, D, generator=g, dtype=torch.float64), torch.rand(N, K, generator=g, dtype=torch.float64)
     w_gu = torch.randn(E, D, 2 * I, generator=g, dtype=torch.float64)
     w_down = torch.randn(E, I, D, generator=g, dtype=torch.float64)
-    ids = torch.tensor([[0, 3], [3, 5], [5, 0], [3, 1], [6, 3], [1, 15]])  # expert 3 x4, 2 and 4 none
+    ids = torch.tensor([[0, 3], [3, 5], [5, 0], [3, 1], [6, 2], [1, 15]])  # expert 3 x3, 4 and 7-14 none
     calls = []
     padded = fd._padded_experts
     monkeypatch.setattr(fd, "_padded_experts", lambda *a: calls.append(1) or padded(*a))
@@ -179,9 +179,11 @@ def test_routed_experts_padded_bmm_is_the_per_token_sum(monkeypatch):
             h = x[n] @ w_gu[ids[n, k]]
             want[n] += w[n, k] * ((torch.nn.functional.silu(h[:I]) * h[I:]) @ w_down[ids[n, k]])
     torch.testing.assert_close(fd.routed_experts(x, ids, w, w_gu, w_down), want, rtol=1e-12, atol=1e-12)
-    assert calls == [1]  # 6 of 16 experts hit: the padded path ran
+    assert calls == [1]  # 7 of 16 experts hit, 16 x 3 padded rows for 12: the padded path ran
     fd.routed_experts(x.float(), ids, w, w_gu.float(), w_down.float())  # fp32: the per-expert loop
     fd.routed_experts(x[:1], ids[:1], w[:1], w_gu, w_down)  # 2 of 16 hit: the loop
+    skewed = torch.stack([torch.zeros(N, dtype=torch.long), torch.tensor([1, 4, 5, 6, 7, 9])], dim=1)
+    fd.routed_experts(x, skewed, w, w_gu, w_down)  # 7 hit, but expert 0 has all 6 rows: 16 x 6 > 4 x 12 rows
     assert calls == [1]
 
 

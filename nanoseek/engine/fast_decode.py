@@ -597,8 +597,10 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_gu: to
     counts_t = torch.bincount(flat, minlength=E)
     counts = counts_t.tolist()  # the host sync
     experts = [e for e, n in enumerate(counts) if n]
-    if isinstance(w_gu, torch.Tensor) and w_gu.dtype != torch.float32 and len(experts) * _PAD_SHARE >= E:
-        y = _padded_experts(xs, flat[order], counts_t, max(counts), w_gu, w_down, I)
+    cap = max(counts)
+    if (isinstance(w_gu, torch.Tensor) and w_gu.dtype != torch.float32 and len(experts) * _PAD_SHARE >= E
+            and E * cap <= _PAD_SHARE * len(flat)):  # and padding at most quadruples the rows
+        y = _padded_experts(xs, flat[order], counts_t, cap, w_gu, w_down, I)
     else:
         sizes = [counts[e] for e in experts]
         g = torch.cat([_mm(xe, w_gu[e]) for e, xe in zip(experts, xs.split(sizes))])
@@ -610,7 +612,8 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_gu: to
 
 # bf16 (any float but fp32) experts take one padded bmm each way once a quarter of them or more have tokens: oneDNN
 # costs ~12 us a bf16 GEMM call whatever its size, ~30 calls a layer in the loop (fp32 MKL calls cost 3-5 us, and
-# the padding's extra rows cost more than that saves); docs/benchmarks.md
+# the padding's extra rows cost more than that saves); docs/benchmarks.md. A skewed batch, where padding every
+# expert to the busiest one's count would more than quadruple the rows, keeps the loop.
 _PAD_SHARE = 4
 
 
