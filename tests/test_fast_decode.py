@@ -320,24 +320,39 @@ def _compiled_matches_eager(model, comp: FastDecoder, eager: FastDecoder, ids, l
 
 @needs_cxx
 @pytest.mark.slow
-def test_compiled_step_matches_eager_across_shapes_and_weight_updates():
+def test_compiled_step_matches_eager_across_shapes_and_weight_updates(monkeypatch):
     """FastDecoder(compile=True) (about 40 s of compiling): logits, routing and cache writes equal the eager step for
-    one row (the gather path for few token-expert pairs) and three rows (the routed-experts op), at new key lengths
-    (a dynamic-shape graph), and after an optimizer step (the compiled graph reads the repacked weights). The model
-    has DSA with 8 keys a query: the first check reads 6 keys (all kept), the later ones up to 21 (top-8 selection)."""
+    one and three rows (the gather path: up to 2 E token-expert pairs) and ten rows (20 pairs > 2 x 8 experts: the
+    routed-experts op), at new key lengths (a dynamic-shape graph), and after an optimizer step (the compiled graph
+    reads the repacked weights). The model has DSA with 8 keys a query: the first check reads 6 keys (all kept), the
+    later ones up to 21 (top-8 selection)."""
+    from nanoseek.engine import fast_decode as fd
+
+    calls = []  # routed_experts runs: the eager step's (one per MoE layer) and the compiled op's
+    routed = fd.routed_experts
+    monkeypatch.setattr(fd, "routed_experts", lambda *a, **k: calls.append(1) or routed(*a, **k))
     model = random_model(tiny_config(index_topk=8), seed=10)
+    moe_layers = sum(layer.is_moe for layer in model.model.layers[: model.config.num_hidden_layers])
     eager, comp = FastDecoder(model), FastDecoder(model, compile=True)
     assert comp.compile and not eager.compile
-    check = lambda ids, lengths: _compiled_matches_eager(model, comp, eager, ids, lengths)
+
+    def check(ids, lengths, op: bool):
+        calls.clear()
+        out = _compiled_matches_eager(model, comp, eager, ids, lengths)
+        assert len(calls) == moe_layers * (2 if op else 1)  # the compiled step called the op, or gathered
+        return out
+
     one, three = torch.tensor([[7]]), torch.tensor([[7], [3], [50]])
-    before = check(one, [5])
-    check(one, [9])
-    check(three, [5, 1, 12])
-    check(three, [6, 2, 20])
+    ten = torch.tensor([[7], [3], [50], [1], [9], [22], [64], [80], [12], [33]])
+    before = check(one, [5], op=False)
+    check(one, [9], op=False)
+    check(three, [5, 1, 12], op=False)
+    check(ten, [5, 1, 12, 3, 7, 9, 2, 4, 6, 8], op=True)
+    check(ten, [6, 2, 20, 4, 8, 10, 3, 5, 7, 9], op=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model(torch.randint(0, 97, (2, 8))).logits.square().mean().backward()
     opt.step()
-    after = check(one, [5])
+    after = check(one, [5], op=False)
     assert (after - before).abs().max() > 1e-3  # the step really changed the weights the graph reads
 
 
@@ -369,14 +384,15 @@ def test_compiled_bf16_step_matches_the_bf16_model(monkeypatch):
 @pytest.mark.slow
 def test_compiled_step_runs_int8_weights_as_the_eager_step():
     """An int8 (per channel) model through the compiled step: the int8 GEMMs inside the graph, the routed experts by
-    the gather path (one row: int8 kernel calls per pair) and by the `routed_experts_int8` op (three rows), equal to
-    the eager int8 step."""
+    the gather path (one row: int8 kernel calls per pair) and by the `routed_experts_int8` op (ten rows: 20 pairs,
+    more than 2 x 8 experts), equal to the eager int8 step."""
     from nanoseek.quant import quantize
 
     model = random_model(tiny_config(initializer_range=0.05), seed=11)
     quantize(model, "int8")
     eager, comp = FastDecoder(model), FastDecoder(model, compile=True)
-    for ids, lengths in ((torch.tensor([[7]]), [5]), (torch.tensor([[7], [3], [50]]), [5, 1, 12])):
+    ten = torch.tensor([[7], [3], [50], [1], [9], [22], [64], [80], [12], [33]])
+    for ids, lengths in ((torch.tensor([[7]]), [5]), (ten, [5, 1, 12, 3, 7, 9, 2, 4, 6, 8])):
         _compiled_matches_eager(model, comp, eager, ids, lengths)
 
 

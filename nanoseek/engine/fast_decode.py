@@ -545,7 +545,7 @@ class FastDecoder(_Packed):
         ids, w, _ = L.gate(x)  # (N, K) ids, fp32 weights
         if not torch.compiler.is_compiling():
             h = routed_experts(x, ids, w, L.w_gu, L.w_down, base=h)  # adds into h: no zeros, no extra add
-        elif ids.numel() * _GATHER_SHARE <= _num_experts(L.w_gu):
+        elif _gathers(ids.numel(), L.w_gu, L.w_down):
             # few (token, expert) pairs: gather their experts' weights, one bmm each way (no host sync)
             flat = ids.reshape(-1)
             xs = x.repeat_interleave(ids.shape[1], 0)
@@ -578,9 +578,19 @@ def _pair_mm(x: torch.Tensor, w, experts: torch.Tensor) -> torch.Tensor:
     return torch.cat([_mm(x[i: i + 1], _Int8(pick(w.q, i), pick(w.scale, i))) for i in range(x.shape[0])])
 
 
-# under compile, (token, expert) pairs up to E / _GATHER_SHARE take the gather path: copying K experts' weights
-# costs less than the opaque op's host round trip for a handful of pairs (batch 1-2 at E = 16, K = 2)
-_GATHER_SHARE = 4
+# Under compile, up to 2 E (token, expert) pairs whose experts' weights total at most 16 MB take the gather path:
+# copying those weights inside the graph costs less than the opaque op's host round trip and per-expert calls
+# (bench model, 16 experts of 384 KB fp32, compiled step: batch 4 +20-70%, batch 16 +0-35% in fp32, bf16 and int8;
+# docs/benchmarks.md); larger experts or batches call the op, which reads each expert once.
+_GATHER_PAIRS_PER_EXPERT = 2
+_GATHER_BYTES = 16 << 20
+
+
+def _gathers(pairs: int, w_gu, w_down) -> bool:
+    E = _num_experts(w_gu)
+    per_expert = sum(t[0].numel() * t.element_size() for w in (w_gu, w_down)
+                     for t in ((w,) if isinstance(w, torch.Tensor) else (w.q, w.scale)))
+    return pairs <= _GATHER_PAIRS_PER_EXPERT * E and pairs * per_expert <= _GATHER_BYTES
 
 
 def routed_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_gu: torch.Tensor, w_down: torch.Tensor,
