@@ -546,7 +546,7 @@ class FastDecoder(_Packed):
         if not torch.compiler.is_compiling():
             h = routed_experts(x, ids, w, L.w_gu, L.w_down, base=h)  # adds into h: no zeros, no extra add
         elif _gathers(ids.numel(), L.w_gu, L.w_down):
-            # few (token, expert) pairs: gather their experts' weights, one bmm each way (no host sync)
+            # up to 2 E (token, expert) pairs of small experts: gather their weights, one bmm each way (no host sync)
             flat = ids.reshape(-1)
             xs = x.repeat_interleave(ids.shape[1], 0)
             g = _pair_mm(xs, L.w_gu, flat)
