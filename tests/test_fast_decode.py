@@ -187,6 +187,20 @@ def test_routed_experts_padded_bmm_is_the_per_token_sum(monkeypatch):
     assert calls == [1]
 
 
+def test_compiled_gather_path_is_bounded_by_pairs_and_bytes():
+    """The compiled step gathers experts' weights for up to 2 E (token, expert) pairs and at most 16 MB in all; past
+    either bound it calls the op, which reads each expert once (a large model must not copy gigabytes a step)."""
+    from nanoseek.engine import fast_decode as fd
+    from nanoseek.engine.fast_decode import _Int8
+
+    small = torch.zeros(1, 256, 256).expand(16, -1, -1), torch.zeros(1, 128, 256).expand(16, -1, -1)  # 384 KB each
+    assert fd._gathers(32, *small) and not fd._gathers(33, *small)  # 2 E pairs (12 MB)
+    big = torch.zeros(1, 2048, 1024).expand(16, -1, -1), torch.zeros(1, 1024, 1024).expand(16, -1, -1)  # 12 MB
+    assert fd._gathers(1, *big) and not fd._gathers(2, *big)  # 16 MB
+    q = _Int8(torch.zeros(1, 2048, 1024, dtype=torch.int8).expand(16, -1, -1), torch.zeros(1, 2048).expand(16, -1))
+    assert fd._gathers(3, q, q) and not fd._gathers(4, q, q)  # int8: 4 MB an expert and 16 KB of scales (counted)
+
+
 @torch.no_grad()
 def test_bf16_step_with_padded_experts_matches_the_bf16_model():
     """A bf16 model's fast step at 16 rows (every expert gets tokens: the padded bmm path) against the model's own
