@@ -111,14 +111,22 @@ def _addmm(h: torch.Tensor, x: torch.Tensor, w) -> torch.Tensor:
     return h + _mm(x, w)
 
 
-# Compiled, a bf16 GEMM of a few rows becomes a reduction that inductor fuses into one C++ loop: oneDNN costs ~12 us
-# a bf16 GEMM call whatever its size (~25 calls a step outside the experts), the loop ~5 us for 1 x 256 @ 256 x 256;
-# from ~8 rows on oneDNN's GEMM wins (docs/benchmarks.md). Eager, the reduction would materialise (rows, in, out).
+def _onednn(t: torch.Tensor) -> bool:
+    """Whether GEMMs on t run through oneDNN (bf16, any float but fp32) rather than MKL (fp32). A oneDNN call costs
+    ~12 us whatever its size (MKL's 3-5 us) and copies an operand that is not dense in its batch dimension, so the
+    step shapes its bf16 GEMMs around that: few-row GEMMs fused as reductions when compiled, the routed experts as
+    one padded bmm, the attention scores without a transposed operand (docs/benchmarks.md)."""
+    return t.dtype != torch.float32
+
+
+# Compiled, a bf16 GEMM of a few rows becomes a reduction that inductor fuses into one C++ loop (~5 us for
+# 1 x 256 @ 256 x 256; ~25 such GEMMs a step outside the experts); from ~8 rows on oneDNN's GEMM wins. Eager, the
+# reduction would materialise (rows, in, out).
 _REDUCTION_ROWS = 4
 
 
 def _fuse_as_reduction(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return w.dtype != torch.float32 and x.shape[0] <= _REDUCTION_ROWS and torch.compiler.is_compiling()
+    return _onednn(w) and x.shape[0] <= _REDUCTION_ROWS and torch.compiler.is_compiling()
 
 
 def _reduction_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -511,9 +519,9 @@ class FastDecoder(_Packed):
         cache = st.latent  # (layers, rows, max_len, R + r)
         cache.index_put_((torch.full_like(st.rows, li), st.rows, st.cols), torch.cat([c, k_pe], dim=-1).to(cache.dtype))
         lat = cache[li, : st.B, : st.S]  # (B, S, R + r), this step's entries included
-        if lat.dtype == torch.float32:
+        if not _onednn(lat):
             scores = torch.baddbmm(bias, qq, lat.transpose(1, 2), alpha=L.scale)  # (B, T*H, S), causal bias added
-        else:  # oneDNN (bf16) copies a transposed operand first (~0.5 ms a layer at batch 16, latent 576): lat @ qq^T
+        else:  # oneDNN would copy the transposed slice first (~0.5 ms a layer at batch 16, latent 576): lat @ qq^T
             scores = torch.bmm(lat, qq.transpose(1, 2)).transpose(1, 2) * L.scale + bias
         o = torch.bmm(scores.softmax(dim=-1), lat[..., :R]).view(N, H, R)
         o = torch.bmm(o.transpose(0, 1), L.w_uv).transpose(0, 1).reshape(N, H * L.dv)  # W_UV after attention
@@ -608,7 +616,7 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_gu: to
     counts = counts_t.tolist()  # the host sync
     experts = [e for e, n in enumerate(counts) if n]
     cap = max(counts)
-    if (isinstance(w_gu, torch.Tensor) and w_gu.dtype != torch.float32 and len(experts) * _PAD_SHARE >= E
+    if (isinstance(w_gu, torch.Tensor) and _onednn(w_gu) and len(experts) * _PAD_SHARE >= E
             and E * cap <= _PAD_SHARE * len(flat)):  # and padding at most quadruples the rows
         y = _padded_experts(xs, flat[order], counts_t, cap, w_gu, w_down, I)
     else:
@@ -620,10 +628,9 @@ def routed_experts(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, w_gu: to
     return (torch.zeros_like(x) if base is None else base).index_add(0, token, y)
 
 
-# bf16 (any float but fp32) experts take one padded bmm each way once a quarter of them or more have tokens: oneDNN
-# costs ~12 us a bf16 GEMM call whatever its size, ~30 calls a layer in the loop (fp32 MKL calls cost 3-5 us, and
-# the padding's extra rows cost more than that saves); docs/benchmarks.md. A skewed batch, where padding every
-# expert to the busiest one's count would more than quadruple the rows, keeps the loop.
+# oneDNN (bf16) experts take one padded bmm each way once a quarter of them or more have tokens, not ~30 calls a
+# layer in the loop (for fp32 the padding's extra rows cost more than MKL's cheap calls). A skewed batch, where
+# padding every expert to the busiest one's count would more than quadruple the rows, keeps the loop.
 _PAD_SHARE = 4
 
 
