@@ -57,6 +57,8 @@ def _add_steps(a: int, b: int, lang: str) -> list[str]:
 
 
 def _sub_steps(a: int, b: int, lang: str) -> list[str]:  # requires a >= b
+    """Each column states its plain difference first ("2 - 4"), then whether it borrows: the digits to compare are
+    written before the decision, as in the addition lines, instead of a leading "1" chosen before either digit."""
     da, db = str(a)[::-1], str(b)[::-1]
     lines, borrow = [], 0
     for i in range(len(da)):
@@ -67,13 +69,15 @@ def _sub_steps(a: int, b: int, lang: str) -> list[str]:  # requires a >= b
                 lines.append(f"{_place(lang, i)}：{top}" if lang == "zh" else f"{_place(lang, i)}: {top}")
             continue
         need = top - borrow < sub
-        head = f"1{top}" if need else str(top)  # borrowing turns 3 into 13
-        expr = head + (" - 1" if borrow else "") + (f" - {sub}" if i < len(db) else "")
-        r = int(head) - borrow - sub
-        if lang == "zh":
-            lines.append(f"{_place(lang, i)}：{expr} = {r}" + ("，借 1" if need else ""))
+        rest = (" - 1" if borrow else "") + (f" - {sub}" if i < len(db) else "")
+        r = top + 10 * need - borrow - sub
+        if not need:
+            line = f"{top}{rest} = {r}"
+        elif lang == "zh":
+            line = f"{top}{rest}，借 1：1{top}{rest} = {r}"  # borrowing turns 3 into 13
         else:
-            lines.append(f"{_place(lang, i)}: {expr} = {r}" + (", borrow 1" if need else ""))
+            line = f"{top}{rest}, borrow 1: 1{top}{rest} = {r}"
+        lines.append(f"{_place(lang, i)}：{line}" if lang == "zh" else f"{_place(lang, i)}: {line}")
         borrow = 1 if need else 0
     return lines
 
