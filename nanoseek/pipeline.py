@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # torch and the stages load when a run starts, not when the C
 STAGES = ["tokenizer", "pretrain", "dsa", "sft", "grpo", "rejection", "distill", "eval", "report"]
 
 # Per preset: stage settings and the expected seconds per stage on the reference machine (2-core CPU),
-# used for the time-left estimate. "cpu" is the default: 10.7-12.7 minutes on the 2-core AVX-512 EPYC VM of
+# used for the time-left estimate. "cpu" is the default: 11.5-12.1 minutes on the 2-core AVX-512 EPYC VM of
 # docs/results.md (three seeds; about 2.5x longer on the AVX2 VM of the earlier runs).
 _TASKS = dict(tasks=["arithmetic"], levels=[1, 2], langs=["en"])
 _FOCUS = dict(embedded_tasks=["arithmetic"], embedded_levels=[1, 2], embedded_langs=["en"])
