@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # torch and the stages load when a run starts, not when the C
 STAGES = ["tokenizer", "pretrain", "dsa", "sft", "grpo", "rejection", "distill", "eval", "report"]
 
 # Per preset: stage settings and the expected seconds per stage on the reference machine (2-core CPU),
-# used for the time-left estimate. "cpu" is the default: 11.5-12.1 minutes on the 2-core AVX-512 EPYC VM of
+# used for the time-left estimate. "cpu" is the default: 11.7-13.1 minutes on the 2-core AVX-512 EPYC VM of
 # docs/results.md (three seeds; about 2.5x longer on the AVX2 VM of the earlier runs).
 _TASKS = dict(tasks=["arithmetic"], levels=[1, 2], langs=["en"])
 _FOCUS = dict(embedded_tasks=["arithmetic"], embedded_levels=[1, 2], embedded_langs=["en"])
@@ -53,14 +53,17 @@ RUN_PRESETS: dict[str, dict] = {
         # (SFT 52.8% / 63.1% at top-32, 80.9% at top-128, 76.2% / 81.1% without DSA; docs/results.md)
         dsa=dict(index_topk=128, seq_len=256, batch_size=8, warmup_steps=40, sparse_steps=20, embedded_docs=1000,
                  eval_every=20, save_every=20, **_FOCUS),
-        # 600 steps on 9,600 worked solutions (one epoch): 76% on the judged level-2 problems against 25% after
-        # 150 steps on 3,000 (the same pre-trained model; docs/results.md, "SFT length")
-        sft=dict(embedded_records=9600, steps=600, batch_size=16, lr=1e-3, warmup=10, max_len=256, save_every=100,
+        # the cold start, as R1's: 40 steps of 16 (640 worked solutions drawn from 9,600) teach the chat format and
+        # leave the reasoning to GRPO. Pre-training on worked problems already teaches the columns: 150 steps gave
+        # 86-95% and 600 steps 93-98% on the judged problems, leaving GRPO 2-6 points; 40 steps give 50-79% (three
+        # seeds) and GRPO +15 to +30 (docs/results.md, "The cold start")
+        sft=dict(embedded_records=9600, steps=40, batch_size=16, lr=1e-3, warmup=10, max_len=256, save_every=100,
                  **_FOCUS),
         # rollouts on one core while the step trains on the other (async_rollouts, one step off-policy): 300 steps in
-        # the time 150 synchronous ones took; from the seed-1 SFT model +16.9 points against +12.8 (docs/results.md)
+        # the time 150 synchronous ones took; from the 40-step cold start lr 1.5e-4 reached in 300 steps what 7e-5
+        # reached in 400 (seed 2: 94.4% against 94.3%; seed 0: 80.1% against 76.4%; docs/results.md)
         grpo=dict(tasks=["arithmetic"], levels=[2], langs=["en"], steps=300, prompts_per_step=16, num_generations=8,
-                  max_tokens=128, temperature=0.6, lr=7e-5, warmup=5, lr_schedule="cosine", async_rollouts=True,
+                  max_tokens=128, temperature=0.6, lr=1.5e-4, warmup=5, lr_schedule="cosine", async_rollouts=True,
                   reward_weights={"accuracy": 1.0, "format": 0.2}, eval_every=100, eval_problems=128, save_every=50),
         # 512 prompts x 4 samples: ~480 distinct verified samples (128 prompts gave 85-118: a student distilled on
         # them reached 79% of the teacher, on 482 98%; docs/results.md, "The distilled student")
@@ -72,7 +75,7 @@ RUN_PRESETS: dict[str, dict] = {
         # the judged set, fixed before the runs: 1,024 level-2 test problems (the level GRPO trains on), greedy
         eval=dict(tasks=["arithmetic"], levels=[2], langs=["en"], num_problems=1024, k=1, temperature=0.0,
                   max_tokens=128, max_batch_size=256),
-        estimates=dict(tokenizer=1, pretrain=330, dsa=16, sft=96, grpo=300, rejection=18, distill=25, eval=19,
+        estimates=dict(tokenizer=1, pretrain=345, dsa=16, sft=9, grpo=300, rejection=21, distill=26, eval=22,
                        report=2),
     ),
 }
