@@ -8,7 +8,8 @@ table of held-out pass@1 (SFT, GRPO, distilled student) with means and spreads, 
 Each run is a separate `nanoseek run` process in a fresh folder (a finished folder is reused: the run
 skips its finished stages, so a killed speedrun continues). Runs go one after another: timings are only
 meaningful on a quiet machine. The seed changes every stage's randomness (initialisation, data order,
-sampling), not the held-out problems, which come from the test split with a seed fixed before training.
+sampling) and which test-split problems are judged (the eval seed is 1234 + seed): each run draws its own
+1,024, fixed before training, and judges SFT, GRPO and the student on that same draw.
 """
 
 from __future__ import annotations
