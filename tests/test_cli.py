@@ -324,3 +324,22 @@ def test_unknown_field_in_config_file_names_the_file_and_the_field(tmp_path, cap
     code, _, err = run_cli(capsys, "pretrain", "--config", f, "--out", tmp_path / "out")
     assert code == 2 and str(f) in err and "'stepz'" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_command_leaves_the_process_group_it_joined(tmp_path, monkeypatch):
+    """A stage under torchrun joins a process group; the command must leave it before the interpreter exits (left to
+    the exit path, a gloo rank that had written its model aborted with a non-zero status now and then)."""
+    import torch.distributed as torch_dist
+
+    def joins_a_group(args):
+        torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+    def failing_after_joining(args):
+        joins_a_group(args)
+        raise ValueError("bad input")
+
+    for fn, rc in ((joins_a_group, 0), (failing_after_joining, 2)):
+        (tmp_path / "store").unlink(missing_ok=True)
+        monkeypatch.setattr(cli, "cmd_info", fn)
+        assert cli.main(["info"]) == rc
+        assert not torch_dist.is_initialized()
