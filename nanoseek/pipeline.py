@@ -55,8 +55,8 @@ RUN_PRESETS: dict[str, dict] = {
                  eval_every=20, save_every=20, **_FOCUS),
         # the cold start, as R1's: 40 steps of 16 (640 worked solutions drawn from 9,600) teach the chat format and
         # leave the reasoning to GRPO. Pre-training on worked problems already teaches the columns: 150 steps gave
-        # 86-95% and 600 steps 93-98% on the judged problems, leaving GRPO 2-6 points; 40 steps give 50-79% (three
-        # seeds) and GRPO +15 to +30 (docs/results.md, "The cold start")
+        # 86-95% and 600 steps 93-98% on the judged problems, leaving GRPO 2-6 points; 40 steps give 50-77% on
+        # seeds 0-2 and GRPO +17 to +30, 26-27% on seeds 3 and 4 (docs/results.md, "The cold start")
         sft=dict(embedded_records=9600, steps=40, batch_size=16, lr=1e-3, warmup=10, max_len=256, save_every=100,
                  **_FOCUS),
         # rollouts on one core while the step trains on the other (async_rollouts, one step off-policy): 300 steps in
