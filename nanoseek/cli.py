@@ -685,9 +685,10 @@ def _leave_process_group() -> None:
     """A stage run under torchrun joined a process group; leave it before the interpreter exits, as torch asks.
     Left to interpreter exit, a gloo rank that had written its model once aborted in CI ("terminate called without
     an active exception", a non-zero status for a finished run)."""
-    torch_dist = sys.modules.get("torch.distributed")  # not imported: no group to leave (and no torch import here)
-    if torch_dist is not None and torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
+    if "torch.distributed" in sys.modules:  # not imported: no group to leave (and no torch import for fast commands)
+        from .parallel import destroy
+
+        destroy()
 
 
 if __name__ == "__main__":
