@@ -118,6 +118,8 @@ HELP = {
     "RejectionConfig.out": "JSONL file to write the kept samples to (chat records, what `nanoseek sft --data` reads)",
     "SelfRefineConfig.model": "model folder (DeepSeek or dense student) with tokenizer files",
     "SFTConfig.epochs": "passes over the data (R1 fine-tunes for two), unless --steps is given",
+    "SFTConfig.target_eval_loss": "end at the first evaluation (every --eval-every steps) whose held-out loss is at "
+                                  "or below this; --steps / --epochs are then the most it trains",
     "PretrainConfig.bias_update_speed": "aux-loss-free balancing speed gamma (V3: 0.001); 0 disables it",
     "DSAConfig.index_n_heads": "DSA indexer heads; None: the model config's index_n_heads",
     "DSAConfig.warmup_steps": "stage 1 steps: the indexer alone learns, attention stays dense",

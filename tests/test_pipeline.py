@@ -102,3 +102,20 @@ def test_dsa_warns_when_the_dense_model_does_not_know_its_data(recwarn):
     assert not recwarn.list
     with pytest.warns(UserWarning, match=r"12\.40, above a uniform guess \(ln 809 = 6\.70\).*embedded_langs"):
         check_data_fits(12.4, 809, cfg)
+
+
+def test_the_report_says_where_a_targeted_sft_ended():
+    """The cpu preset's SFT ends at a held-out loss: the stage's note says at which step, or that it never got
+    there (the report's stage table); a run without a target has no such note."""
+    from nanoseek.pipeline import RUN_PRESETS, _sft_note
+    from nanoseek.train.sft import SFTConfig
+
+    cfg = SFTConfig(**RUN_PRESETS["cpu"]["sft"], init_from="x")
+    assert cfg.target_eval_loss is not None and cfg.eval_fraction > 0  # the preset's SFT is targeted
+    reached = [{"step": 10, "eval_loss": 0.03}, {"step": 20, "loss": 0.01},
+               {"step": 30, "eval_loss": 0.0144, "reached_target": 1}]
+    assert _sft_note(reached, cfg) == {"notes": f"step 30 of at most {cfg.steps}: held-out loss 0.0144 <= "
+                                                f"{cfg.target_eval_loss}"}
+    missed = [{"step": 10, "eval_loss": 0.04}, {"step": cfg.steps, "eval_loss": 0.0252}]
+    assert _sft_note(missed, cfg)["notes"].startswith(f"all {cfg.steps} steps: held-out loss 0.0252 never reached")
+    assert _sft_note(reached, SFTConfig(init_from="x")) == {}

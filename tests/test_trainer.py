@@ -128,6 +128,29 @@ def test_time_limit_makes_the_step_that_spends_it_the_last(tmp_path, monkeypatch
     assert [p.name for p in (tmp_path / "t" / "checkpoints").glob("step_*")] == ["step_0000003"]
 
 
+def test_a_met_target_ends_the_run_and_a_later_call_publishes_that_step(tmp_path):
+    """stop_when: the evaluation at step 4 meets the target (eval every 2 steps, losses 1, 0.5, 0.25, ...), so step
+    4 is the last: recorded with reached_target, checkpointed, published, although steps is 100. A second call
+    into the folder resumes that checkpoint and trains nothing more; without the target the run goes on."""
+    losses = iter([1.0, 0.5, 0.25, 0.125])
+    run_kw = dict(evaluate=lambda: {"eval_loss": next(losses)}, stop_when=lambda rec: rec["eval_loss"] <= 0.5)
+    cfg = ToyConfig(out_dir=str(tmp_path / "t"), steps=100, eval_every=2, log_every=100)
+    out, model = toy_stage(cfg, **run_kw)
+    assert out == tmp_path / "t" / "model" and (out / "model.safetensors").exists()
+    m = read_metrics(tmp_path / "t")
+    assert [(r["step"], r.get("eval_loss"), r.get("reached_target")) for r in m] == [
+        (1, None, None), (2, 1.0, None), (4, 0.5, 1)]
+    assert _checkpoints(tmp_path / "t") == ["step_0000004"]
+    assert torch.load(tmp_path / "t" / "checkpoints" / "step_0000004" / "trainer_state.pt",
+                      weights_only=True)["ended"] is True
+    again, model2 = toy_stage(cfg, **run_kw)  # resumes at 4: already ended
+    assert again == out and torch.equal(model.weight, model2.weight)
+    assert [r["step"] for r in read_metrics(tmp_path / "t")] == [1, 2, 4]
+    free, _ = toy_stage(ToyConfig(out_dir=str(tmp_path / "f"), steps=6, eval_every=2, log_every=100),
+                        evaluate=lambda: {"eval_loss": 0.1}, stop_when=lambda rec: False)
+    assert [r["step"] for r in read_metrics(tmp_path / "f")] == [1, 2, 4, 6]
+
+
 def test_keep_checkpoints_and_record_cadence(tmp_path):
     """save_every=1 with keep_checkpoints=1 leaves one checkpoint; records at step 1, every log_every, evaluations
     and the last step; a callable metric is computed only for the steps recorded."""
@@ -202,6 +225,26 @@ def test_sft_honours_time_limit_and_keep_checkpoints(micro_base, tmp_path):
     final = sft(SFTConfig(time_limit_s=1e-9, **kw))  # resumes at 2, spends its budget on step 3
     assert final == out / "model" and _checkpoints(out) == ["step_0000003"]
     assert read_metrics(out)[-1]["step"] == 3 and read_metrics(out)[-1]["stopped_by_time_limit"] == 1
+
+
+def test_sft_ends_at_the_first_evaluation_that_meets_target_eval_loss(micro_base, tmp_path):
+    """target_eval_loss: the first evaluation (every eval_every steps) at or below it ends the run there; one the
+    run never meets leaves it at steps; without held-out records it is refused, naming the field."""
+    from nanoseek.data.corpus import embedded_sft_records
+
+    kw = dict(init_from=str(micro_base), device="cpu", tensorboard=False, steps=6, batch_size=2, max_len=128,
+              warmup=0, eval_fraction=0.25, eval_every=2, eval_batches=1, save_every=100,
+              records=embedded_sft_records(16, seed=1, langs=("en",), tasks=("arithmetic",), levels=(1,)))
+    met = sft(SFTConfig(out_dir=str(tmp_path / "met"), target_eval_loss=1e3, **kw))
+    m = read_metrics(tmp_path / "met")
+    assert met == tmp_path / "met" / "model" and m[-1]["step"] == 2 and m[-1]["reached_target"] == 1
+    sft(SFTConfig(out_dir=str(tmp_path / "never"), target_eval_loss=1e-9, **kw))
+    m = read_metrics(tmp_path / "never")
+    assert [r["step"] for r in m if "eval_loss" in r] == [2, 4, 6] and not any("reached_target" in r for r in m)
+    with pytest.raises(ValueError, match="target_eval_loss=0.5 needs held-out records.*eval_fraction is 0"):
+        SFTConfig(**{**kw, "eval_fraction": 0.0}, out_dir=str(tmp_path / "x"), target_eval_loss=0.5)
+    with pytest.raises(ValueError, match=r"SFTConfig\.target_eval_loss"):
+        SFTConfig(**kw, out_dir=str(tmp_path / "y"), target_eval_loss=-1.0)
 
 
 def test_dsa_honours_keep_checkpoints_stop_after_and_time_limit(micro_base, tmp_path):

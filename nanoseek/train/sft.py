@@ -94,6 +94,9 @@ class SFTConfig:
     # bookkeeping
     eval_every: int = 100
     eval_batches: int | None = 8  # micro-batches of eval data per evaluation (None: all)
+    # end the run at the first evaluation whose eval_loss is at or below this (that step's model is the output);
+    # steps / epochs are then the most it trains, and the lr schedule spans them. None: train them all
+    target_eval_loss: float | None = None
     save_every: int = 200
     log_every: int = 10
     keep_checkpoints: int = 2
@@ -127,6 +130,8 @@ class SFTConfig:
             ("bias_update_speed", lambda v: v >= 0, "must be >= 0"),
             ("eval_every", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
             ("eval_batches", lambda v: v is None or (isinstance(v, int) and v > 0), "must be None or > 0"),
+            ("target_eval_loss", lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                         and v > 0), "must be None or > 0"),
             ("save_every", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
             ("log_every", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
             ("dtype", lambda v: v in ("auto", "float32", "bfloat16"), "must be auto, float32 or bfloat16"),
@@ -136,6 +141,9 @@ class SFTConfig:
             ("ep", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "must be an integer >= 1"),
             *LOOP_FIELD_CHECKS,
         ])
+        if self.target_eval_loss is not None and self.eval_fraction == 0:
+            raise ValueError(f"SFTConfig.target_eval_loss={self.target_eval_loss} needs held-out records to measure "
+                             "the eval loss on, but eval_fraction is 0")
         if isinstance(self.data, (str, Path)):
             self.data = [str(self.data)]
         for p in self.data:
@@ -443,13 +451,18 @@ def sft(cfg: SFTConfig, progress: C.Progress | None = None, dist=None) -> Path:
                       "total_steps": data.total_steps})
     use_mtp = model.config.num_nextn_predict_layers > 0 and cfg.mtp_weight > 0
     evaluate_ = lambda: evaluate(model, data.eval_samples, cfg, tokenizer.pad_id, run.device, ctx, use_mtp)
+    if cfg.target_eval_loss is not None and not data.eval_samples:
+        raise ValueError(f"SFTConfig.target_eval_loss={cfg.target_eval_loss}: no records were held out to measure "
+                         f"the eval loss on ({data.train_samples} training samples, eval_fraction "
+                         f"{cfg.eval_fraction}); add records or drop the target")
+    target = None if cfg.target_eval_loss is None else lambda rec: rec["eval_loss"] <= cfg.target_eval_loss
     return run.fit(make_train_step(cfg, model, teacher, data, ctx, run.device, use_mtp, run.ckpt_root, run.dist),
                    data.total_steps, model, tokenizer,
                    lr_at=lambda step, _: C.lr_at(step, data.total_steps, cfg.lr, cfg.warmup, cfg.schedule,
                                                  cfg.min_lr_ratio),
                    evaluate=evaluate_ if data.eval_samples else None,
                    state=lambda: {"data": data.stream.state_dict(), "data_fingerprint": data.fingerprint},
-                   progress_keys={"loss": "loss"})
+                   progress_keys={"loss": "loss"}, stop_when=target)
 
 
 class SFTData(NamedTuple):

@@ -14,6 +14,8 @@ num_iterations steps over one rollout). `Trainer` owns what every stage shares (
   - a checkpoint every save_every steps, at the last and at stop_after, keeping keep_checkpoints of them;
   - stop_after: checkpoint and return that checkpoint (a later call resumes); time_limit_s: the step that
     spends the budget is the last one (evaluated, checkpointed, published), as if `steps` had been set to it;
+    `stop_when(record)`: a stage's target (SFT's target_eval_loss): the evaluation that meets it makes its step
+    the last, and the checkpoint says so, so a later call publishes that step instead of training on;
   - publishing the last checkpoint as out_dir/model.
 
     run = Trainer("sft", cfg, progress)           # device, seed, the checkpoint to resume from
@@ -193,6 +195,7 @@ class Trainer:
         self.ckpt_root = self.checkpoints.root
         self.resume_from = self.checkpoints.latest() if cfg.resume else None
         self.step, self.logger = 0, None
+        self.ended = False  # an evaluation met the stage's target (stop_when): the run ends at self.step
         self.optimizer, self.phase, self._phases = None, None, None
 
     @property
@@ -239,7 +242,7 @@ class Trainer:
         if state is not None:
             if load_state is not None:
                 load_state(state)
-            self.step = state["step"]
+            self.step, self.ended = state["step"], bool(state.get("ended", False))
         self._enter(self.step)
         if state is not None:
             # a phase's optimizer state never seeds another phase's
@@ -256,6 +259,8 @@ class Trainer:
 
     def _save(self, step: int, model, tokenizer, own_state: dict, extras: dict | None) -> None:
         st = {"step": step, "optimizer": self.optimizer.state_dict(), "rng": C.rng_state(), **own_state}
+        if self.ended:
+            st["ended"] = True
         if self.phase is not None:
             st["stage"] = self.phase  # the phase whose optimizer state this is
         self.checkpoints.save(step, model, tokenizer, st, self.optimizer, extras)
@@ -275,16 +280,20 @@ class Trainer:
             lr_at: Callable[[int, float], float] | None = None, evaluate: Callable[[], dict] | None = None,
             eval_also_at: tuple[int, ...] = (), state: Callable[[], dict] | None = None,
             extras: Callable[[int], dict | None] | None = None, progress_keys: dict[str, str] | None = None,
-            flops_per_token: float | None = None, record_first_step: bool = True) -> Path:
+            flops_per_token: float | None = None, record_first_step: bool = True,
+            stop_when: Callable[[dict], bool] | None = None) -> Path:
         """Run steps [self.step, steps). train_step(step, optimizer) -> metrics; a metric may be a zero-argument
         callable, evaluated only when the step is recorded (a dict result is merged in), and `num_tokens` feeds
         tokens_per_s. state() -> the stage's own trainer state; extras(step) -> {subfolder: model} saved with a
         checkpoint; progress_keys: {metric: label} shown on the progress bar; record_first_step: also record step 1
-        (the starting loss; GRPO's starting point is its step-0 evaluation instead). Returns out_dir/model, or the
-        latest checkpoint when stop_after ended the call first."""
+        (the starting loss; GRPO's starting point is its step-0 evaluation instead); stop_when(record) -> True: the
+        evaluated step whose record (its metrics and the evaluation's) meets the stage's target is the last one.
+        Returns out_dir/model, or the latest checkpoint when stop_after ended the call first."""
         cfg = self.cfg
         eval_every, time_limit = getattr(cfg, "eval_every", 0), getattr(cfg, "time_limit_s", None)
         step = self.step
+        if self.ended:  # resumed from the checkpoint of a step that met the target: nothing left to train
+            steps = step
         self.progress.start(steps, self.stage, initial=step)
         t_start = time.perf_counter()
         throughput = Throughput(flops_per_token, self.device)
@@ -310,6 +319,9 @@ class Trainer:
             if logging or evaluating:
                 metrics = {**({} if lr is None else {"lr": lr}), **self._mean_over_ranks(resolve(metrics)),
                            **(throughput.read() if logging else {}), **(evaluate() if evaluating else {})}
+                if evaluating and stop_when is not None and self._rank0(float(stop_when(metrics))):
+                    metrics["reached_target"] = 1  # rank 0's verdict on every rank: they end at the same step
+                    steps, last, stopping, self.ended = step, True, False, True
                 self.log(step, **metrics)
             self.progress.update(1, **{label: metrics[k] for k, label in (progress_keys or {}).items() if k in metrics})
             if step % cfg.save_every == 0 or last or stopping:
