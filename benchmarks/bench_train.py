@@ -12,6 +12,7 @@ both models in fp32. Every contender steps in turn (interleaved), and each one's
     python benchmarks/bench_train.py --profile bf16  # torch.profiler top ops of nanoseek's bf16 step
     python benchmarks/bench_train.py --config tiny --batch 16 --threads-sweep   # nanoseek at 1 vs 2 threads
     python benchmarks/bench_train.py --loss-gap 200  # pretrain() at fp32 and bf16, same seed and data: loss gap
+    python benchmarks/bench_train.py --threads 1 --gemm-bound   # + each step's GEMM time: the ceiling of the ratio
 """
 
 from __future__ import annotations
@@ -144,6 +145,36 @@ def profile(fn, steps: int, top: int = 25) -> None:
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def gemm_ms(fn, steps: int) -> float:
+    """Milliseconds per step in matrix products (the self time of mm / addmm / bmm / baddbmm, which run the same
+    MKL / oneDNN kernels for any implementation of the model), from the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    fn()
+    with prof(activities=[ProfilerActivity.CPU]) as p:
+        for _ in range(steps):
+            fn()
+    return sum(e.self_cpu_time_total for e in p.key_averages() if e.key in GEMM_OPS) / 1e3 / steps
+
+
+def gemm_bound(fns: dict, med: dict, steps: int) -> None:
+    """What a step cannot go below: each contender's GEMM time (profiled) beside its step time (the interleaved
+    medians), and the most nanoseek could reach against transformers if everything but its GEMMs cost nothing."""
+    gm = {name: gemm_ms(fn, steps) for name, fn in fns.items()}
+    best_tf = min(t for name, t in med.items() if name.startswith("transformers"))
+    print("| training step | step ms | GEMM ms | GEMM share | ceiling vs transformers, same precision | "
+          "ceiling vs transformers' best |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, t in med.items():
+        same = med[name.replace("nanoseek", "transformers")]
+        ceil = (f"{same * 1e3 / gm[name]:.2f}x", f"{best_tf * 1e3 / gm[name]:.2f}x") if name.startswith("nanoseek") \
+            else ("", "")
+        print(f"| {name} | {t * 1e3:.0f} | {gm[name]:.0f} | {gm[name] / (t * 1e3):.0%} | {ceil[0]} | {ceil[1]} |")
+
+
 def threads_sweep(fns: dict, steps: int, threads=(1, 2)) -> dict:
     """The same steps at each thread count, interleaved: {f"{name} @{n} threads": fn}."""
     def at(fn, n):
@@ -200,6 +231,8 @@ def main():
     ap.add_argument("--threads-sweep", action="store_true", help="nanoseek only, at 1 and 2 threads, interleaved")
     ap.add_argument("--loss-gap", type=int, metavar="STEPS", help="pretrain() fp32 vs bf16 for STEPS steps, then exit")
     ap.add_argument("--profile", choices=["fp32", "bf16"], help="profile nanoseek's step at this precision, then exit")
+    ap.add_argument("--gemm-bound", action="store_true",
+                    help="also each step's GEMM time (profiled) and the ratio nanoseek would reach with nothing else")
     args = ap.parse_args()
     precisions = [p for p in args.precisions.split(",") if p]
     if args.profile:
@@ -245,6 +278,8 @@ def main():
           f"torch {torch.__version__}")
     print(f"config: {n / 1e6:.1f}M params ({cfg.num_parameters(active=True) / 1e6:.1f}M active), batch {B} x seq {T}; "
           f"max |logit diff| {diff:.1e} (fp32)")
+    if args.gemm_bound:
+        gemm_bound(fns, med, steps)
     tf = {p: results[f"transformers {p}"] for p in precisions}
     best = max(tf.values())
     print("| training step | tokens/s | vs transformers, same precision | vs transformers' best |")

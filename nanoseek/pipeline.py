@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # torch and the stages load when a run starts, not when the C
 STAGES = ["tokenizer", "pretrain", "dsa", "sft", "grpo", "rejection", "distill", "eval", "report"]
 
 # Per preset: stage settings and the expected seconds per stage on the reference machine (2-core CPU),
-# used for the time-left estimate. "cpu" is the default: 11.3-12.2 minutes on the 2-core AVX-512 EPYC VM of
+# used for the time-left estimate. "cpu" is the default: 11.6-13.4 minutes on the 2-core AVX-512 EPYC VM of
 # docs/results.md (five seeds; about 2.5x longer on the AVX2 VM of the earlier runs).
 _TASKS = dict(tasks=["arithmetic"], levels=[1, 2], langs=["en"])
 _FOCUS = dict(embedded_tasks=["arithmetic"], embedded_levels=[1, 2], embedded_langs=["en"])
@@ -40,13 +40,13 @@ RUN_PRESETS: dict[str, dict] = {
     "cpu": dict(
         threads=2,  # both cores: 1.35-1.6x one thread on the tiny model's training step (docs/benchmarks.md)
         tokenizer=dict(vocab_size=1024, docs=3000, digit_group=1),  # one token per digit: column arithmetic
-        # ~3.7M tokens in 1,800 steps of 8 x 256, English only (the judged problems are English). The tiny model
+        # ~4.9M tokens in 2,400 steps of 8 x 256, English only (the judged problems are English). The tiny model
         # learns to copy operands from the prompt in a sudden drop of the loss that comes after a number of
         # optimizer steps more than of tokens: at 700 steps of 16 x 256 the drop came late or not at all in 2
-        # runs of 4 (held-out loss 0.38-0.40, SFT 8%); at 8 x 256 it came by step ~800. At 1,200 steps two seeds of
-        # four still misread operand digits (SFT 65.8% and 45.5%); at 1,800 the same two reached 93.5% and 94.6%
-        # (docs/results.md)
-        pretrain=dict(preset="tiny", embedded_docs=6000, seq_len=256, batch_size=8, steps=1800, warmup=40, lr=3e-3,
+        # runs of 4 (held-out loss 0.38-0.40, SFT 8%); at 8 x 256 it came by step ~800. Some seeds' models still
+        # misread operand digits after the drop, and more steps fix them: 2 of 4 at 1,200 steps, 1 of 5 at 1,800
+        # (seed 4: SFT 29.9%, GRPO +9), none of 5 at 2,400 (seed 4: SFT 73.2%, GRPO +23.2; docs/results.md)
+        pretrain=dict(preset="tiny", embedded_docs=6000, seq_len=256, batch_size=8, steps=2400, warmup=40, lr=3e-3,
                       schedule="cosine", eval_every=200, save_every=200, **_FOCUS),
         # on pre-training's data focus (on the whole embedded mix the dense model's loss is 12.4, uniform 6.7) and
         # 128 keys a query: at 32 of up to 256 the sparse attention cost the worked solutions 18-28 points of SFT
@@ -57,7 +57,7 @@ RUN_PRESETS: dict[str, dict] = {
         # problems already teaches the columns: 150 full steps gave 86-95% and 600 steps 93-98% on the judged
         # problems, leaving GRPO 2-6 points. A fixed 40 steps gave 26-77% over five seeds (the pre-trained models
         # differ in how fast they take the format); ending at a held-out loss of 0.016 instead (checked every 10 of
-        # at most 150 steps of 16 worked solutions) gave 61-66% on four seeds (docs/results.md, "The cold start")
+        # at most 150 steps of 16 worked solutions) gave 51-73% on five seeds after 30-60 steps (docs/results.md)
         sft=dict(embedded_records=9600, steps=150, target_eval_loss=0.016, eval_every=10, batch_size=16, lr=1e-3,
                  warmup=10, max_len=256, save_every=100, **_FOCUS),
         # rollouts on one core while the step trains on the other (async_rollouts, one step off-policy): 300 steps in
@@ -76,7 +76,7 @@ RUN_PRESETS: dict[str, dict] = {
         # the judged set, fixed before the runs: 1,024 level-2 test problems (the level GRPO trains on), greedy
         eval=dict(tasks=["arithmetic"], levels=[2], langs=["en"], num_problems=1024, k=1, temperature=0.0,
                   max_tokens=128, max_batch_size=256),
-        estimates=dict(tokenizer=1, pretrain=345, dsa=16, sft=25, grpo=300, rejection=21, distill=26, eval=22,
+        estimates=dict(tokenizer=1, pretrain=440, dsa=16, sft=25, grpo=300, rejection=21, distill=26, eval=22,
                        report=2),
     ),
 }
