@@ -76,7 +76,7 @@ RUN_PRESETS: dict[str, dict] = {
         # the judged set, fixed before the runs: 1,024 level-2 test problems (the level GRPO trains on), greedy
         eval=dict(tasks=["arithmetic"], levels=[2], langs=["en"], num_problems=1024, k=1, temperature=0.0,
                   max_tokens=128, max_batch_size=256),
-        estimates=dict(tokenizer=1, pretrain=440, dsa=16, sft=25, grpo=300, rejection=21, distill=26, eval=22,
+        estimates=dict(tokenizer=1, pretrain=425, dsa=16, sft=12, grpo=300, rejection=21, distill=26, eval=22,
                        report=2),
     ),
 }
