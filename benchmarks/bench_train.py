@@ -12,7 +12,9 @@ both models in fp32. Every contender steps in turn (interleaved), and each one's
     python benchmarks/bench_train.py --profile bf16  # torch.profiler top ops of nanoseek's bf16 step
     python benchmarks/bench_train.py --config tiny --batch 16 --threads-sweep   # nanoseek at 1 vs 2 threads
     python benchmarks/bench_train.py --loss-gap 200  # pretrain() at fp32 and bf16, same seed and data: loss gap
-    python benchmarks/bench_train.py --threads 1 --gemm-bound   # + each step's GEMM time: the ceiling of the ratio
+    python benchmarks/bench_train.py --threads 1 --gemm-bound   # + each step's GEMM and attention-kernel time: the
+                                                               #   ceiling of the ratio
+    python benchmarks/bench_train.py --threads 1 --compile      # + nanoseek under torch.compile (compile time printed)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import platform
 import time
 
 import copy
+import functools
 
 import torch
 
@@ -99,8 +102,9 @@ def trainer_tokens_per_s(cfg: ModelConfig, B: int, T: int, steps: int, precision
     return tps[len(tps) // 2]
 
 
-def contenders(cfg: ModelConfig, ours: DeepSeekModel, ref, inp, labels, precisions) -> dict:
-    """{name: one training step (forward + backward + clip + AdamW)} for each model and precision."""
+def contenders(cfg: ModelConfig, ours: DeepSeekModel, ref, inp, labels, precisions, compiled: bool = False) -> dict:
+    """{name: one training step (forward + backward + clip + AdamW)} for each model and precision; with
+    `compiled`, also nanoseek's step with the model under torch.compile (its compile time printed, not counted)."""
     V = cfg.vocab_size
     fns = {}
 
@@ -122,9 +126,9 @@ def contenders(cfg: ModelConfig, ours: DeepSeekModel, ref, inp, labels, precisio
         ours_p = copy.deepcopy(ours)
         opt_o, ctx = P.prepare(ours_p, lambda named, m=ours_p: make_optimizer(m, 1e-4, params=named), prec)
 
-        def step_ours(m=ours_p, opt=opt_o, ctx=ctx):
+        def step_ours(m=ours_p, opt=opt_o, ctx=ctx, fwd=ours_p):
             with ctx:
-                logits = m(inp, mtp=False).logits
+                logits = fwd(inp, mtp=False).logits
             loss_of(logits).backward()
             P.clip_grad_norm_(m, opt, 1.0)
             opt.step()
@@ -132,6 +136,14 @@ def contenders(cfg: ModelConfig, ours: DeepSeekModel, ref, inp, labels, precisio
 
         fns[f"transformers {prec}"] = step_ref
         fns[f"nanoseek {prec}"] = step_ours
+        if compiled:
+            m_c = copy.deepcopy(ours)
+            opt_c, ctx_c = P.prepare(m_c, lambda named, m=m_c: make_optimizer(m, 1e-4, params=named), prec)
+            step_c = functools.partial(step_ours, m=m_c, opt=opt_c, ctx=ctx_c, fwd=torch.compile(m_c))
+            t = time.perf_counter()
+            step_c(), step_c()  # the compile (and a recompile, if the second call needs one)
+            print(f"# torch.compile, nanoseek {prec}: {time.perf_counter() - t:.0f} s for the first two steps")
+            fns[f"nanoseek compiled {prec}"] = step_c
     return fns
 
 
@@ -146,33 +158,41 @@ def profile(fn, steps: int, top: int = 25) -> None:
 
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+# the fused attention kernels (forward and backward); transformers' math-path attention is bmm's, counted above
+ATTENTION_OPS = ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                 "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
-def gemm_ms(fn, steps: int) -> float:
-    """Milliseconds per step in matrix products (the self time of mm / addmm / bmm / baddbmm, which run the same
-    MKL / oneDNN kernels for any implementation of the model), from the torch profiler."""
+def kernel_ms(fn, steps: int) -> tuple[float, float]:
+    """(GEMM, attention-kernel) milliseconds per step, from the torch profiler's self times: matrix products
+    (mm / addmm / bmm / baddbmm, the same MKL / oneDNN kernels for any implementation of the model) and the fused
+    flash-attention kernels, the two kinds of work no Python-level change removes."""
     from torch.profiler import ProfilerActivity, profile as prof
 
     fn()
     with prof(activities=[ProfilerActivity.CPU]) as p:
         for _ in range(steps):
             fn()
-    return sum(e.self_cpu_time_total for e in p.key_averages() if e.key in GEMM_OPS) / 1e3 / steps
+    ev = p.key_averages()
+    return tuple(sum(e.self_cpu_time_total for e in ev if e.key in ops) / 1e3 / steps
+                 for ops in (GEMM_OPS, ATTENTION_OPS))
 
 
 def gemm_bound(fns: dict, med: dict, steps: int) -> None:
-    """What a step cannot go below: each contender's GEMM time (profiled) beside its step time (the interleaved
-    medians), and the most nanoseek could reach against transformers if everything but its GEMMs cost nothing."""
-    gm = {name: gemm_ms(fn, steps) for name, fn in fns.items()}
+    """What a step cannot go below: each contender's GEMM and attention-kernel time (profiled) beside its step
+    time (the interleaved medians), and the most nanoseek could reach against transformers if everything but
+    those kernels cost nothing."""
+    km = {name: kernel_ms(fn, steps) for name, fn in fns.items()}
     best_tf = min(t for name, t in med.items() if name.startswith("transformers"))
-    print("| training step | step ms | GEMM ms | GEMM share | ceiling vs transformers, same precision | "
-          "ceiling vs transformers' best |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| training step | step ms | GEMM ms | attention kernel ms | rest ms | ceiling vs transformers, same "
+          "precision | ceiling vs transformers' best |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, t in med.items():
-        same = med[name.replace("nanoseek", "transformers")]
-        ceil = (f"{same * 1e3 / gm[name]:.2f}x", f"{best_tf * 1e3 / gm[name]:.2f}x") if name.startswith("nanoseek") \
-            else ("", "")
-        print(f"| {name} | {t * 1e3:.0f} | {gm[name]:.0f} | {gm[name] / (t * 1e3):.0%} | {ceil[0]} | {ceil[1]} |")
+        (g, a), ms = km[name], t * 1e3
+        prec = name.split()[-1]
+        ceil = (f"{med['transformers ' + prec] * 1e3 / (g + a):.2f}x", f"{best_tf * 1e3 / (g + a):.2f}x") \
+            if name.startswith("nanoseek") else ("", "")
+        print(f"| {name} | {ms:.0f} | {g:.0f} | {a:.0f} | {ms - g - a:.0f} | {ceil[0]} | {ceil[1]} |")
 
 
 def threads_sweep(fns: dict, steps: int, threads=(1, 2)) -> dict:
@@ -232,7 +252,9 @@ def main():
     ap.add_argument("--loss-gap", type=int, metavar="STEPS", help="pretrain() fp32 vs bf16 for STEPS steps, then exit")
     ap.add_argument("--profile", choices=["fp32", "bf16"], help="profile nanoseek's step at this precision, then exit")
     ap.add_argument("--gemm-bound", action="store_true",
-                    help="also each step's GEMM time (profiled) and the ratio nanoseek would reach with nothing else")
+                    help="also each step's GEMM and attention-kernel time (profiled) and the ratio nanoseek would "
+                         "reach with nothing else")
+    ap.add_argument("--compile", action="store_true", help="also nanoseek's step with the model under torch.compile")
     args = ap.parse_args()
     precisions = [p for p in args.precisions.split(",") if p]
     if args.profile:
@@ -255,7 +277,7 @@ def main():
         diff = (ours(inp).logits - ref(inp).logits).abs().max().item()
         ours.train(), ref.train()
 
-    fns = contenders(cfg, ours, ref, inp, labels, precisions)
+    fns = contenders(cfg, ours, ref, inp, labels, precisions, compiled=args.compile)
     if args.profile:
         profile(fns[f"nanoseek {args.profile}"], steps)
         return
