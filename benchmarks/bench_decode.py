@@ -9,6 +9,8 @@ plain greedy at batch 1.
 
     python benchmarks/bench_decode.py --quick          # seconds
     python benchmarks/bench_decode.py --config small   # the ~75M-parameter preset (default: bench, ~8M)
+    python benchmarks/bench_decode.py --threads 1 --mtp-steps 0 --batches 1 16 64 --gemm-floor   # + what the
+                                                       # weight GEMMs alone cost a step: the ceiling of the ratio
 
 Weight formats (`--formats`): the same model in each nanoseek.quant format, each through the Engine it gets by
 default (fp32 / bf16 / int8 per channel: the FastDecoder step; the group-wise int and fp8 weights: the generic
@@ -85,6 +87,38 @@ def decode_rates(runs: list, B: int, n: int, repeats: int = 3) -> list[float]:
                 run(k)
                 best[i][j] = min(best[i][j], time.perf_counter() - t)
     return [B * (n - 1) / max(tn - t1, 1e-9) for t1, tn in best]
+
+
+def gemm_floor_ms(model: DeepSeekModel, B: int, repeats: int = 20) -> float:
+    """Milliseconds a B-row decode step spends in its weight GEMMs alone: every weight matrix of the main model
+    (no embedding, no MTP) multiplied by the rows that reach it (B for attention, MLPs and the output head; each
+    routed expert hit gets ceil(B * K / experts hit) rows), one F.linear each in the model's dtype, in order, so
+    the weights stream from cache as in a real step. Attention over the cache, norms, routing and sampling are
+    left out: this is what any implementation that calls the BLAS per matrix cannot go below (median of repeats)."""
+    cfg = model.config
+    calls = []
+    for layer in model.model.layers[: cfg.num_hidden_layers]:
+        for mod in layer.modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(mod, torch.nn.Linear) and w is not None and w.dim() == 2:
+                calls.append((B, w))
+            elif hasattr(mod, "gate_up_proj"):  # routed experts, fused per expert: (E, 2I, D) and (E, D, I)
+                hit = min(cfg.n_routed_experts, B * cfg.num_experts_per_tok)
+                rows = -(-B * cfg.num_experts_per_tok // hit)
+                calls += [(rows, w) for e in range(hit) for w in (mod.gate_up_proj[e], mod.down_proj[e])]
+        gate = getattr(getattr(layer, "mlp", None), "gate", None)
+        if gate is not None and getattr(gate, "weight", None) is not None and not isinstance(gate, torch.nn.Linear):
+            calls.append((B, gate.weight))  # the router
+    calls.append((B, model.lm_head.weight))
+    xs = {(rows, w.shape[1], w.dtype): torch.randn(rows, w.shape[1], dtype=w.dtype) for rows, w in calls}
+    ts = []
+    with torch.no_grad():
+        for _ in range(repeats + 2):
+            t = time.perf_counter()
+            for rows, w in calls:
+                torch.nn.functional.linear(xs[(rows, w.shape[1], w.dtype)], w)
+            ts.append(time.perf_counter() - t)
+    return 1e3 * sorted(ts[2:])[repeats // 2]
 
 
 def fit_mtp(model: DeepSeekModel, prompts: list[list[int]], new: int, steps: int, lr: float = 2e-3,
@@ -230,6 +264,9 @@ def main() -> None:
                     help="with --formats: a trained float model folder (a pipeline's grpo/model) instead of --config's "
                          "random weights")
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds; each contender's best counts")
+    ap.add_argument("--gemm-floor", action="store_true",
+                    help="also each batch's weight-GEMM time alone (gemm_floor_ms) and the ratio to transformers it "
+                         "allows")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="leave out Engine(compile=True) (torch.compile of the decode step; needs a C++ compiler)")
     args = ap.parse_args()
@@ -302,6 +339,14 @@ def main() -> None:
         theirs = rates[-1]
         print(f"| {B} | " + " | ".join(f"{r:.1f} | {r / theirs:.2f}x" for r in rates[:-1])
               + f" | {theirs:.1f} | {'/'.join(map(str, agree))} of {B} |")
+    if args.gemm_floor:
+        print("\n| batch | transformers step ms | nanoseek's best step ms | weight GEMMs alone ms | ceiling vs "
+              "transformers |")
+        print("|---:|---:|---:|---:|---:|")
+        for B, rates, _ in rows:
+            floor = gemm_floor_ms(model, B)
+            print(f"| {B} | {1e3 * B / rates[-1]:.2f} | {1e3 * B / max(rates[:-1]):.2f} | {floor:.2f} | "
+                  f"{1e3 * B / rates[-1] / floor:.2f}x |")
     if args.compile:
         print("\nfirst generate with Engine(compile=True), compiling included: "
               + ", ".join(f"batch {B}: {s:.0f} s" for B, s in compile_s.items()))
