@@ -30,6 +30,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -89,36 +90,58 @@ def decode_rates(runs: list, B: int, n: int, repeats: int = 3) -> list[float]:
     return [B * (n - 1) / max(tn - t1, 1e-9) for t1, tn in best]
 
 
-def gemm_floor_ms(model: DeepSeekModel, B: int, repeats: int = 20) -> float:
-    """Milliseconds a B-row decode step spends in its weight GEMMs alone: every weight matrix of the main model
-    (no embedding, no MTP) multiplied by the rows that reach it (B for attention, MLPs and the output head; each
-    routed expert hit gets ceil(B * K / experts hit) rows), one F.linear each in the model's dtype, in order, so
-    the weights stream from cache as in a real step. Attention over the cache, norms, routing and sampling are
-    left out: this is what any implementation that calls the BLAS per matrix cannot go below (median of repeats)."""
-    cfg = model.config
-    calls = []
+def gemm_floor_ms(model: DeepSeekModel, B: int, repeats: int = 20) -> tuple[float, float]:
+    """(all, routed experts) milliseconds a B-row decode step spends in its weight GEMMs alone: every weight matrix
+    of the main model (no embedding, no MTP) times the rows that reach it (B for attention, MLPs, router and output
+    head; the routed experts get B * K (token, expert) pairs spread evenly over min(E, B * K) experts), in order,
+    so the weights stream through the caches as in a real step. The routed experts take the faster of the two
+    forms the decode steps use: one F.linear per expert hit, or each layer's pairs as one bmm over their gathered
+    weights (the compiled step's gather path). Attention over the cache, norms, routing and sampling are left out
+    (median of repeats)."""
+    cfg, K = model.config, model.config.num_experts_per_tok
+    dense, experts = [], []
     for layer in model.model.layers[: cfg.num_hidden_layers]:
         for mod in layer.modules():
             w = getattr(mod, "weight", None)
             if isinstance(mod, torch.nn.Linear) and w is not None and w.dim() == 2:
-                calls.append((B, w))
-            elif hasattr(mod, "gate_up_proj"):  # routed experts, fused per expert: (E, 2I, D) and (E, D, I)
-                hit = min(cfg.n_routed_experts, B * cfg.num_experts_per_tok)
-                rows = -(-B * cfg.num_experts_per_tok // hit)
-                calls += [(rows, w) for e in range(hit) for w in (mod.gate_up_proj[e], mod.down_proj[e])]
+                dense.append(w)
+            elif hasattr(mod, "gate_up_proj"):  # routed experts: (E, 2I, D) and (E, D, I)
+                experts.append((mod.gate_up_proj, mod.down_proj))
         gate = getattr(getattr(layer, "mlp", None), "gate", None)
         if gate is not None and getattr(gate, "weight", None) is not None and not isinstance(gate, torch.nn.Linear):
-            calls.append((B, gate.weight))  # the router
-    calls.append((B, model.lm_head.weight))
-    xs = {(rows, w.shape[1], w.dtype): torch.randn(rows, w.shape[1], dtype=w.dtype) for rows, w in calls}
-    ts = []
-    with torch.no_grad():
+            dense.append(gate.weight)  # the router
+    dense.append(model.lm_head.weight)
+    pairs = B * K
+    ids = torch.arange(pairs) % min(cfg.n_routed_experts, pairs)  # even spread, sorted below
+    ids = ids.sort().values
+    x = {n: torch.randn(B, n, dtype=dense[0].dtype) for n in {w.shape[1] for w in dense}}
+    xp = {n: torch.randn(pairs, n, dtype=dense[0].dtype) for n in (cfg.hidden_size, cfg.moe_intermediate_size)}
+    hit = ids.unique().tolist()
+    rows = {e: (ids == e).nonzero().squeeze(1) for e in hit}
+
+    def per_expert():
+        for w_gu, w_down in experts:
+            for e in hit:
+                F.linear(xp[cfg.hidden_size][rows[e]], w_gu[e])
+                F.linear(xp[cfg.moe_intermediate_size][rows[e]], w_down[e])
+
+    def gathered():
+        for w_gu, w_down in experts:
+            torch.bmm(xp[cfg.hidden_size].unsqueeze(1), w_gu[ids].transpose(1, 2))
+            torch.bmm(xp[cfg.moe_intermediate_size].unsqueeze(1), w_down[ids].transpose(1, 2))
+
+    def median_ms(fn):
+        ts = []
         for _ in range(repeats + 2):
             t = time.perf_counter()
-            for rows, w in calls:
-                torch.nn.functional.linear(xs[(rows, w.shape[1], w.dtype)], w)
+            fn()
             ts.append(time.perf_counter() - t)
-    return 1e3 * sorted(ts[2:])[repeats // 2]
+        return 1e3 * sorted(ts[2:])[repeats // 2]
+
+    with torch.no_grad():
+        e_ms = min(median_ms(per_expert), median_ms(gathered)) if experts else 0.0
+        d_ms = median_ms(lambda: [F.linear(x[w.shape[1]], w) for w in dense])
+    return d_ms + e_ms, e_ms
 
 
 def fit_mtp(model: DeepSeekModel, prompts: list[list[int]], new: int, steps: int, lr: float = 2e-3,
@@ -340,12 +363,12 @@ def main() -> None:
         print(f"| {B} | " + " | ".join(f"{r:.1f} | {r / theirs:.2f}x" for r in rates[:-1])
               + f" | {theirs:.1f} | {'/'.join(map(str, agree))} of {B} |")
     if args.gemm_floor:
-        print("\n| batch | transformers step ms | nanoseek's best step ms | weight GEMMs alone ms | ceiling vs "
-              "transformers |")
-        print("|---:|---:|---:|---:|---:|")
+        print("\n| batch | transformers step ms | nanoseek's best step ms | weight GEMMs alone ms | of which routed "
+              "experts | ceiling vs transformers |")
+        print("|---:|---:|---:|---:|---:|---:|")
         for B, rates, _ in rows:
-            floor = gemm_floor_ms(model, B)
-            print(f"| {B} | {1e3 * B / rates[-1]:.2f} | {1e3 * B / max(rates[:-1]):.2f} | {floor:.2f} | "
+            floor, ex = gemm_floor_ms(model, B)
+            print(f"| {B} | {1e3 * B / rates[-1]:.2f} | {1e3 * B / max(rates[:-1]):.2f} | {floor:.2f} | {ex:.2f} | "
                   f"{1e3 * B / rates[-1] / floor:.2f}x |")
     if args.compile:
         print("\nfirst generate with Engine(compile=True), compiling included: "
