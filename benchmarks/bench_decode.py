@@ -299,6 +299,8 @@ def main() -> None:
     torch.manual_seed(0)
     if args.model and not args.formats:
         ap.error("--model times a folder's weight formats: give --formats too")
+    if args.gemm_floor and (args.formats or args.quantize not in (None, "fp32", "bf16")):
+        ap.error("--gemm-floor times float weights (fp32 or --quantize bf16), without --formats")
     if args.model:
         from nanoseek.model import load_model
 
