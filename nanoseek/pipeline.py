@@ -64,7 +64,7 @@ RUN_PRESETS: dict[str, dict] = {
         # the time 150 synchronous ones took; from the 40-step cold start lr 1.5e-4 reached in 300 steps what 7e-5
         # reached in 400 (seed 2: 94.4% against 94.3%; seed 0: 80.1% against 76.4%; docs/results.md). 250 steps:
         # the step-250 checkpoints of eight 300-step runs judged within 0.5 points of their final models, and the
-        # 50 steps cost ~45 s of the 15 minutes
+        # 50 steps cost ~55-70 s of the 15 minutes
         grpo=dict(tasks=["arithmetic"], levels=[2], langs=["en"], steps=250, prompts_per_step=16, num_generations=8,
                   max_tokens=128, temperature=0.6, lr=1.5e-4, warmup=5, lr_schedule="cosine", async_rollouts=True,
                   reward_weights={"accuracy": 1.0, "format": 0.2}, eval_every=100, eval_problems=128, save_every=50),
