@@ -75,6 +75,30 @@ def test_a_reused_prefix_falls_back_to_one_prefill_per_prompt():
     assert again[1].outputs[0].token_ids == first[0].outputs[0].token_ids == fresh[0].outputs[0].token_ids
 
 
+
+@pytest.mark.parametrize("name", ["mla", "dense"])
+def test_an_admission_draws_every_groups_first_token_at_once_as_each_prompt_alone_would(name):
+    """Four prompts with n = 3 admitted together: their 12 first tokens come from one sampling call, and every
+    sample (first token and the rest) is the one that prompt gets when generated alone."""
+    model = MODELS[name]
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, V, (n,), generator=g).tolist() for n in (6, 9, 4, 7)]
+    params = SamplingParams(max_tokens=5, temperature=1.0, n=3, seed=11, logprobs=True, ignore_eos=True,
+                            return_routing=name != "dense")
+    engine = Engine(model, max_batch_size=12, max_len=64)
+    draws = []
+    real = engine._sample_and_append
+    engine._sample_and_append = lambda seqs, logits, routing: draws.append(len(seqs)) or real(seqs, logits, routing)
+    together = engine.generate(prompts, params)
+    assert draws[0] == 12  # one draw for the whole admission, not one per prompt
+    for prompt, got in zip(prompts, together):
+        alone = Engine(model, max_batch_size=3, max_len=64).generate([prompt], params)[0]
+        for a, b in zip(got.outputs, alone.outputs):
+            assert a.token_ids == b.token_ids
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+            if name != "dense":
+                assert torch.equal(a.routing, b.routing)
+
 class CountingTokenizer:
     """Digits as text, one character per token; counts decode calls."""
 

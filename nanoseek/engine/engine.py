@@ -310,15 +310,19 @@ class Engine:
         else:
             results = [self._prefill(g[0].slot, g[0].handle.prompt_ids, reuse, g[0].params.return_routing)
                        for g, reuse in groups]
-        events = []
-        for (group, _), (logits, routing, prompt_routing) in zip(groups, results):
+        seqs, logits, routing = [], [], []
+        for (group, _), (lg, rt, prompt_routing) in zip(groups, results):
             for sib in group[1:]:
                 self._copy_row(group[0].slot, sib.slot, len(group[0].handle.prompt_ids))
             for q in group:
                 q.prompt_routing = prompt_routing
-            events += self._sample_and_append(group, logits.expand(len(group), -1),
-                                              routing.expand(len(group), -1, -1) if routing is not None else None)
-        return events
+            seqs += group
+            logits.append(lg.expand(len(group), -1))
+            routing.append(rt.expand(len(group), -1, -1) if rt is not None else None)
+        # every group's first token in one draw (each row keeps its own stream: the tokens are those of one
+        # draw per group), so a rollout's admission costs one sampling call, not one per prompt
+        both = all(r is not None for r in routing)
+        return self._sample_and_append(seqs, torch.cat(logits), torch.cat(routing) if both else None)
 
     def _claim_slots(self) -> list[tuple[list[_Seq], int]]:
         """Waiting sequences into free slots, grouped by request (a prompt's samples waiting one behind the other
