@@ -24,11 +24,18 @@ Then (one thread each, fp32 and bf16, batches 1 / 16 / 64, 16-token prompts, 64 
 
     python benchmarks/bench_vllm.py --threads 1
     python benchmarks/bench_vllm.py --smoke          # a few tokens: checks the setup, not a measurement
+    python benchmarks/bench_vllm.py --threads 1 --compile --gemm-floor   # + the ceiling the weight GEMMs leave
+
+`--gemm-floor` also times, for each dtype and batch, what any decode step of this model must do at least: its
+weight GEMMs alone (bench_decode.gemm_floor_ms) and the absorbed attention's two batched products over the latent
+cache at the decode's mean length (P + N/2 keys), one after the other with nothing else, and prints vLLM's measured
+step time over that floor: the most any engine could gain over vLLM on this core in this dtype.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -203,6 +210,45 @@ def nanoseek_engines(model, dtype: str, B: int, max_len: int, compile: bool) -> 
     return {name: runner(e) for name, e in engines.items()}
 
 
+def latent_attention_ms(model, B: int, S: int, repeats: int = 20) -> float:
+    """Milliseconds a B-row absorbed decode step spends in attention's two batched products alone, every layer:
+    scores (B, H, R + r) @ (B, R + r, S) and values (B, H, S) @ (B, S, R) over a latent cache of S positions
+    (median of repeats). Softmax, RoPE and the W_UK / W_UV folds are left out."""
+    import torch
+
+    cfg, dt = model.config, model.lm_head.weight.dtype
+    H, R, r = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    L = cfg.num_hidden_layers
+    lat = [torch.randn(B, S, R + r, dtype=dt) for _ in range(L)]  # one cache per layer: each streams from memory
+    q = torch.randn(B, H, R + r, dtype=dt)
+    p = torch.randn(B, H, S, dtype=dt)
+
+    def step():
+        for c in lat:
+            torch.bmm(q, c.transpose(1, 2))
+            torch.bmm(p, c[..., :R])
+
+    ts = []
+    with torch.no_grad():
+        for _ in range(repeats + 2):
+            t = time.perf_counter()
+            step()
+            ts.append(time.perf_counter() - t)
+    return 1e3 * sorted(ts[2:])[repeats // 2]
+
+
+def step_floor(model, dtype: str, B: int, S: int) -> tuple[float, float]:
+    """(weight GEMMs, latent attention) milliseconds of a B-row decode step of `model` in `dtype` (see the module
+    docstring: what any engine's step must do at least)."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from bench_decode import gemm_floor_ms
+
+    m = model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+    return gemm_floor_ms(m, B)[0], latent_attention_ms(m, B, S)
+
+
 def alternate(runs: dict, prompts: list, n: int, repeats: int) -> tuple[dict, dict]:
     """Decode tokens/s of each run and its greedy tokens for n new tokens; contenders alternate call by call, the
     best of `repeats` rounds counts (after one warm-up round that compiles and fills caches)."""
@@ -255,7 +301,8 @@ def bench_dtype(args, folder: Path, python: str, dtype: str) -> list[tuple]:
             runs = {"vLLM": vllm_run, **nanoseek_engines(model, dtype, B, P + n + 1, args.compile)}
             rates, tokens = alternate(runs, prompts, n, args.repeats)
             equal = {name: sum(a == b for a, b in zip(t, tokens["vLLM"])) for name, t in tokens.items()}
-            rows.append((B, rates, equal))
+            floor = step_floor(copy.deepcopy(model), dtype, B, P + n // 2) if args.gemm_floor else None
+            rows.append((B, rates, equal, floor))
             print(f"  batch {B}: " + ", ".join(f"{k} {v:,.1f} tok/s" for k, v in rates.items()), flush=True)
     finally:
         worker.close()
@@ -268,11 +315,25 @@ def print_table(results: dict) -> None:
           + " | greedy sequences equal to vLLM's |")
     print("|---|---:|---:|" + "---:|---:|" * len(names) + "---|")
     for dtype, rows in results.items():
-        for B, rates, equal in rows:
+        for B, rates, equal, _ in rows:
             v = rates["vLLM"]
             cells = " | ".join(f"{rates[m]:,.1f} | {rates[m] / v:.2f}x" for m in names)
             same = ", ".join(f"{m}: {equal[m]}/{B}" for m in names)
             print(f"| {dtype} | {B} | {v:,.1f} | {cells} | {same} |")
+    if all(row[3] is not None for rows in results.values() for row in rows):
+        print_floor(results, names)
+
+
+def print_floor(results: dict, names: list[str]) -> None:
+    """Step times (ms = 1000 B / tok/s) beside the floor; the ceiling = vLLM's step / the floor."""
+    print("\n| dtype | batch | vLLM step ms | " + " | ".join(f"{m} step ms" for m in names)
+          + " | weight GEMMs ms | latent attention ms | ceiling vs vLLM: weights + attention | weights only |")
+    print("|---|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|---:|")
+    for dtype, rows in results.items():
+        for B, rates, _, (w, att) in rows:
+            v = 1e3 * B / rates["vLLM"]
+            ours = " | ".join(f"{1e3 * B / rates[m]:.2f}" for m in names)
+            print(f"| {dtype} | {B} | {v:.2f} | {ours} | {w:.2f} | {att:.2f} | {v / (w + att):.2f}x | {v / w:.2f}x |")
 
 
 def main() -> None:
@@ -301,6 +362,9 @@ def main() -> None:
     ap.add_argument("--vllm-ld-preload", default="",
                     help="LD_PRELOAD for the vLLM worker only (its CPU guide asks for libtcmalloc and libiomp5; "
                          "default: none, and vLLM warns)")
+    ap.add_argument("--gemm-floor", action="store_true",
+                    help="also time each batch's floor (weight GEMMs and latent attention alone) and print vLLM's step "
+                         "over it: the most any engine could gain over vLLM here")
     ap.add_argument("--smoke", action="store_true",
                     help="a few tokens at batch 1 and 2, one round, vLLM eager: checks the setup, times nothing")
     args = ap.parse_args()
