@@ -359,12 +359,13 @@ class Engine:
         last = torch.tensor(P, device=self.device) - 1
         rows = torch.arange(len(seqs), device=self.device)
         logits = self.model.lm_head(out.hidden[rows, last])  # each row's last prompt position
+        experts = torch.stack([r.expert_ids for r in out.router], dim=2) if out.router else None  # (B, T, moe, K)
+        last_experts = experts[rows, last] if experts is not None else None  # (B, moe, K)
         results = []
         for i, q in enumerate(seqs):
             self.kept[q.slot] = list(q.handle.prompt_ids)
-            ids = [r.expert_ids[i] for r in out.router]  # (T, K) per MoE layer
-            routing = torch.stack([e[P[i] - 1] for e in ids]).unsqueeze(0) if ids else None  # (1, moe, K)
-            prompt = torch.stack([e[:P[i]] for e in ids], dim=1).cpu() if ids and q.params.return_routing else None
+            routing = last_experts[i:i + 1] if experts is not None else None  # (1, moe, K)
+            prompt = experts[i, :P[i]].cpu() if experts is not None and q.params.return_routing else None
             results.append((logits[i:i + 1], routing, prompt))
         return results
 
@@ -434,7 +435,8 @@ class Engine:
         tokens, lps = res.tokens.tolist(), res.logprobs.tolist()  # the step's host sync
         tops = list(zip(res.top_ids.tolist(), res.top_logprobs.tolist())) if top_n else None
         support = res.support.cpu() if want_mask else None
-        routing = routing.cpu() if routing is not None and any(q.params.return_routing for q in seqs) else None
+        routing = routing.cpu().unbind(0) if routing is not None and any(q.params.return_routing for q in seqs) \
+            else None  # one view per row, made in one call
         events = []
         for i, seq in enumerate(seqs):
             seq.tokens.append(tokens[i])

@@ -136,10 +136,11 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)  # token-slots sorted by expert
         counts = torch.bincount(flat, minlength=E).tolist()  # the one host sync of the layer
         token = order // K
-        h = self.grouped(x[token], "gate_up_proj", counts)  # (N*K, 2I)
+        # index_select, not x[token]: the same gather, ~2x faster forward and backward on CPU
+        h = self.grouped(x.index_select(0, token), "gate_up_proj", counts)  # (N*K, 2I)
         gate, up = h.chunk(2, dim=-1)
         h = self.grouped(F.silu(gate) * up, "down_proj", counts)  # (N*K, D)
-        h = h * w.reshape(-1)[order].unsqueeze(-1).to(h.dtype)
+        h = h * w.reshape(-1).index_select(0, order).unsqueeze(-1).to(h.dtype)
         return torch.zeros_like(x, dtype=h.dtype).index_add_(0, token, h)  # h is bf16 under autocast
 
 

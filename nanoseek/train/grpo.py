@@ -437,17 +437,21 @@ def build_batch(seqs: list[dict], pad_id: int, moe_layers: int, k: int, keep_mas
             if c.token_ids and c.sampling_masks is not None:
                 support[n, :len(c.token_ids)] = c.sampling_masks
     routing = None
-    if keep_routing:  # (T, layers, K) a row: the prefill's experts, then the one per sampled token
-        rows = []
-        for p, c in zip(prompts, comps):
-            parts = [] if getattr(c, "prompt_routing", None) is None else [c.prompt_routing[:len(p) - 1]]
+    if keep_routing:  # (T, layers, K) a row: the prefill's experts, then the one per sampled token; -1 = free
+        full = torch.full((N, T, moe_layers, k), -1, dtype=torch.long)
+        shared, rows, at, parts = {}, [], [], []  # a group's samples share one prompt routing: one write per group
+        for n, (p, c) in enumerate(zip(prompts, comps)):
+            pr = getattr(c, "prompt_routing", None)
+            if pr is not None:
+                shared.setdefault(id(pr), (pr, len(p), []))[2].append(n)
             if c.token_ids and c.routing is not None:
-                # positions before lp - 1 without prompt routing stay free
-                parts = parts or [torch.full((len(p) - 1, moe_layers, k), -1, dtype=torch.long)]
                 parts.append(c.routing)
-            rows.append(torch.cat(parts) if parts else torch.empty(0, moe_layers, k, dtype=torch.long))
-        full = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=-1)  # (N, <=T, layers, K)
-        full = torch.nn.functional.pad(full, (0, 0, 0, 0, 0, T - full.shape[1]), value=-1)
+                rows += [n] * len(c.routing)
+                at += range(len(p) - 1, len(p) - 1 + len(c.routing))
+        for pr, P, group in shared.values():
+            full[group, :P - 1] = pr[:P - 1]
+        if parts:
+            full[rows, at] = torch.cat(parts)
         routing = list(full.unbind(2))
     return dict(ids=ids, pos=pos, tokens=tokens, mask=mask, old=old, support=support, routing=routing,
                 prompt_len=prompt_len, completion_len=completion_len)
