@@ -449,7 +449,8 @@ def build_batch(seqs: list[dict], pad_id: int, moe_layers: int, k: int, keep_mas
                 rows += [n] * len(c.routing)
                 at += range(len(p) - 1, len(p) - 1 + len(c.routing))
         for pr, P, group in shared.values():
-            full[group, :P - 1] = pr[:P - 1]
+            part = pr[:P - 1]
+            full[group, :len(part)] = part
         if parts:
             full[rows, at] = torch.cat(parts)
         routing = list(full.unbind(2))
