@@ -54,6 +54,27 @@ def test_keep_routing_and_sampling_mask_reproduce_sampler_logprobs(micro_base):
     batch["routing"] = routing
 
 
+def test_keep_routing_rows_put_each_completion_after_its_prompt_even_with_partial_prompt_routing():
+    """build_batch's routing rows: a group's shared prompt routing fills positions 0..P-2, each completion's routing
+    starts at P - 1 (the position whose logits gave its first token); a prompt routing that covers fewer positions
+    fills what it covers and leaves the rest free (-1), without moving the completion's."""
+    moe, k = 2, 2
+    pr = torch.arange(5 * moe * k).view(5, moe, k)  # a 5-token prompt's routing
+    short = pr[:2]  # covers only positions 0-1 of a 5-token prompt
+    def seq(prompt_routing, n_tok, base):
+        c = SimpleNamespace(token_ids=[7] * n_tok, logprobs=[-0.1] * n_tok, loss_mask=None, sampling_masks=None,
+                            routing=torch.full((n_tok, moe, k), base), prompt_routing=prompt_routing)
+        return dict(prompt=[1, 2, 3, 4, 5], completion=c)
+    seqs = [seq(pr, 3, 100), seq(pr, 2, 200), seq(short, 2, 300)]
+    full = torch.stack(build_batch(seqs, 0, moe, k, keep_mask=False, keep_routing=True)["routing"], dim=2)
+    assert full.shape == (3, 8, moe, k)  # T = 5 + 3
+    assert torch.equal(full[0, :4], pr[:4]) and torch.equal(full[1, :4], pr[:4])
+    assert (full[0, 4:7] == 100).all() and (full[0, 7:] == -1).all()
+    assert (full[1, 4:6] == 200).all() and (full[1, 6:] == -1).all()
+    assert torch.equal(full[2, :2], short) and (full[2, 2:4] == -1).all()
+    assert (full[2, 4:6] == 300).all() and (full[2, 6:] == -1).all()
+
+
 def test_keep_routing_replays_the_prompt_positions_too(micro_base):
     """V3.2 keep routing: every position the sampler routed (prompt included) is forced in the training forward,
     with the experts the sampler's prefill chose there. A random 3-layer model whose MoE layer 1 feeds the
