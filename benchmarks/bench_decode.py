@@ -60,6 +60,16 @@ def hf_twin(model: DeepSeekModel):
     return ref
 
 
+def median_ms(fn, repeats: int = 20) -> float:
+    """Milliseconds of fn(), the median of `repeats` calls after two warm-up calls."""
+    ts = []
+    for _ in range(repeats + 2):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1e3 * sorted(ts[2:])[repeats // 2]
+
+
 def timed(fn, repeats: int = 3) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -130,17 +140,9 @@ def gemm_floor_ms(model: DeepSeekModel, B: int, repeats: int = 20) -> tuple[floa
             torch.bmm(xp[cfg.hidden_size].unsqueeze(1), w_gu[ids].transpose(1, 2))
             torch.bmm(xp[cfg.moe_intermediate_size].unsqueeze(1), w_down[ids].transpose(1, 2))
 
-    def median_ms(fn):
-        ts = []
-        for _ in range(repeats + 2):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return 1e3 * sorted(ts[2:])[repeats // 2]
-
     with torch.no_grad():
-        e_ms = min(median_ms(per_expert), median_ms(gathered)) if experts else 0.0
-        d_ms = median_ms(lambda: [F.linear(x[w.shape[1]], w) for w in dense])
+        e_ms = min(median_ms(per_expert, repeats), median_ms(gathered, repeats)) if experts else 0.0
+        d_ms = median_ms(lambda: [F.linear(x[w.shape[1]], w) for w in dense], repeats)
     return d_ms + e_ms, e_ms
 
 

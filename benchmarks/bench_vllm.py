@@ -194,7 +194,7 @@ def nanoseek_engines(model, dtype: str, B: int, max_len: int, compile: bool) -> 
 
     from nanoseek.engine import Engine, SamplingParams
 
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    dt = torch_dtype(dtype)
     kw = dict(max_batch_size=B, max_len=max_len, eos_token_ids=[], dtype=dt)
     engines = {"nanoseek Engine": Engine(model, **kw)}
     if compile:
@@ -216,6 +216,8 @@ def latent_attention_ms(model, B: int, S: int, repeats: int = 20) -> float:
     (median of repeats). Softmax, RoPE and the W_UK / W_UV folds are left out."""
     import torch
 
+    from bench_decode import median_ms
+
     cfg, dt = model.config, model.lm_head.weight.dtype
     H, R, r = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     L = cfg.num_hidden_layers
@@ -228,25 +230,23 @@ def latent_attention_ms(model, B: int, S: int, repeats: int = 20) -> float:
             torch.bmm(q, c.transpose(1, 2))
             torch.bmm(p, c[..., :R])
 
-    ts = []
     with torch.no_grad():
-        for _ in range(repeats + 2):
-            t = time.perf_counter()
-            step()
-            ts.append(time.perf_counter() - t)
-    return 1e3 * sorted(ts[2:])[repeats // 2]
+        return median_ms(step, repeats)
 
 
 def step_floor(model, dtype: str, B: int, S: int) -> tuple[float, float]:
     """(weight GEMMs, latent attention) milliseconds of a B-row decode step of `model` in `dtype` (see the module
     docstring: what any engine's step must do at least)."""
-    import torch
-
-    sys.path.insert(0, str(HERE))
     from bench_decode import gemm_floor_ms
 
-    m = model.to({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+    m = model.to(torch_dtype(dtype))
     return gemm_floor_ms(m, B)[0], latent_attention_ms(m, B, S)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def alternate(runs: dict, prompts: list, n: int, repeats: int) -> tuple[dict, dict]:
