@@ -140,3 +140,69 @@ def test_generate_without_a_callback_decodes_each_text_once_with_the_same_result
     assert runs[True, False][1] > 4 * 8  # incremental: about two a step
     assert runs[False, True][1] > 4 * 3  # stop strings are still checked at every step
     assert any(c[2] == "stop" for o in runs[False, True][0] for c in o)
+
+
+class _Recorder:
+    """Stands in for the engine's FastDecoder and records the (rows, tokens) of every call it forwards."""
+
+    def __init__(self, fast):
+        self.fast, self.decode_rows, self.prefill_rows = fast, [], []
+
+    def __call__(self, ids, positions, cache, compiled=None):
+        self.decode_rows.append(ids.shape[0])
+        return self.fast(ids, positions, cache, compiled=compiled)
+
+    def forward(self, ids, positions, cache, **kw):
+        self.prefill_rows.append(ids.shape[0])
+        return self.fast.forward(ids, positions, cache, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.fast, name)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_decode_step_runs_only_the_running_rows_once_samples_finish(fast):
+    """Samples of different lengths in slots 0-3: once the short ones finish, a decode step's batch is the running
+    rows alone (a rows_view of the cache), not every row up to the highest running slot, in the fast step and in
+    the generic forward; every sample is still the one its prompt gets alone."""
+    model = MODELS["mla"]
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, V, (n,), generator=g).tolist() for n in (4, 7, 5, 6)]
+    lengths = [2, 8, 1, 6]  # slot 2 ends with its first token, slot 0 after two: holes below slots 1 and 3
+    params = [SamplingParams(max_tokens=m, temperature=1.0, seed=20 + i, logprobs=True, ignore_eos=True,
+                             return_routing=True) for i, m in enumerate(lengths)]
+    engine = Engine(model, max_batch_size=4, max_len=64, fast_decode=fast)
+    rows = []
+    if fast:
+        engine.fast = _Recorder(engine.fast)
+    else:
+        model.register_forward_pre_hook(lambda m, a, kw: rows.append(a[0].shape[0]) if a[0].shape[1] == 1 else None,
+                                        with_kwargs=True)
+    try:
+        together = engine.generate(prompts, params)
+    finally:
+        model._forward_pre_hooks.clear()
+    running = [sum(m > t for m in lengths) for t in range(1, max(lengths))]  # rows still running at each step
+    assert running == [3, 2, 2, 2, 2, 1, 1]
+    assert (engine.fast.decode_rows if fast else rows) == running  # was 4, 4, 4, 4, 4, 2, 2
+    for prompt, p, got in zip(prompts, params, together):
+        alone = Engine(model, max_batch_size=1, max_len=64, fast_decode=fast).generate([prompt], p)[0].outputs[0]
+        assert got.outputs[0].token_ids == alone.token_ids
+        assert max(abs(x - y) for x, y in zip(got.outputs[0].logprobs, alone.logprobs)) < 1e-5
+        assert torch.equal(got.outputs[0].routing, alone.routing)
+
+
+def test_the_batched_prefill_runs_through_the_fast_step():
+    """With a fast step the admitted prompts are prefilled by it (T tokens a row, a third of the generic forward's
+    operators), the generic forward runs no prefill; test_batched_prefill_samples_what_one_prefill_per_prompt_samples
+    checks that it samples what the generic prefill of each prompt alone samples."""
+    model = MODELS["mla"]
+    engine = Engine(model, max_batch_size=6, max_len=64)
+    engine.fast = _Recorder(engine.fast)
+    generic = []
+    model.register_forward_pre_hook(lambda m, a, kw: generic.append(a[0].shape), with_kwargs=True)
+    try:
+        engine.generate([[3, 4, 5], [6, 7, 8, 9, 10], [11, 12]], SamplingParams(max_tokens=3, n=2, seed=1))
+    finally:
+        model._forward_pre_hooks.clear()
+    assert engine.fast.prefill_rows == [3] and generic == []

@@ -352,14 +352,22 @@ class Engine:
             x[i, :P[i]] = torch.tensor(q.handle.prompt_ids)
         x = x.to(self.device)
         pos = torch.arange(max(P), device=self.device).expand_as(x)
-        out = self.model(x, positions=pos, cache=self.cache.rows_view([q.slot for q in seqs]), absorb=False,
-                         logits_to_keep=1)
-        self.num_forwards += 1
-        self.num_prefill_tokens += sum(P)
+        cache = self.cache.rows_view([q.slot for q in seqs])
         last = torch.tensor(P, device=self.device) - 1
         rows = torch.arange(len(seqs), device=self.device)
-        logits = self.model.lm_head(out.hidden[rows, last])  # each row's last prompt position
-        experts = torch.stack([r.expert_ids for r in out.router], dim=2) if out.router else None  # (B, T, moe, K)
+        if self.fast is not None and not self.fast.int8:
+            # the fast step takes T tokens a row too, in a third of the generic forward's operators. An int8 model
+            # keeps the generic prefill: the step's int8 kernel rounds activations to bf16 around the absorbed
+            # attention, and its greedy samples would differ from the generic forward's
+            all_logits, _, expert_ids = self.fast.forward(x, pos, cache, kv_len=max(P), compiled=False)
+            logits = all_logits[rows, last]
+        else:
+            out = self.model(x, positions=pos, cache=cache, absorb=False, logits_to_keep=1)
+            logits = self.model.lm_head(out.hidden[rows, last])  # each row's last prompt position
+            expert_ids = [r.expert_ids for r in out.router]
+        self.num_forwards += 1
+        self.num_prefill_tokens += sum(P)
+        experts = torch.stack(expert_ids, dim=2) if expert_ids else None  # (B, T, moe, K)
         last_experts = experts[rows, last] if experts is not None else None  # (B, moe, K)
         results = []
         for i, q in enumerate(seqs):
@@ -392,34 +400,41 @@ class Engine:
         return out.logits[:, -1], routing, torch.cat(chunks) if chunks else None
 
     def _decode(self, running: list[_Seq]) -> list[StreamEvent]:
-        """One absorbed-mode token for every running row; rows 0..max slot form the batch."""
+        """One absorbed-mode token for every running row. Rows 0..max slot form the batch while no row below the
+        highest running one is idle; otherwise (finished samples leave holes) the batch is the running rows
+        alone, through a rows_view of the cache: a step's cost grows with its rows, and late in a rollout a few
+        long samples would otherwise pay for every finished one. The compiled step keeps rows 0..max slot."""
         nb = max(q.slot for q in running) + 1
-        top = max(len(self.kept[q.slot]) for q in running)  # the furthest live position this step
-        ids, pos, live = [0] * nb, [0] * nb, []
-        for s in range(nb):
-            kept = self.kept[s]
-            if self.slots[s] is None:  # idle row: write just past its kept prefix (shortened so keys stay <= top)
-                del kept[top:]
-                pos[s] = len(kept)
-            else:
-                pos[s] = len(kept)
-                ids[s] = self.slots[s].tokens[-1]
-                live.append(s)
-        x = torch.tensor(ids, device=self.device).unsqueeze(1)  # (nb, 1)
-        if self.fast is not None:
-            logits, expert_ids = self.fast(x, pos, self.cache, compiled=self.compile)
+        if len(running) < nb and not self.compile:
+            ids = [q.tokens[-1] for q in running]
+            pos = [len(self.kept[q.slot]) for q in running]
+            cache, rows = self.cache.rows_view([q.slot for q in running]), None
         else:
-            out = self.model(x, positions=torch.tensor(pos, device=self.device).unsqueeze(1), cache=self.cache,
+            top = max(len(self.kept[q.slot]) for q in running)  # the furthest live position this step
+            ids, pos = [0] * nb, [0] * nb
+            for s in range(nb):
+                kept = self.kept[s]
+                if self.slots[s] is None:  # idle row: write just past its kept prefix (shortened so keys stay <= top)
+                    del kept[top:]
+                else:
+                    ids[s] = self.slots[s].tokens[-1]
+                pos[s] = len(kept)
+            cache, rows = self.cache, torch.tensor([q.slot for q in running], device=self.device)
+        x = torch.tensor(ids, device=self.device).unsqueeze(1)  # (n, 1)
+        if self.fast is not None:
+            logits, expert_ids = self.fast(x, pos, cache, compiled=self.compile)
+        else:
+            out = self.model(x, positions=torch.tensor(pos, device=self.device).unsqueeze(1), cache=cache,
                              absorb=True)
             logits, expert_ids = out.logits[:, -1], [r.expert_ids[:, -1] for r in out.router]
         self.num_forwards += 1
-        for s in live:  # only now do these rows hold the token's latents (an interrupt above claims nothing)
-            self.kept[s].append(ids[s])
-        rows = torch.tensor([q.slot for q in running], device=self.device)
+        for q in running:  # only now do these rows hold the token's latents (an interrupt above claims nothing)
+            self.kept[q.slot].append(q.tokens[-1])
         routing = None
         if expert_ids and any(q.params.return_routing for q in running):
-            routing = torch.stack(expert_ids, dim=1)[rows]  # (n, num_moe, K)
-        return self._sample_and_append(running, logits[rows], routing)
+            routing = torch.stack(expert_ids, dim=1)  # (n, num_moe, K)
+            routing = routing if rows is None else routing[rows]
+        return self._sample_and_append(running, logits if rows is None else logits[rows], routing)
 
     def _sample_and_append(self, seqs: list[_Seq], logits: torch.Tensor, routing: torch.Tensor | None
                            ) -> list[StreamEvent]:

@@ -306,10 +306,15 @@ class _MTP(_Packed):
 class _Step:
     """What every layer of one step shares: RoPE rotations, the causal bias, the cache slots."""
 
-    def __init__(self, latent, index_keys, rot, bias, rows, cols, B, S, cos, sin, causal):
+    def __init__(self, latent, index_keys, rot, bias, rows, cols, B, S, cos, sin, causal, sel=None):
         self.latent, self.index_keys, self.rot, self.bias, self.B, self.S = latent, index_keys, rot, bias, B, S
         self.rows, self.cols = rows, cols  # cache row and position of each query token (B*T,)
         self.cos, self.sin, self.causal = cos, sin, causal  # (B, T, r/2) each; (B, T, S) True = key visible
+        self.sel = sel  # (B,) the cache rows of the batch, None = rows 0..B-1
+
+    def read(self, cache: torch.Tensor, li: int) -> torch.Tensor:
+        """Layer li's first S positions of the batch's cache rows: (B, S, .), a view for rows 0..B-1."""
+        return cache[li, : self.B, : self.S] if self.sel is None else cache[li, :, : self.S].index_select(0, self.sel)
 
 
 class FastDecoder(_Packed):
@@ -332,6 +337,9 @@ class FastDecoder(_Packed):
         self.num_packs = 0  # how many times the weights were (re)packed
         self.compile = compile  # the default of forward(compiled=...) and mtp_step(compiled=...)
         self._compiled = self._compiled_mtp = None
+        # int8 weights: the step rounds activations to bf16 for the int8 kernel around the absorbed attention, the
+        # generic forward around the expanded one, so the two differ by more than float rounding
+        self.int8 = any(isinstance(m, QUANTIZED_MODULES) for m in model.modules())
 
     def compiled_run(self):
         """`_run_flat` through `torch.compile` (inductor; on CPU it needs a C++ compiler), built on first use. The
@@ -402,8 +410,9 @@ class FastDecoder(_Packed):
         return (rows * r + cols).to(device)
 
     def _step(self, positions: torch.Tensor, latent: torch.Tensor, index_keys: torch.Tensor | None, S: int,
-              dtype) -> _Step:
-        """positions (B, T) -> the per-step tensors every layer shares; S = max(positions) + 1 keys are read."""
+              dtype, sel: torch.Tensor | None = None) -> _Step:
+        """positions (B, T) -> the per-step tensors every layer shares; S = max(positions) + 1 keys are read;
+        sel: the cache rows of the batch (None = rows 0..B-1)."""
         B, T = positions.shape
         flat = positions.reshape(-1)
         cos, sin = self.model.model.rotary(flat.view(-1, 1), dtype)  # (B*T, 1, r/2), YaRN included
@@ -419,8 +428,9 @@ class FastDecoder(_Packed):
             bias = bias.expand(B, T, self.model.config.num_attention_heads, S).reshape(B, -1, S)
         else:
             bias = bias.view(B, 1, S)  # broadcast over heads
-        rows = torch.arange(B, device=positions.device).repeat_interleave(T)
-        return _Step(latent, index_keys, rot, bias, rows, flat, B, S, cos.view(B, T, -1), sin.view(B, T, -1), ~hidden)
+        rows = (torch.arange(B, device=positions.device) if sel is None else sel).repeat_interleave(T)
+        return _Step(latent, index_keys, rot, bias, rows, flat, B, S, cos.view(B, T, -1), sin.view(B, T, -1), ~hidden,
+                     sel)
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, positions: list[int], cache, compiled: bool | None = None
@@ -434,16 +444,21 @@ class FastDecoder(_Packed):
                 compiled: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """ids, positions (B, T) -> logits (B, T, V), final normalised hidden (B, T, D), expert ids per MoE
         layer [(B, T, K)]: `DeepSeekModel(ids, positions, cache, absorb=True)`. kv_len: max(positions) + 1 when
-        the caller knows it (saves a host sync). compiled: use the compiled step (None = self.compile)."""
+        the caller knows it (saves a host sync). compiled: use the compiled step (None = self.compile).
+        A `cache.rows_view(rows)` runs the batch on those cache rows (eager only): the engine's decode step skips
+        its idle rows that way."""
         self.refresh()
         S = int(positions.max()) + 1 if kv_len is None else kv_len
         if S > cache.max_len:
             raise ValueError(f"position {S - 1} is beyond the cache length {cache.max_len}")
+        sel = cache.rows
         if self.compile if compiled is None else compiled:
+            if sel is not None:
+                raise ValueError("the compiled step reads cache rows 0..B-1: pass the whole cache, not a rows_view")
             if self._flat is _UNFLATTENED:
                 self._flat = _flatten(self.layers)  # None: mixed dtypes, the layers stay as they are
             return self.compiled_run()(self._flat, ids, positions, cache.latent, cache.index_keys, S)
-        return self._run(ids, positions, cache.latent, cache.index_keys, S)
+        return self._run(ids, positions, cache.latent, cache.index_keys, S, sel=sel)
 
     def _run_flat(self, flat: torch.Tensor | None, ids: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor,
                   index_keys: torch.Tensor | None, S: int):
@@ -453,12 +468,12 @@ class FastDecoder(_Packed):
         return self._run(ids, positions, latent, index_keys, S, layers)
 
     def _run(self, ids: torch.Tensor, positions: torch.Tensor, latent: torch.Tensor, index_keys: torch.Tensor | None,
-             S: int, layers: list[_Layer] | None = None):
-        """The step's tensor maths (no host syncs outside the routed experts)."""
+             S: int, layers: list[_Layer] | None = None, sel: torch.Tensor | None = None):
+        """The step's tensor maths (no host syncs outside the routed experts); sel: the batch's cache rows."""
         B, T = ids.shape
         h = F.embedding(ids.reshape(-1), self.embed)  # (B*T, D)
         D = h.shape[-1]
-        st = self._step(positions, latent, index_keys, S, h.dtype)
+        st = self._step(positions, latent, index_keys, S, h.dtype, sel)
         routing = []
         for li, L in enumerate(self.layers if layers is None else layers):
             h = self._attention(L, li, h, st, D)
@@ -473,6 +488,8 @@ class FastDecoder(_Packed):
                  compiled: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP module k on (B, T) positions: `DeepSeekModel.mtp_step(k, h_prev, next_ids, positions, cache,
         absorb=True)`; the module's cache layer is num_hidden_layers + k - 1. compiled: as in `forward`."""
+        if cache.rows is not None:
+            raise ValueError("mtp_step reads cache rows 0..B-1: pass the whole cache, not a rows_view")
         self.refresh()
         S = int(positions.max()) + 1
         if S > cache.max_len:
@@ -518,7 +535,7 @@ class FastDecoder(_Packed):
         # the compiled graph would copy the whole cache twice per step
         cache = st.latent  # (layers, rows, max_len, R + r)
         cache.index_put_((torch.full_like(st.rows, li), st.rows, st.cols), torch.cat([c, k_pe], dim=-1).to(cache.dtype))
-        lat = cache[li, : st.B, : st.S]  # (B, S, R + r), this step's entries included
+        lat = st.read(cache, li)  # (B, S, R + r), this step's entries included
         if not _onednn(lat):
             scores = torch.baddbmm(bias, qq, lat.transpose(1, 2), alpha=L.scale)  # (B, T*H, S), causal bias added
         else:  # oneDNN would copy the transposed slice first (~0.5 ms a layer at batch 16, latent 576): lat @ qq^T
@@ -538,7 +555,7 @@ class FastDecoder(_Packed):
                                  L.indexer.keys(x3, st.cos, st.sin).reshape(N, -1).to(st.index_keys.dtype))
         if st.S <= L.indexer.topk:
             return st.bias
-        scores = L.indexer(x3, q3, st.cos, st.sin, st.index_keys[li, :B, : st.S]).masked_fill(~st.causal, float("-inf"))
+        scores = L.indexer(x3, q3, st.cos, st.sin, st.read(st.index_keys, li)).masked_fill(~st.causal, float("-inf"))
         outside = ~select_topk(scores, L.indexer.topk)  # (B, T, S)
         extra = torch.zeros_like(scores, dtype=st.bias.dtype).masked_fill_(outside, float("-inf"))
         if T > 1:  # one bias row per (token, head) pair, token-major, as in `_step`
