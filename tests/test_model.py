@@ -204,3 +204,50 @@ def test_bad_input_shape_is_named():
     model = random_model(tiny_config())
     with pytest.raises(ValueError, match="input_ids"):
         model(torch.zeros(5, dtype=torch.long))
+
+
+def test_masked_attention_is_sdpa_with_the_mask_forward_and_backward():
+    """The eager product (one baddbmm with the mask as a -inf bias, softmax, bmm; v's head dim may differ) is
+    scaled dot-product attention with a boolean mask, values and gradients (float64, SDPA's math path as the
+    reference)."""
+    import torch.nn.functional as F
+
+    from nanoseek.model.mla import masked_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, T, d, dv = 2, 3, 11, 8, 5
+    mask = torch.rand(B, T, T, generator=g) < 0.6
+    mask |= torch.eye(T, dtype=torch.bool)  # every query sees a key
+    q, k, v = (torch.randn(B, H, T, n, generator=g, dtype=torch.float64, requires_grad=True) for n in (d, d, dv))
+    go = torch.randn(B, H, T, dv, generator=g, dtype=torch.float64)
+    got = masked_attention(q, k, v, mask, 0.3)
+    grads = torch.autograd.grad(got, (q, k, v), go)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1), scale=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads, torch.autograd.grad(want, (q, k, v), go)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_explicit_masks_on_cpu_attend_through_the_eager_product_up_to_256_keys(monkeypatch):
+    """A padded batch (an explicit mask) on CPU in fp32 attends through `masked_attention` in every layer, with the
+    logits SDPA gives; past 256 keys, in bf16, or without a mask, SDPA's kernels run."""
+    from nanoseek.model import mla
+
+    q32 = torch.zeros(1, 1, 1, 4)
+    assert mla.eager_masked_attention(q32, 256) and not mla.eager_masked_attention(q32, 257)
+    assert not mla.eager_masked_attention(q32.bfloat16(), 8)
+    model = random_model(tiny_config(), seed=4).eval()
+    ids = torch.randint(2, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))
+    pad = torch.ones(3, 9, dtype=torch.long)
+    pad[0, 6:] = 0
+    calls = []
+    real = mla.masked_attention
+    monkeypatch.setattr(mla, "masked_attention", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        eager = model(ids, attention_mask=pad).logits
+        assert len(calls) == model.config.num_hidden_layers
+        model(ids)  # plain causal: the fused kernel
+        assert len(calls) == model.config.num_hidden_layers
+        monkeypatch.setattr(mla, "eager_masked_attention", lambda q, S: False)
+        sdpa = model(ids, attention_mask=pad).logits
+    torch.testing.assert_close(eager, sdpa, rtol=1e-5, atol=1e-5)

@@ -132,22 +132,10 @@ class MLA(nn.Module):
             scores = torch.matmul(qq.float(), kk.float().transpose(-1, -2)) * self.softmax_scale
             probs = scores.masked_fill(~attn_mask.unsqueeze(1), float("-inf")).softmax(dim=-1)
             o = torch.matmul(probs.to(vv.dtype), vv)
+        elif attn_mask is not None and not absorb and eager_masked_attention(qq, S):
+            probs, o = None, masked_attention(qq, kk, vv, attn_mask, self.softmax_scale)
         else:
-            probs = None
-            dv = vv.shape[-1]
-            if dv < qq.shape[-1]:  # the fused (flash) CPU/GPU kernels want v's head dim equal to q's: zero-pad v
-                vv = F.pad(vv, (0, qq.shape[-1] - dv))
-            if absorb:  # one latent K/V head: fold the H query heads into the query length instead of copying K/V
-                if attn_mask is None:
-                    attn_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T).expand(B, T, S)
-                m = attn_mask.unsqueeze(1).expand(B, self.H, T, S).reshape(B, 1, self.H * T, S)
-                o = F.scaled_dot_product_attention(qq.reshape(B, 1, self.H * T, -1), kk, vv, attn_mask=m,
-                                                   scale=self.softmax_scale).view(B, self.H, T, -1)
-            elif attn_mask is None:
-                o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=self.softmax_scale)
-            else:
-                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=attn_mask.unsqueeze(1), scale=self.softmax_scale)
-            o = o[..., :dv]
+            probs, o = None, self._sdpa(qq, kk, vv, attn_mask, absorb)
         if absorb:
             o = torch.einsum("bhtr,hvr->bthv", o, kv_b[:, self.dn:])  # apply W_UV after attention
         else:
@@ -160,6 +148,48 @@ class MLA(nn.Module):
             if dsa_dense:
                 aux["recall"] = indexer_recall(probs.detach(), index_scores, mask, self.indexer.topk)
         return out, aux
+
+    def _sdpa(self, qq, kk, vv, attn_mask, absorb: bool) -> torch.Tensor:
+        """Attention through F.scaled_dot_product_attention (its fused kernels): (B, H, T, dv)."""
+        B, _, T, _ = qq.shape
+        S, dv = kk.shape[2], vv.shape[-1]
+        if dv < qq.shape[-1]:  # the fused (flash) CPU/GPU kernels want v's head dim equal to q's: zero-pad v
+            vv = F.pad(vv, (0, qq.shape[-1] - dv))
+        if absorb:  # one latent K/V head: fold the H query heads into the query length instead of copying K/V
+            if attn_mask is None:
+                attn_mask = torch.ones(T, S, dtype=torch.bool, device=qq.device).tril(S - T).expand(B, T, S)
+            m = attn_mask.unsqueeze(1).expand(B, self.H, T, S).reshape(B, 1, self.H * T, S)
+            o = F.scaled_dot_product_attention(qq.reshape(B, 1, self.H * T, -1), kk, vv, attn_mask=m,
+                                               scale=self.softmax_scale).view(B, self.H, T, -1)
+        elif attn_mask is None:
+            o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=self.softmax_scale)
+        else:
+            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=attn_mask.unsqueeze(1), scale=self.softmax_scale)
+        return o[..., :dv]
+
+
+# Keys per row up to which an explicit mask on CPU (fp32) attends through `masked_attention` rather than SDPA's flash
+# kernel: forward + backward 1.2-1.8x faster from 32 to 256 keys at 4-16 heads, 0.85-1.1x at 512-1024 (GRPO's packed
+# rows are ~60; docs/benchmarks.md, benchmarks/bench_attention.py).
+EAGER_MASKED_MAX_KEYS = 256
+
+
+def eager_masked_attention(q: torch.Tensor, S: int) -> bool:
+    """Whether an explicit-mask attention over S keys runs `masked_attention` (CPU, fp32, short rows)."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and S <= EAGER_MASKED_MAX_KEYS
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+                     ) -> torch.Tensor:
+    """softmax(scale q k^T + bias) v, bias = -inf where mask (B, T, S) is False: q, k (B, H, T|S, d), v (B, H, S, dv).
+    The scores in one baddbmm that adds the mask as a bias, no padding of v; a row with no visible key gives NaN,
+    as SDPA does."""
+    B, H, T, d = q.shape
+    S = k.shape[2]
+    bias = torch.zeros(B, 1, T, S, dtype=q.dtype, device=q.device).masked_fill_(~mask.unsqueeze(1), float("-inf"))
+    scores = torch.baddbmm(bias.expand(B, H, T, S).reshape(B * H, T, S), q.reshape(B * H, T, d),
+                           k.reshape(B * H, S, d).transpose(1, 2), alpha=scale)
+    return torch.bmm(scores.softmax(dim=-1), v.reshape(B * H, S, -1)).view(B, H, T, -1)
 
 
 def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
