@@ -199,7 +199,7 @@ def test_cache_copy_row_bytes_and_limits():
     with torch.no_grad():
         model.double()
         model(x[:, :6], positions=torch.arange(6).unsqueeze(0), cache=cache.row_view(0))
-        cache.copy_row(0, 1, 6)  # prefix reuse: row 1 continues row 0's prompt
+        cache.copy_rows([0], [1], 6)  # prefix reuse: row 1 continues row 0's prompt
         out = model(x[:, 6:7].expand(2, 1), positions=torch.tensor([[6], [6]]), cache=cache)
         assert torch.allclose(out.logits[0], out.logits[1])
         assert torch.allclose(out.logits[0, 0], model(x[:, :7]).logits[0, 6], atol=1e-9)

@@ -206,3 +206,22 @@ def test_the_batched_prefill_runs_through_the_fast_step():
     finally:
         model._forward_pre_hooks.clear()
     assert engine.fast.prefill_rows == [3] and generic == []
+
+
+def test_reset_starts_over_and_refuses_requests_in_flight():
+    """Engine.reset: a fresh cache of the new size, no cached prefix (the next prompt is prefilled whole), the
+    model back in eval mode; with a request still queued it raises instead of dropping it."""
+    model = MODELS["mla"]
+    engine = Engine(model, max_batch_size=2, max_len=32)
+    greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    want = engine.generate([[5, 6, 7, 8]], greedy)[0].outputs[0].token_ids
+    model.train()
+    engine.reset(max_batch_size=3, max_len=40)
+    assert not model.training and engine.cache.latent.shape[1:3] == (3, 40) and engine.num_prefill_tokens == 0
+    assert engine.generate([[5, 6, 7, 8]], greedy)[0].outputs[0].token_ids == want
+    assert engine.num_prefill_tokens == 4  # the whole prompt again: nothing kept from before the reset
+    engine.add_request([1, 2, 3], greedy)
+    with pytest.raises(RuntimeError, match="in flight"):
+        engine.reset()
+    with pytest.raises(RuntimeError, match="in flight"):
+        engine.release_cache()

@@ -134,6 +134,30 @@ def test_same_prompt_twice_in_a_rollout_gets_independent_samples(micro_base):
     assert _completions(rollout(model, tok, cfg, [p, p], step=1), 8) != [a, b]
 
 
+def test_rollouts_reuse_one_engine_that_never_reads_a_prefix_of_older_weights(micro_base):
+    """With the caller's `engines` dict a rollout makes its Engine once, resets it before each call and frees its
+    cache after. The samples are a new engine's, also after the weights changed in place: a reset forgets every
+    cached prefix, which would hold the latents of the weights before the update."""
+    model, tok = nanoseek.from_pretrained(micro_base), Tokenizer.load(micro_base)
+    cfg = GRPOConfig(init_from=str(micro_base), num_generations=4, max_tokens=8, temperature=1.0, keep_routing=False)
+    probs, engines = _problems(3), {}
+
+    def samples(ro):
+        return [(tuple(s["completion"].token_ids), tuple(s["completion"].logprobs)) for s in ro["seqs"]]
+
+    first = rollout(model, tok, cfg, probs, step=0, engines=engines)
+    engine = engines["rollout"]
+    assert engine.cache is None  # released: the update runs without it
+    assert samples(first) == samples(rollout(model, tok, cfg, probs, step=0))
+    with torch.no_grad():  # an update, in place
+        for p in model.parameters():
+            p.mul_(1.25)
+    again = rollout(model, tok, cfg, probs, step=0, engines=engines)
+    assert engines["rollout"] is engine and engine.num_prefill_tokens == sum(len(p) for p in
+                                                                            [s["prompt"] for s in again["seqs"][::4]])
+    assert samples(again) == samples(rollout(model, tok, cfg, probs, step=0)) != samples(first)
+
+
 def test_different_prompts_do_not_share_random_draws(micro_base, monkeypatch):
     """With the logits replaced by a flat distribution a sampled token is a pure function of the row's random
     draws: rows sharing a random stream would pick the same tokens."""

@@ -81,8 +81,10 @@ class LatentCache:
         view.rows = torch.tensor(rows, dtype=torch.long, device=self.latent.device)
         return view
 
-    def copy_row(self, src: int, dst: int, n: int) -> None:
-        """Copy the first n positions of row src into row dst (prefix reuse, n samples of one prompt)."""
-        self.latent[:, dst, :n] = self.latent[:, src, :n]
+    def copy_rows(self, src: list[int], dst: list[int], n: int) -> None:
+        """Rows dst[i] take the first n positions of rows src[i] (prefix reuse, a prompt's other samples), in one
+        indexed copy."""
+        s, d = torch.tensor(src, device=self.latent.device), torch.tensor(dst, device=self.latent.device)
+        self.latent[:, d, :n] = self.latent[:, s, :n]
         if self.index_keys is not None:
-            self.index_keys[:, dst, :n] = self.index_keys[:, src, :n]
+            self.index_keys[:, d, :n] = self.index_keys[:, s, :n]

@@ -253,10 +253,12 @@ class DenseKVCache:
         view.rows = torch.tensor(rows, dtype=torch.long, device=self.k.device)
         return view
 
-    def copy_row(self, src: int, dst: int, n: int) -> None:
-        """Copy the first n positions of row src into row dst (prefix reuse)."""
-        self.k[:, dst, :n] = self.k[:, src, :n]
-        self.v[:, dst, :n] = self.v[:, src, :n]
+    def copy_rows(self, src: list[int], dst: list[int], n: int) -> None:
+        """Rows dst[i] take the first n positions of rows src[i] (prefix reuse, a prompt's other samples), in one
+        indexed copy."""
+        s, d = torch.tensor(src, device=self.k.device), torch.tensor(dst, device=self.k.device)
+        self.k[:, d, :n] = self.k[:, s, :n]
+        self.v[:, d, :n] = self.v[:, s, :n]
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -371,11 +371,14 @@ def draw_problems(cfg: GRPOConfig, step: int, tasks, n: int | None = None, round
 
 
 @torch.no_grad()
-def rollout(model, tokenizer, cfg: GRPOConfig, problems, step: int, round_: int = 0, first: int = 0) -> dict:
+def rollout(model, tokenizer, cfg: GRPOConfig, problems, step: int, round_: int = 0, first: int = 0,
+            engines: dict | None = None) -> dict:
     """Sample G completions per problem; returns per-completion metadata. Every completion draws its own
     random stream, seeded from (cfg.seed, step, round_, problem index, sample index): the same problem twice
     in a rollout gets independent samples, and the rollout is reproducible. first: the index of problems[0] in the
-    step's draw (a rank's share of it), so a problem gets the same samples at every world size."""
+    step's draw (a rank's share of it), so a problem gets the same samples at every world size. engines: a dict the
+    caller keeps from rollout to rollout, where the Engine is kept (`Engine.reset` before, its cache released
+    after); without it a new Engine each call."""
     from ..engine import Engine, SamplingParams, derive_seed
     from . import agentic
     from .evaluate import prompt_ids
@@ -386,8 +389,14 @@ def rollout(model, tokenizer, cfg: GRPOConfig, problems, step: int, round_: int 
     max_len = max(len(p) for p in prompts) + cfg.max_tokens + 1
     # One engine batch for the whole rollout when it fits: on a CPU a 128-row decode step costs little more
     # than a 64-row one, so this is ~1.6x faster than two batches of 64.
-    engine = Engine(model, tokenizer, max_batch_size=min(cfg.rollout_batch_size, len(prompts) * cfg.num_generations),
-                    max_len=max_len)
+    batch = min(cfg.rollout_batch_size, len(prompts) * cfg.num_generations)
+    engine = (engines or {}).get("rollout")
+    if engine is not None and engine.model is model and engine.tokenizer is tokenizer:
+        engine.reset(max_batch_size=batch, max_len=max_len)
+    else:
+        engine = Engine(model, tokenizer, max_batch_size=batch, max_len=max_len)
+        if engines is not None:
+            engines["rollout"] = engine
     # Without top-p / top-k the support is the whole vocabulary and renormalising over it changes nothing:
     # skip the (len, V) masks.
     truncated_support = cfg.top_p < 1.0 or cfg.top_k > 0
@@ -399,7 +408,14 @@ def rollout(model, tokenizer, cfg: GRPOConfig, problems, step: int, round_: int 
     # which would make sample i of every problem draw the same random numbers
     per_prompt = [dataclasses.replace(params, seed=derive_seed(cfg.seed, step, round_, first + j))
                   for j in range(len(prompts))]
-    outs = agentic.generate(engine, tokenizer, prompts, per_prompt, tools)  # = engine.generate without tools
+    try:
+        outs = agentic.generate(engine, tokenizer, prompts, per_prompt, tools)  # = engine.generate without tools
+    except BaseException:
+        if engines is not None:  # left mid-request: the next rollout makes a new one
+            engines.pop("rollout", None)
+        raise
+    if engines is not None:
+        engine.release_cache()
     seqs = []
     for prob, pr, out in zip(problems, prompts, outs):
         for c in out.outputs:
@@ -485,8 +501,10 @@ def policy_logprobs(model, batch: dict, rows: torch.Tensor, temperature: float, 
 # ---------------------------------------------------------------------------------------------- one step
 
 
-def sample_groups(model, tokenizer, cfg: GRPOConfig, step: int, tasks, reward_fn, dist=None) -> dict:
-    """Roll out and score the step's groups: {"seqs", "rewards" (N,), "metrics", "num_tokens"}.
+def sample_groups(model, tokenizer, cfg: GRPOConfig, step: int, tasks, reward_fn, dist=None,
+                  engines: dict | None = None) -> dict:
+    """Roll out and score the step's groups: {"seqs", "rewards" (N,), "metrics", "num_tokens"}; engines: as in
+    `rollout` (the caller's dict, kept from step to step).
 
     Distributed (world size W > 1): every rank draws the same problems and rolls out and scores its share, the
     groups [r P/W, (r+1) P/W) (a group never splits across ranks), with the samples they get in one process.
@@ -508,7 +526,7 @@ def sample_groups(model, tokenizer, cfg: GRPOConfig, step: int, tasks, reward_fn
             share = len(problems) // dist.world_size
             first = dist.rank * share
             problems = problems[first:first + share]
-        seqs = rollout(model, tokenizer, cfg, problems, step, rnd, first)["seqs"]
+        seqs = rollout(model, tokenizer, cfg, problems, step, rnd, first, engines)["seqs"]
         ntok = [len(s["completion"].token_ids) for s in seqs]
         totals, comps = reward_fn.batch([s["problem"].prompt for s in seqs], [s["completion"].text for s in seqs],
                                         [s["problem"] for s in seqs], ntok,
@@ -948,10 +966,12 @@ def make_train_step(cfg: GRPOConfig, model, ref, tokenizer, tasks, reward_fn, de
         if hasattr(model.config, "n_routed_experts") else 0
     K = getattr(model.config, "num_experts_per_tok", 1)
 
+    engines: dict = {}  # the rollout Engine, made once (rollout)
+
     def sample(step: int) -> dict:
         t0 = time.perf_counter()
         sampler.eval()
-        sampled = sample_groups(sampler, tokenizer, cfg, step, tasks, reward_fn, dist)
+        sampled = sample_groups(sampler, tokenizer, cfg, step, tasks, reward_fn, dist, engines)
         sampled["metrics"]["sample_s"] = time.perf_counter() - t0
         return sampled
 
