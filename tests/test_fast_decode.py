@@ -443,3 +443,25 @@ def test_speculative_decoding_with_compiled_steps_is_plain_greedy():
     assert FastDecoder.for_model(model)._compiled_mtp is not None  # the drafts really ran compiled
     with pytest.raises(ValueError, match="needs fast_decode"):
         speculative_generate(model, prompt, 4, compile=True, fast_decode=False)
+
+
+def test_quantising_in_place_after_an_engine_ran_rebuilds_the_shared_step():
+    """The model's shared FastDecoder was packed from the float weights; quantise(model, "int8") replaces those
+    parameters, and the next Engine's step holds the int8 packs (it kept decoding with the old float weights) and
+    greedy-decodes as the generic forward of the quantised model does."""
+    from nanoseek.engine.fast_decode import _Int8
+    from nanoseek.quant import quantize
+
+    model = random_model(tiny_config(initializer_range=0.05), seed=3)
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
+    first = Engine(model, max_batch_size=2, max_len=32, eos_token_ids=[])
+    first.generate(prompts, greedy)
+    quantize(model, "int8")
+    engine = Engine(model, max_batch_size=2, max_len=32, eos_token_ids=[])
+    assert engine.fast is not first.fast and engine.fast.int8
+    got = [o.outputs[0].token_ids for o in engine.generate(prompts, greedy)]
+    assert isinstance(engine.fast.layers[1].wa, _Int8)
+    want = [o.outputs[0].token_ids for o in Engine(model, max_batch_size=2, max_len=32, eos_token_ids=[],
+                                                   fast_decode=False).generate(prompts, greedy)]
+    assert got == want

@@ -38,6 +38,7 @@ head dims, S = keys read this step, E = routed experts, K = experts per token, V
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -338,7 +339,7 @@ class FastDecoder(_Packed):
         self.compile = compile  # the default of forward(compiled=...) and mtp_step(compiled=...)
         self._compiled = self._compiled_mtp = None
         # int8 weights: the step rounds activations to bf16 for the int8 kernel around the absorbed attention, the
-        # generic forward around the expanded one, so the two differ by more than float rounding
+        # generic forward around the expanded one, so there the two differ by more than float rounding
         self.int8 = any(isinstance(m, QUANTIZED_MODULES) for m in model.modules())
 
     def compiled_run(self):
@@ -355,7 +356,9 @@ class FastDecoder(_Packed):
     def for_model(cls, model: DeepSeekModel) -> "FastDecoder":
         """The model's shared FastDecoder (engines and speculative calls on one model share one packed copy)."""
         fast = model.__dict__.get("_fast_decoder")
-        if fast is None:
+        if fast is None or any(p is not q for p, q in itertools.zip_longest(fast._params, model.parameters())):
+            # none yet, or the model's parameters were replaced since (quantised in place, converted): its packs
+            # would hold the old weights
             fast = cls(model)
             model.__dict__["_fast_decoder"] = fast  # a plain attribute: not a submodule, not in the state dict
         return fast
