@@ -169,8 +169,8 @@ class MLA(nn.Module):
 
 
 # Keys per row up to which an explicit mask on CPU (fp32) attends through `masked_attention` rather than SDPA's flash
-# kernel: forward + backward 1.2-1.8x faster from 32 to 256 keys at 4-16 heads, 0.85-1.1x at 512-1024 (GRPO's packed
-# rows are ~60; docs/benchmarks.md, benchmarks/bench_attention.py).
+# kernel: forward + backward 1.1-2.0x faster from 32 to 256 keys at 4-16 heads, 0.80-1.27x at 512-1024 (slower with
+# 16 heads; GRPO's packed rows are ~56 keys; benchmarks/bench_attention.py, table in docs/benchmarks.md).
 EAGER_MASKED_MAX_KEYS = 256
 
 
